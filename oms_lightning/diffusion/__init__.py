@@ -1,0 +1,1 @@
+"""Diffusion mathematics: noise schedule, denoiser wrapper, timestep spacings, per-sample seeds, solvers."""

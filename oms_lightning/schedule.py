@@ -1,0 +1,471 @@
+"""The model schedule (OMS-DPM, Liu et al., ICML 2023): which zoo member runs at every network evaluation.
+
+A `ModelSchedule` is K solver steps from noisy to clean. Step k covers the time interval
+(t_start, t_end) with t_start > t_end, and has one member name per NFE: `members[j]` is the model used by
+NFE j of that step, so the step's order is `len(members)`. Consecutive steps are contiguous (step k's
+t_end is step k+1's t_start), and every time lies in (0, 1] (continuous VP time).
+
+Solvers and how many NFEs a step may have:
+
+    dpm_solver    singlestep DPM-Solver, order 1-3 per step, so 1-3 NFEs (each may use another member)
+    dpm_solver++  multistep DPM-Solver++, exactly 1 NFE per step (the order comes from the history)
+    ddim          exactly 1 NFE per step
+    heun          EDM's Heun step, exactly 2 NFEs per step
+
+Steps are numbered from 0 (the noisy end) in messages. Member names are only checked against a zoo in
+`validate(known_members=...)`; construction checks everything else.
+
+On disk a schedule is JSON (`to_dict`, `save`, `load`) tagged `"format": "oms-lightning/model-schedule-v1"`.
+`meta` is a free-form JSON object (cost, fid, data, zoo, ...) that takes no part in equality.
+
+The OMS-DPM reference code encodes a schedule as K triplets of integers (`to_slots` / `from_slots`):
+0 is the null model (no NFE), i + 1 is `members[i]` of the zoo's sorted member list.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+FORMAT = "oms-lightning/model-schedule-v1"
+
+# solver -> (fewest, most) NFEs per step
+SOLVER_NFES: dict[str, tuple[int, int]] = {
+    "dpm_solver": (1, 3),
+    "dpm_solver++": (1, 1),
+    "ddim": (1, 1),
+    "heun": (2, 2),
+}
+SLOTS_PER_STEP = 3
+_TIME_TOL = 1e-12
+
+
+class ScheduleError(UserError, ValueError):
+    """An invalid model schedule or schedule file; the message says which step / value / file is wrong."""
+
+
+def _solver_rule(solver: str) -> str:
+    lo, hi = SOLVER_NFES[solver]
+    if lo == hi:
+        return f"{solver} needs exactly {lo} NFE{'s' if lo > 1 else ''} per step"
+    return f"{solver} allows {lo}–{hi} NFEs per step"
+
+
+def _as_time(value: Any, what: str) -> float:
+    if hasattr(value, "item") and not isinstance(value, (int, float)):
+        try:
+            value = value.item()  # numpy / torch scalars
+        except (ValueError, RuntimeError):
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ScheduleError(f"{what} must be a number, got {value!r}")
+    return float(value)
+
+
+def _as_members(members: Any) -> tuple[str, ...]:
+    if isinstance(members, str):
+        members = (members,)
+    try:
+        members = tuple(members)
+    except TypeError:
+        raise ScheduleError(f"members must be a sequence of member names, got {members!r}") from None
+    for j, m in enumerate(members):
+        if not isinstance(m, str) or not m:
+            raise ScheduleError(f"NFE {j}: member names must be non-empty strings, got {m!r}")
+    return members
+
+
+@dataclass(frozen=True)
+class Step:
+    """One solver step from t_start (noisier) to t_end (cleaner); NFE j uses `members[j]`."""
+
+    t_start: float
+    t_end: float
+    members: tuple[str, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "t_start", _as_time(self.t_start, "t_start"))
+        object.__setattr__(self, "t_end", _as_time(self.t_end, "t_end"))
+        object.__setattr__(self, "members", _as_members(self.members))
+
+    @property
+    def order(self) -> int:
+        return len(self.members)
+
+
+@dataclass(frozen=True)
+class ModelSchedule:
+    """K steps from noisy to clean, each with its time interval and the member name of every NFE."""
+
+    steps: tuple[Step, ...]
+    solver: str = "dpm_solver"
+    meta: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        steps = self.steps
+        if isinstance(steps, (str, bytes, Mapping)) or not isinstance(steps, Iterable):
+            raise ScheduleError(f"steps must be a sequence of Step, got {type(steps).__name__}")
+        coerced = []
+        for k, s in enumerate(steps):
+            try:
+                if isinstance(s, Step):
+                    coerced.append(s)
+                elif isinstance(s, Mapping):
+                    coerced.append(Step(s.get("t_start"), s.get("t_end"), s.get("members", ())))
+                elif isinstance(s, (tuple, list)) and len(s) == 3:
+                    coerced.append(Step(*s))
+                else:
+                    raise ScheduleError(f"must be a Step or (t_start, t_end, members), got {s!r}")
+            except ScheduleError as e:
+                raise ScheduleError(f"step {k}: {e}") from None
+        object.__setattr__(self, "steps", tuple(coerced))
+        if not isinstance(self.meta, Mapping):
+            raise ScheduleError(f"meta must be a dict, got {type(self.meta).__name__}")
+        object.__setattr__(self, "meta", dict(self.meta))
+        self._check_structure()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def create(cls, steps: Iterable[Step | Sequence | Mapping], solver: str = "dpm_solver",
+               meta: Mapping | None = None) -> "ModelSchedule":
+        """Build and validate the structure; steps may be Step objects, (t_start, t_end, members) or dicts."""
+        return cls(tuple(steps), solver, dict(meta or {}))
+
+    @classmethod
+    def from_times_and_members(cls, times: Sequence[float], members_per_step: Sequence[Sequence[str] | str],
+                               solver: str = "dpm_solver", meta: Mapping | None = None) -> "ModelSchedule":
+        """K+1 times (noisy → clean) and K member lists (a bare name means a 1-NFE step)."""
+        times = _as_list(times, "times")
+        members_per_step = _as_list(members_per_step, "members_per_step")
+        if len(times) != len(members_per_step) + 1:
+            raise ScheduleError(f"got {len(times)} times for {len(members_per_step)} steps; "
+                                f"need K+1 = {len(members_per_step) + 1} times")
+        return cls(tuple((times[k], times[k + 1], m) for k, m in enumerate(members_per_step)), solver, dict(meta or {}))
+
+    @classmethod
+    def single(cls, member: str, times: Sequence[float], solver: str = "dpm_solver",
+               orders: int | Sequence[int] | None = None, meta: Mapping | None = None) -> "ModelSchedule":
+        """One member at every NFE over the K+1 `times`.
+
+        `orders` (an int for every step, or one per step) is the NFEs per step. Default: 2 for heun, 1 otherwise
+        (dpm_solver with order 1 is DDIM; pass e.g. orders=3 for DPM-Solver-3).
+        """
+        times = _as_list(times, "times")
+        n_steps = len(times) - 1
+        if orders is None:
+            orders = 2 if solver == "heun" else 1
+        if isinstance(orders, int) and not isinstance(orders, bool):
+            orders = [orders] * max(n_steps, 0)
+        orders = _as_list(orders, "orders")
+        if len(orders) != n_steps:
+            raise ScheduleError(f"got {len(orders)} orders for {n_steps} steps ({len(times)} times)")
+        for k, o in enumerate(orders):
+            if isinstance(o, bool) or not isinstance(o, int):
+                raise ScheduleError(f"orders[{k}] must be an int, got {o!r}")
+        return cls.from_times_and_members(times, [(member,) * o for o in orders], solver, meta)
+
+    def with_meta(self, **entries: Any) -> "ModelSchedule":
+        """A copy with `meta` updated by `entries` (the steps are shared)."""
+        return dataclasses.replace(self, meta={**self.meta, **entries})
+
+    # ------------------------------------------------------------------ views
+    @property
+    def nfe(self) -> int:
+        return sum(len(s.members) for s in self.steps)
+
+    @property
+    def times(self) -> list[float]:
+        """The K+1 step boundaries, noisy → clean."""
+        return [self.steps[0].t_start] + [s.t_end for s in self.steps]
+
+    @property
+    def orders(self) -> list[int]:
+        return [len(s.members) for s in self.steps]
+
+    @property
+    def members_per_nfe(self) -> list[str]:
+        return [m for s in self.steps for m in s.members]
+
+    @property
+    def member_names(self) -> list[str]:
+        return sorted({m for s in self.steps for m in s.members})
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def cost(self, latency: Mapping[str, float]) -> float:
+        """Σ over NFEs of latency[member] (OMS-DPM's cost model: solver arithmetic and switching are free)."""
+        total = 0.0
+        for k, s in enumerate(self.steps):
+            for m in s.members:
+                try:
+                    total += float(latency[m])
+                except KeyError:
+                    raise ScheduleError(f"no latency for member {m!r} (step {k}); "
+                                        f"known members: {_names(latency)}") from None
+        return total
+
+    # ------------------------------------------------------------------ validation
+    def _check_structure(self, t_min: float = 0.0) -> None:
+        if not self.steps:
+            raise ScheduleError("empty schedule: a model schedule needs at least one step")
+        if not isinstance(self.solver, str) or self.solver not in SOLVER_NFES:
+            raise ScheduleError(f"unknown solver {self.solver!r}; choose one of: {', '.join(sorted(SOLVER_NFES))}")
+        lo, hi = SOLVER_NFES[self.solver]
+        for k, s in enumerate(self.steps):
+            n = len(s.members)
+            if not lo <= n <= hi:
+                raise ScheduleError(f"step {k} has {n} member{'' if n == 1 else 's'}; {_solver_rule(self.solver)}")
+            for name in ("t_start", "t_end"):
+                t = getattr(s, name)
+                if not math.isfinite(t):
+                    raise ScheduleError(f"step {k}: {name} is {t}; times must be finite")
+                if not 0.0 < t <= 1.0:
+                    raise ScheduleError(f"step {k}: {name} {t!r} is outside (0, 1]")
+                if t < t_min:
+                    raise ScheduleError(f"step {k}: {name} {t!r} is below t_min {t_min!r}")
+            if not s.t_start > s.t_end:
+                raise ScheduleError(f"step {k}: t_start {s.t_start!r} must be greater than t_end {s.t_end!r} "
+                                    f"(steps run noisy → clean, times strictly decreasing)")
+            if k > 0:
+                prev = self.steps[k - 1].t_end
+                if abs(s.t_start - prev) > _TIME_TOL:
+                    raise ScheduleError(f"step {k} starts at t={s.t_start!r} but step {k - 1} ends at t={prev!r}; "
+                                        f"steps must be contiguous")
+
+    def validate(self, known_members: Iterable[str] | None = None, t_min: float = 0.0) -> "ModelSchedule":
+        """Check the structure, that every time is ≥ t_min, and (if given) that every member is known.
+
+        Returns self so it chains; raises ScheduleError naming the step and the offending value.
+        """
+        self._check_structure(t_min)
+        if known_members is not None:
+            known = set(known_members)
+            for k, s in enumerate(self.steps):
+                for j, m in enumerate(s.members):
+                    if m not in known:
+                        raise ScheduleError(f"step {k} NFE {j} uses unknown member {m!r}; "
+                                            f"known members: {_names(known)}")
+        return self
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "solver": self.solver,
+            "steps": [{"t_start": s.t_start, "t_end": s.t_end, "members": list(s.members)} for s in self.steps],
+            "meta": dict(self.meta),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str | os.PathLike | None = None) -> "ModelSchedule":
+        """Inverse of `to_dict`; `source` (e.g. the file) prefixes error messages."""
+        where = f"{source}: " if source is not None else ""
+
+        def fail(msg: str):
+            raise ScheduleError(where + msg)
+
+        if not isinstance(d, Mapping):
+            fail(f"a model schedule must be a JSON object, got {type(d).__name__}")
+        if "format" not in d:
+            fail(f"not an oms-lightning model schedule (no 'format' key; expected {FORMAT!r})")
+        if d["format"] != FORMAT:
+            fail(f"unsupported format {d['format']!r}; expected {FORMAT!r}")
+        allowed = {"format", "solver", "steps", "meta"}
+        extra = sorted(set(d) - allowed, key=str)
+        if extra:
+            fail(f"unexpected key(s) {extra}; allowed: {sorted(allowed)}")
+        for key in ("solver", "steps"):
+            if key not in d:
+                fail(f"missing key {key!r}")
+        if not isinstance(d["solver"], str):
+            fail(f"'solver' must be a string, got {d['solver']!r}")
+        if not isinstance(d["steps"], list):
+            fail(f"'steps' must be a list, got {type(d['steps']).__name__}")
+        meta = d.get("meta", {})
+        if not isinstance(meta, Mapping):
+            fail(f"'meta' must be an object, got {type(meta).__name__}")
+        steps = []
+        step_keys = {"t_start", "t_end", "members"}
+        for k, s in enumerate(d["steps"]):
+            if not isinstance(s, Mapping):
+                fail(f"steps[{k}] must be an object with {sorted(step_keys)}, got {s!r}")
+            missing = sorted(step_keys - set(s))
+            if missing:
+                fail(f"steps[{k}] is missing key(s) {missing}")
+            extra = sorted(set(s) - step_keys, key=str)
+            if extra:
+                fail(f"steps[{k}] has unexpected key(s) {extra}")
+            for name in ("t_start", "t_end"):
+                v = s[name]
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    fail(f"steps[{k}].{name} must be a number, got {v!r}")
+            mem = s["members"]
+            if not isinstance(mem, list) or not all(isinstance(m, str) for m in mem):
+                fail(f"steps[{k}].members must be a list of member names, got {mem!r}")
+            steps.append((float(s["t_start"]), float(s["t_end"]), tuple(mem)))
+        try:
+            return cls(tuple(steps), d["solver"], dict(meta))
+        except ScheduleError as e:
+            raise ScheduleError(where + str(e)) from None
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """Strict JSON (no NaN/Infinity); ScheduleError if meta holds something JSON cannot represent."""
+        try:
+            return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise ScheduleError(f"schedule meta is not JSON-serialisable: {e}") from None
+
+    @classmethod
+    def from_json(cls, text: str, source: str | os.PathLike | None = None) -> "ModelSchedule":
+        where = f"{source}: " if source is not None else ""
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ScheduleError(f"{where}invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        return cls.from_dict(d, source)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write JSON atomically: serialised first, then one rename, so a failure leaves no partial file."""
+        from .io import atomic_write_text
+
+        text = self.to_json() + "\n"
+        path = Path(path)
+        atomic_write_text(path, text)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ModelSchedule":
+        path = Path(path)
+        if not path.exists():
+            raise ScheduleError(f"schedule file not found: {path}")
+        if path.is_dir():
+            raise ScheduleError(f"{path} is a directory, not a schedule file")
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ScheduleError(f"{path}: cannot read schedule file ({e})") from None
+        return cls.from_json(text, source=path)
+
+    # ------------------------------------------------------------------ OMS-DPM slot encoding
+    def to_slots(self, members: Sequence[str]) -> list[list[int]]:
+        """K×3 ints: 0 = null, i+1 = members[i] (the zoo's sorted names); a step's NFEs fill its first slots."""
+        index = _member_index(members)
+        rows = []
+        for k, s in enumerate(self.steps):
+            if len(s.members) > SLOTS_PER_STEP:  # cannot happen for the known solvers; kept as a guard
+                raise ScheduleError(f"step {k} has {len(s.members)} NFEs; the slot encoding holds {SLOTS_PER_STEP}")
+            row = []
+            for m in s.members:
+                if m not in index:
+                    raise ScheduleError(f"step {k} uses member {m!r}, which is not in members {list(members)}")
+                row.append(index[m] + 1)
+            rows.append(row + [0] * (SLOTS_PER_STEP - len(row)))
+        return rows
+
+    @classmethod
+    def from_slots(cls, slots: Sequence[Sequence[int]], members: Sequence[str], times: Sequence[float],
+                   solver: str = "dpm_solver", meta: Mapping | None = None) -> "ModelSchedule":
+        """Decode K slot triplets over the K+1 time grid `times` (noisy → clean).
+
+        Within a triplet the null slots are removed, so a step's order is its number of non-null slots (in
+        their original order). A triplet that is all null is no step: its interval is merged into the next
+        non-empty step, which then starts where the null run started (the sampler's state simply skips the
+        empty step). Null triplets at the clean end are merged into the last non-empty step, which then ends
+        at times[-1]. The result therefore always spans times[0] → times[-1]. All-null slots: ScheduleError.
+        """
+        index = _member_index(members)
+        slots = _as_list(slots, "slots")
+        grid = [_as_time(t, f"times[{i}]") for i, t in enumerate(_as_list(times, "times"))]
+        if len(grid) != len(slots) + 1:
+            raise ScheduleError(f"got {len(grid)} times for {len(slots)} slot rows; need K+1 = {len(slots) + 1}")
+        for i, t in enumerate(grid):
+            if not math.isfinite(t) or not 0.0 < t <= 1.0:
+                raise ScheduleError(f"times[{i}] = {t!r} must be finite and in (0, 1]")
+            if i and not t < grid[i - 1]:
+                raise ScheduleError(f"times must be strictly decreasing; times[{i}] = {t!r} "
+                                    f"follows times[{i - 1}] = {grid[i - 1]!r}")
+        names = list(index)
+        decoded: list[list] = []  # [t_start, t_end, members]
+        pending_start = None  # start of a run of null triplets
+        for k, row in enumerate(slots):
+            row = _as_list(row, f"slots row {k}")
+            if len(row) != SLOTS_PER_STEP:
+                raise ScheduleError(f"slots row {k} has {len(row)} entries; each step is a triplet of "
+                                    f"{SLOTS_PER_STEP} slots")
+            used = []
+            for j, v in enumerate(row):
+                if hasattr(v, "item") and not isinstance(v, (int, float)):
+                    v = v.item()  # numpy / torch integer scalars
+                if isinstance(v, bool) or not isinstance(v, int):
+                    raise ScheduleError(f"slots row {k} slot {j} must be an int, got {v!r}")
+                if not 0 <= v <= len(names):
+                    raise ScheduleError(f"slots row {k} slot {j} is {v}; valid values are 0 (null) .. "
+                                        f"{len(names)} (members {names})")
+                if v:
+                    used.append(names[v - 1])
+            if not used:
+                if pending_start is None:
+                    pending_start = grid[k]
+                continue
+            t_start = grid[k] if pending_start is None else pending_start
+            pending_start = None
+            decoded.append([t_start, grid[k + 1], tuple(used)])
+        if not decoded:
+            raise ScheduleError(f"all {len(slots)} slot rows are null; a schedule needs at least one NFE")
+        decoded[-1][1] = grid[-1]  # trailing null rows: extend the last step to the end of the grid
+        return cls(tuple(tuple(s) for s in decoded), solver, dict(meta or {}))
+
+    # ------------------------------------------------------------------ display
+    def compact(self) -> str:
+        """E.g. 'dpm_solver: [small,small] [large]×3 [tiny,large,large] | t 1.0→0.001, NFE 8'."""
+        parts: list[str] = []
+        prev, run = None, 0
+        for s in self.steps + (None,):
+            key = s.members if s is not None else None
+            if key == prev:
+                run += 1
+                continue
+            if prev is not None:
+                parts.append(f"[{','.join(prev)}]" + (f"×{run}" if run > 1 else ""))
+            prev, run = key, 1
+        t = self.times
+        return f"{self.solver}: {' '.join(parts)} | t {t[0]!r}→{t[-1]!r}, NFE {self.nfe}"
+
+    def __str__(self) -> str:
+        return self.compact()
+
+
+# ---------------------------------------------------------------------- helpers
+def _as_list(x: Any, what: str) -> list:
+    if isinstance(x, (str, bytes)):
+        raise ScheduleError(f"{what} must be a sequence, got a string {x!r}")
+    if hasattr(x, "tolist"):  # numpy arrays / torch tensors
+        x = x.tolist()
+    try:
+        return list(x)
+    except TypeError:
+        raise ScheduleError(f"{what} must be a sequence, got {type(x).__name__}") from None
+
+
+def _names(known: Iterable[str]) -> str:
+    names = sorted(map(str, known))
+    return ", ".join(names) if names else "(none)"
+
+
+def _member_index(members: Sequence[str]) -> dict[str, int]:
+    """Name → index for the slot encoding; the list must be the zoo's names, sorted and unique."""
+    members = _as_list(members, "members")
+    if not members or not all(isinstance(m, str) and m for m in members):
+        raise ScheduleError(f"members must be a non-empty list of member names, got {members!r}")
+    if members != sorted(set(members)):
+        raise ScheduleError(f"members must be the zoo's names in sorted order without duplicates "
+                            f"(so slot indices never silently permute), got {members}")
+    return {m: i for i, m in enumerate(members)}

@@ -1,0 +1,136 @@
+"""`python train.py`: train one zoo member and write `checkpoints/<data>/<member>.ckpt` (EMA weights) + a grid.
+
+Layout for member M on data D (paths.run_dir):
+    checkpoints/D/M.ckpt         the zoo member (EMA weights, plain containers; what sampling and search load)
+    checkpoints/D/M.png          sample grid of the final EMA weights
+    checkpoints/D/M/last.ckpt    full training state for resume (raw + EMA weights, optimizer, step)
+    checkpoints/D/M/samples/     a grid per validation
+    checkpoints/D/M/wandb_run_id.txt   so a resumed run logs into the same W&B run
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
+from omegaconf import DictConfig, OmegaConf
+
+from oms_lightning.callbacks import EMA
+from oms_lightning.checkpoint import check_training_checkpoint, save_member
+from oms_lightning.config import validate_train_config
+from oms_lightning.errors import UserError
+from oms_lightning.images import save_grid
+from oms_lightning.tracking import make_logger
+from oms_lightning.training import DiffusionModule, module_from_config
+
+
+def member_path(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.checkpoints) / str(cfg.data.name) / f"{cfg.model.name}.ckpt"
+
+
+def ensure_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write_probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to {folder} ({e.strerror}); choose another folder with "
+                        "paths.checkpoints=/some/writable/dir") from None
+
+
+def resolve_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """`ckpt_path=last` → this member's last.ckpt; a path → that file; refuse to silently clobber a run."""
+    last = run_dir / "last.ckpt"
+    if cfg.ckpt_path is None:
+        if last.exists() and not cfg.overwrite:
+            raise UserError(f"{run_dir} already holds a training run. Resume it with ckpt_path=last, or start "
+                            "over with overwrite=true (its checkpoints are replaced).")
+        return None
+    path = last if cfg.ckpt_path == "last" else Path(cfg.ckpt_path)
+    if not path.is_file():
+        raise UserError(f"no checkpoint to resume at {path}; train without ckpt_path first")
+    return path
+
+
+def check_accelerator(trainer_cfg: DictConfig) -> None:
+    if str(trainer_cfg.accelerator) in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserError("trainer.accelerator asks for a CUDA GPU but none is available on this machine; "
+                        "use trainer.accelerator=cpu (or auto)")
+
+
+def build_trainer(cfg: DictConfig, logger, run_dir: Path) -> L.Trainer:
+    check_accelerator(cfg.trainer)
+    callbacks = [
+        EMA(decay=cfg.ema.decay, warmup=cfg.ema.warmup),
+        # Only the latest full training state is kept: the zoo member file is the product.
+        ModelCheckpoint(dirpath=run_dir, save_top_k=0, save_last=True,
+                        every_n_train_steps=cfg.trainer.val_check_interval),
+        ThroughputMonitor(batch_size_fn=len),
+    ]
+    try:
+        return instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir))
+    except MisconfigurationException as e:
+        raise UserError(f"invalid trainer settings: {e}") from None
+
+
+def expected_hparams(module: DiffusionModule) -> dict:
+    """What a checkpoint must share with this run to be resumed by it."""
+    h = module.hparams
+    return {"model_name": h.model_name, "net": h.net, "data": h.data, "noise": h.noise}
+
+
+def train(cfg: DictConfig) -> dict:
+    """Train one member as configured; returns a summary (paths, steps, val loss, wall time)."""
+    validate_train_config(cfg)
+    run_dir = Path(cfg.paths.run_dir)
+    ensure_writable(run_dir)
+    ckpt_path = resolve_resume(cfg, run_dir)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    datamodule = instantiate(cfg.data.module)
+    module = module_from_config(cfg, str(cfg.data.name), int(cfg.data.image_size), int(cfg.data.channels))
+    module.run_dir = run_dir
+    if ckpt_path is not None:
+        check_training_checkpoint(ckpt_path, expected_hparams(module))
+    elif cfg.overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+
+    logger = make_logger(cfg.logger, name=f"train-{cfg.data.name}-{cfg.model.name}", group=f"zoo-{cfg.data.name}",
+                         run_id_file=run_dir / "wandb_run_id.txt", config=OmegaConf.to_container(cfg, resolve=True))
+    if logger:
+        logger.log_hyperparams({"num_parameters": module.num_parameters()})
+    trainer = build_trainer(cfg, logger, run_dir)
+
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    wall = time.perf_counter() - start
+    if not trainer.is_global_zero:
+        return {}
+    return finish(cfg, module, trainer, wall)
+
+
+def finish(cfg: DictConfig, module: DiffusionModule, trainer: L.Trainer, wall: float) -> dict:
+    """After fit the module holds the EMA weights (the callback copies them in): write the member and a grid."""
+    val_loss = trainer.callback_metrics.get("val/loss")
+    val_loss = float(val_loss) if val_loss is not None else float("nan")
+    h = module.hparams
+    path = save_member(member_path(cfg), name=h.model_name, net_kwargs=h.net, noise=h.noise, data=h.data,
+                       state_dict=module.net.state_dict(),
+                       meta={"global_step": trainer.global_step, "val_loss": val_loss,
+                             "num_parameters": module.num_parameters(), "ema_decay": float(cfg.ema.decay)})
+    grid = save_grid(module.sample(module.sampling["grid_size"] or 64), path.with_suffix(".png"))
+    summary = {"member": str(path), "grid": str(grid), "run_dir": str(cfg.paths.run_dir),
+               "global_step": trainer.global_step, "val_loss": val_loss, "wall_seconds": round(wall, 1),
+               "num_parameters": module.num_parameters()}
+    print(f"\ntrained {h.model_name} on {h.data['name']}: {trainer.global_step} steps in {wall:.0f} s, "
+          f"val loss {val_loss:.4f}, {module.num_parameters():,} parameters\n"
+          f"  zoo member (EMA weights): {path}\n  sample grid:              {grid}\n"
+          f"  training state (resume):  {Path(cfg.paths.run_dir) / 'last.ckpt'}  (ckpt_path=last)")
+    return summary

@@ -1,0 +1,128 @@
+"""DiffusionModule: trains one ε-prediction U-Net of the zoo (DDPM objective, continuous-time VP).
+
+EMA is not implemented here: Lightning's weight-averaging callback (see `oms_lightning.callbacks.EMA`) swaps the
+EMA weights in for validation and sampling, stores them as the checkpoint's `state_dict` and restores both copies
+on resume.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import grad_norm
+from torch import Tensor
+
+from oms_lightning.diffusion.denoiser import EpsDenoiser
+from oms_lightning.diffusion.noise_schedule import VPSchedule
+from oms_lightning.diffusion.seeding import per_sample_noise
+from oms_lightning.diffusion.solvers import dpm_solver_pp
+from oms_lightning.diffusion.spacing import timesteps
+from oms_lightning.nets import UNet
+
+
+class DiffusionModule(L.LightningModule):
+    """ε-prediction diffusion model: loss E‖ε̂(α_t x₀ + σ_t ε, t) − ε‖², t ~ U(t_min, 1) (Ho et al. 2020, eq. 14).
+
+    All constructor arguments are plain containers so that checkpoints load with `weights_only=True`.
+    """
+
+    def __init__(self, net: dict, noise: dict, optim: dict, data: dict, model_name: str,
+                 sampling: dict | None = None, channels_last: bool = False, compile: bool = False):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = UNet(image_channels=data["channels"], image_size=data["image_size"], **net)
+        self.schedule = VPSchedule.from_dict(noise)
+        self.sampling = sampling or {"solver": "dpm_solver++", "steps": 20, "grid_size": 64, "seed": 0}
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if compile:
+            self.net.compile()  # in place: state_dict keys stay those of the plain network
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        d = self.hparams.data
+        return (d["channels"], d["image_size"], d["image_size"])
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.net.parameters())
+
+    # --- objective ---
+    def diffusion_loss(self, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        t_min = self.schedule.t_min
+        t = t_min + (1 - t_min) * torch.rand(x0.shape[0], generator=generator, device=x0.device)
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device)
+        alpha, sigma = (self.schedule.alpha(t).view(-1, 1, 1, 1), self.schedule.sigma(t).view(-1, 1, 1, 1))
+        x_t = (alpha * x0 + sigma * eps).contiguous(memory_format=self.memory_format)
+        return F.mse_loss(self.net(x_t, t).float(), eps)
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        loss = self.diffusion_loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return loss
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        # Same t and ε for a batch at every validation, so successive validation losses are comparable.
+        generator = torch.Generator(device=batch.device).manual_seed(batch_idx)
+        self.log("val/loss", self.diffusion_loss(batch, generator), prog_bar=True, sync_dist=True)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        norms = grad_norm(self.net, norm_type=2)
+        self.log("train/grad_norm", norms["grad_2.0_norm_total"])
+
+    def configure_optimizers(self):
+        cfg = self.hparams.optim
+        optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]),
+                                     weight_decay=cfg["weight_decay"])
+        warmup = max(1, cfg["warmup_steps"])
+        # Linear warm-up as in DDPM's recipe, then constant.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- sampling (uses whatever weights are loaded: EMA during validation and after fit) ---
+    @torch.no_grad()
+    def sample(self, n: int, steps: int | None = None, seed: int | None = None) -> Tensor:
+        """n images in [-1, 1] with DPM-Solver++(2M) on logSNR-uniform steps; sample i always has the same noise."""
+        steps = steps or self.sampling["steps"]
+        seed = self.sampling["seed"] if seed is None else seed
+        x = per_sample_noise(self.image_shape, range(n), seed, dtype=torch.float32, device=self.device)
+        ts = timesteps("logsnr_uniform", steps, self.schedule).to(self.device)
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            x0 = dpm_solver_pp(EpsDenoiser(self.net, self.schedule), x, ts, self.schedule, order=2)
+        finally:
+            self.net.train(was_training)
+        return x0.clamp(-1, 1)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        grid_size = self.sampling["grid_size"]
+        if grid_size <= 0:
+            return
+        from oms_lightning.images import log_grid  # local import: keeps the module importable without PIL
+
+        log_grid(self.sample(grid_size), self.trainer, name="samples", step=self.global_step)
+
+
+def module_from_config(cfg: Any, data_name: str, image_size: int, channels: int) -> DiffusionModule:
+    """Build the module from the composed Hydra config (resolving the size preset for this resolution)."""
+    from omegaconf import OmegaConf
+
+    from oms_lightning.nets import preset_for
+
+    arch = preset_for(cfg.model, image_size)
+    net = {**arch, "dropout": float(cfg.model.dropout)}
+    return DiffusionModule(
+        net=net,
+        noise=OmegaConf.to_container(cfg.diffusion, resolve=True),
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),
+        data={"name": data_name, "image_size": image_size, "channels": channels},
+        model_name=str(cfg.model.name),
+        sampling=OmegaConf.to_container(cfg.sampling, resolve=True),
+        channels_last=bool(cfg.perf.channels_last),
+        compile=bool(cfg.perf.compile),
+    )
+

@@ -1,0 +1,185 @@
+"""Training: overfit, train.py end to end, resume (step + EMA), experiment configs, DDP, failure paths."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CONFIGS, ROOT
+from oms_lightning.checkpoint import load_member
+from oms_lightning.errors import UserError
+
+SMOKE = ["experiment=digits_smoke"]
+
+
+def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def train_cfg(compose, tmp_path, *overrides):
+    return compose("train", [*SMOKE, f"paths.checkpoints={tmp_path}", *overrides])
+
+
+def test_tiny_model_overfits_a_batch(compose):
+    from oms_lightning.data import DigitsDataModule
+    from oms_lightning.training import module_from_config
+
+    torch.manual_seed(0)
+    cfg = compose("train", ["model=tiny", "model.dropout=0.0"])
+    module = module_from_config(cfg, "digits", 8, 1)
+    dm = DigitsDataModule(batch_size=32)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    opt = torch.optim.Adam(module.net.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(80):
+        loss = module.diffusion_loss(batch, torch.Generator().manual_seed(0))  # the same t and ε every step
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+
+
+def test_train_py_end_to_end_writes_member_and_grid(tmp_path):
+    r = run_cli("train.py", *SMOKE, f"paths.checkpoints={tmp_path}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    member = tmp_path / "digits" / "tiny.ckpt"
+    assert member.is_file() and (tmp_path / "digits" / "tiny.png").is_file()
+    assert (tmp_path / "digits" / "tiny" / "last.ckpt").is_file()
+    assert str(member) in r.stdout
+    m = load_member(member)
+    assert m.name == "tiny" and m.data["image_size"] == 8 and m.meta["global_step"] == 6
+    # the member holds the EMA weights, which the training checkpoint stores as its state_dict
+    last = torch.load(tmp_path / "digits" / "tiny" / "last.ckpt", weights_only=True)
+    for k, v in m.net.state_dict().items():
+        assert torch.equal(v, last["state_dict"][f"net.{k}"]), k
+    assert any(not torch.equal(last["state_dict"][k], last["current_model_state"][k])
+               for k in last["state_dict"]), "EMA and raw weights should differ"
+
+
+def test_resume_continues_at_saved_step_with_saved_ema(compose, tmp_path):
+    from oms_lightning.train_job import train
+
+    first = train(train_cfg(compose, tmp_path))
+    run_dir = tmp_path / "digits" / "tiny"
+    saved = torch.load(run_dir / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 6
+
+    # Nothing left to train: the restored EMA average becomes the member unchanged.
+    again = train(train_cfg(compose, tmp_path, "ckpt_path=last"))
+    member = load_member(again["member"])
+    for k, v in member.net.state_dict().items():
+        assert torch.equal(v, saved["state_dict"][f"net.{k}"]), k
+
+    # Extending the run continues from step 6 (not from 0) with the optimizer state restored.
+    longer = train(train_cfg(compose, tmp_path, "ckpt_path=last", "trainer.max_steps=9"))
+    assert longer["global_step"] == 9 and first["global_step"] == 6
+    resumed = torch.load(run_dir / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == 9
+    assert resumed["optimizer_states"][0]["state"][0]["step"] == 9
+
+
+def test_fresh_start_refuses_to_clobber_an_existing_run(compose, tmp_path):
+    from oms_lightning.train_job import train
+
+    train(train_cfg(compose, tmp_path))
+    with pytest.raises(UserError, match="ckpt_path=last"):
+        train(train_cfg(compose, tmp_path))
+    assert train(train_cfg(compose, tmp_path, "overwrite=true"))["global_step"] == 6
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml")))
+def test_every_experiment_config_composes(compose, experiment):
+    from oms_lightning.config import validate_train_config
+    from oms_lightning.nets import build_unet
+
+    cfg = compose("train", [f"experiment={experiment}"])
+    validate_train_config(cfg)
+    with torch.device("meta"):
+        build_unet(cfg.model, int(cfg.data.image_size), int(cfg.data.channels))
+
+
+def test_paper_recipe_is_exact(compose):
+    cfg = compose("train", ["experiment=cifar10_paper"])
+    assert cfg.data.name == "cifar10" and cfg.model.name == "large"
+    assert cfg.data.module.batch_size == 128 and cfg.trainer.max_steps == 800_000
+    assert cfg.optim.lr == 2e-4 and cfg.trainer.gradient_clip_val == 1.0 and cfg.ema.decay == 0.9999
+    assert cfg.model.dropout == 0.1 and cfg.diffusion.kind == "linear"
+    assert (cfg.diffusion.beta_min, cfg.diffusion.beta_max) == (0.1, 20.0)  # β 1e-4 → 0.02 over 1000 steps
+
+
+# --- failure paths: one clear message, non-zero exit, nothing half-written ---
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=-1", "invalid value optim.lr=-1"),
+    ("trainer.max_steps=abc", "invalid value trainer.max_steps='abc'"),
+    ("ema.decay=1.5", "invalid value ema.decay=1.5"),
+    ("trainer.accelerator=gpu", "CUDA"),
+    ("ckpt_path=last", "no checkpoint to resume"),
+])
+def test_bad_values_are_refused_before_training(compose, tmp_path, override, message):
+    from oms_lightning.train_job import train
+
+    if override == "trainer.accelerator=gpu" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        train(train_cfg(compose, tmp_path, override))
+    assert not (tmp_path / "digits" / "tiny.ckpt").exists()
+
+
+def test_unwritable_checkpoint_folder(compose, tmp_path):
+    from oms_lightning.train_job import train
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(UserError, match="cannot write"):
+        train(train_cfg(compose, blocker))
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"garbage, not a zip", "corrupt"),
+    ("foreign", "not a Lightning training checkpoint"),
+])
+def test_corrupt_or_foreign_checkpoint_on_resume(compose, tmp_path, content, message):
+    from oms_lightning.train_job import train
+
+    bad = tmp_path / "bad.ckpt"
+    if content == "foreign":
+        torch.save({"weights": torch.zeros(3)}, bad)
+    else:
+        bad.write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        train(train_cfg(compose, tmp_path, f"ckpt_path={bad}"))
+
+
+def test_checkpoint_of_another_member_is_refused(compose, tmp_path):
+    from oms_lightning.train_job import train
+
+    train(train_cfg(compose, tmp_path))
+    other = tmp_path / "digits" / "tiny" / "last.ckpt"
+    with pytest.raises(UserError, match="belongs to another run"):
+        train(train_cfg(compose, tmp_path, "model=small", f"ckpt_path={other}"))
+
+
+def test_cli_errors_are_one_line_with_exit_code(tmp_path):
+    r = run_cli("train.py", *SMOKE, f"paths.checkpoints={tmp_path}", "optim.lr=0")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("error: invalid value optim.lr=0")
+    assert "Traceback" not in r.stderr
+    r = run_cli("train.py", "model=huge")
+    assert r.returncode != 0 and "Could not find 'model/huge'" in r.stderr and "tiny" in r.stderr
+    assert not any(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(tmp_path):
+    r = run_cli("train.py", *SMOKE, f"paths.checkpoints={tmp_path}", "trainer=ddp", "trainer.accelerator=cpu",
+                "trainer.devices=2", "hydra.run.dir=" + str(tmp_path / "hydra"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = load_member(tmp_path / "digits" / "tiny.ckpt")
+    assert m.meta["global_step"] == 6

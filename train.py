@@ -1,0 +1,16 @@
+"""Train one zoo member: python train.py model=small [data=digits] [experiment=cifar10_paper] [ckpt_path=last]"""
+import hydra
+
+from oms_lightning.cli import exit_on_user_error
+
+
+@hydra.main(config_path="configs", config_name="train", version_base="1.3")
+@exit_on_user_error
+def main(cfg):
+    from oms_lightning.train_job import train  # imported late so `--help` and config errors answer fast
+
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
