@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import netrc
 import os
+import uuid
 from pathlib import Path
 
-import wandb
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -43,7 +43,7 @@ def make_logger(cfg, name: str, group: str | None = None, run_id_file: str | Pat
     if cfg.kind != "wandb":
         raise UserError(f"unknown logger kind {cfg.kind!r}; use logger=wandb or logger=none")
     mode = resolve_mode(cfg.mode)
-    run_id = wandb.util.generate_id()
+    run_id = uuid.uuid4().hex[:12]
     if run_id_file is not None:
         if Path(run_id_file).is_file():
             run_id = Path(run_id_file).read_text().strip() or run_id

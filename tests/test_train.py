@@ -183,3 +183,24 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     m = load_member(tmp_path / "digits" / "tiny.ckpt")
     assert m.meta["global_step"] == 6
+
+
+@pytest.mark.slow
+def test_offline_wandb_run_is_resumed_into_the_same_run(tmp_path):
+    """Without a key W&B runs offline (no network); the resumed training logs into the same run id."""
+    wandb_dir = tmp_path / "wandb"
+    common = [*SMOKE, f"paths.checkpoints={tmp_path}", "logger=wandb", f"logger.save_dir={wandb_dir}",
+              "hydra.run.dir=" + str(tmp_path / "hydra")]
+    env = {"WANDB_MODE": "offline", "WANDB_API_KEY": "", "NETRC": str(tmp_path / "no_netrc")}
+    first = subprocess.run([sys.executable, "train.py", *common], cwd=ROOT, capture_output=True, text=True,
+                           env={**os.environ, **env, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_id = (tmp_path / "digits" / "tiny" / "wandb_run_id.txt").read_text().strip()
+    runs = list(wandb_dir.rglob(f"offline-run-*-{run_id}"))
+    assert runs, list(wandb_dir.rglob("*"))[:20]
+    again = subprocess.run([sys.executable, "train.py", *common, "ckpt_path=last", "trainer.max_steps=9"], cwd=ROOT,
+                           capture_output=True, text=True, env={**os.environ, **env, "OMP_NUM_THREADS": "1"},
+                           timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(list(wandb_dir.rglob(f"offline-run-*-{run_id}"))) == 2  # one folder per session, same run id
+    assert set(wandb_dir.rglob("offline-run-*")) == set(wandb_dir.rglob(f"offline-run-*-{run_id}"))

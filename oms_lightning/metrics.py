@@ -1,0 +1,405 @@
+"""FID with a pluggable feature extractor, computed by torchmetrics' `FrechetInceptionDistance`.
+
+Two extractors, both `nn.Module`s mapping images in [-1, 1] (B, C, H, W) to (B, d) float64 features:
+
+* `InceptionExtractor` — the standard 2048-d FID Inception (torch-fidelity's weights through torchmetrics'
+  `NoTrainInceptionV3`), for CIFAR-10 and image folders. It never downloads: the weights must already be in
+  the torch hub cache or at an explicit path.
+* `DigitsClassifierExtractor` — a small CNN trained here on the 8x8 digits (Inception features of 8x8 images
+  blown up to 299x299 say little); its 128-d penultimate layer is the feature space.
+
+`FIDEvaluator` computes the real (reference) statistics once, caches them at
+`<cache_dir>/fid_ref_<extractor>_<split>.pt` under a fingerprint (extractor name, hash of its weights, number
+and hash of the real images), loads them into the metric's real-feature state, and scores generated images:
+
+    ev = FIDEvaluator("digits_classifier", DigitsDataModule(batch_size=128), "checkpoints/digits")
+    ev.fid(samples, seed=0)   # FIDResult(value=..., extractor="digits_classifier", n=..., seed=0)
+"""
+from __future__ import annotations
+
+import hashlib
+import pickle
+import time
+import warnings
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+
+from oms_lightning.errors import UserError
+from oms_lightning.io import atomic_path
+
+EXTRACTORS = ("inception", "digits_classifier")
+CLASSIFIER_FORMAT = "oms-lightning/fid-classifier-v1"
+CLASSIFIER_FILE = "fid_classifier.pt"
+REFERENCE_FORMAT = "oms-lightning/fid-reference-v1"
+MIN_CLASSIFIER_ACCURACY = 0.95
+FEATURE_BATCH = 500
+
+# torch-fidelity's FID Inception weights (the TF 2015-12-05 graph ported to PyTorch); torch.hub caches them
+# under <torch hub dir>/checkpoints/<file name>.
+INCEPTION_WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                         "weights-inception-2015-12-05-6726825d.pth")
+INCEPTION_WEIGHTS_FILE = INCEPTION_WEIGHTS_URL.rsplit("/", 1)[-1]
+
+
+def _check_images(images: Tensor, what: str = "images") -> None:
+    if not isinstance(images, Tensor) or images.dim() != 4:
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise UserError(f"{what} must be a float tensor (N, C, H, W) in [-1, 1], got {shape}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Inception (2048-d, standard FID)
+# --------------------------------------------------------------------------------------------------------------
+
+def _inception_network_class():
+    """torchmetrics' NoTrainInceptionV3 (needs torch-fidelity); a function so tests can stand in for it."""
+    from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
+    if not _TORCH_FIDELITY_AVAILABLE:
+        raise UserError("the FID Inception network needs the torch-fidelity package, which is not installed; "
+                        "run `pip install torch-fidelity` (or `pip install torchmetrics[image]`), or use the "
+                        "digits_classifier extractor for the digits data")
+    from torchmetrics.image.fid import NoTrainInceptionV3
+    return NoTrainInceptionV3
+
+
+def inception_weights_file(weights_path: str | Path | None = None) -> Path:
+    """The local weights file: `weights_path` if given, else torch.hub's cache. Never downloads."""
+    fetch = f"python -c \"import torch; torch.hub.load_state_dict_from_url('{INCEPTION_WEIGHTS_URL}')\""
+    if weights_path is not None:
+        path = Path(weights_path).expanduser()
+        if not path.is_file():
+            raise UserError(f"FID Inception weights are not available offline (metrics.inception_weights={path} "
+                            f"is not a file); run once with network access ({fetch}) to fill the torch hub "
+                            f"cache, or set metrics.inception_weights=PATH to an existing copy of "
+                            f"{INCEPTION_WEIGHTS_FILE}")
+        return path
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
+    if not cached.is_file():
+        raise UserError(f"FID Inception weights are not available offline (not in the torch hub cache: {cached}); "
+                        f"run once with network access ({fetch}) or set metrics.inception_weights=PATH "
+                        f"to a copy of {INCEPTION_WEIGHTS_FILE}")
+    return cached
+
+
+class InceptionExtractor(nn.Module):
+    """2048-d pool features of the FID Inception; input (B, 1 or 3, H, W) in [-1, 1], any H, W."""
+
+    name = "inception"
+    num_features = 2048
+
+    def __init__(self, weights_path: str | Path | None = None):
+        super().__init__()
+        network = _inception_network_class()
+        path = inception_weights_file(weights_path)
+        # antialias=False: NoTrainInceptionV3 then resizes to 299x299 with torch-fidelity's TF1-compatible
+        # bilinear interpolation, the preprocessing of the reference (TF / torch-fidelity) FID, so numbers stay
+        # comparable with published ones. (Our images are upsampled, where antialiasing would change nothing.)
+        self.net = network(name="inception-v3-compat", features_list=[str(self.num_features)],
+                           feature_extractor_weights_path=str(path), antialias=False)
+        self.net.eval().requires_grad_(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_images(x)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)                # grey -> RGB
+        elif x.shape[1] != 3:
+            raise UserError(f"the inception extractor takes 1- or 3-channel images, got {x.shape[1]} channels")
+        # The network expects uint8 in [0, 255] (it rescales to [-1, 1] itself, as the TF graph did).
+        x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return self.net(x).double()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Digits classifier (128-d)
+# --------------------------------------------------------------------------------------------------------------
+
+class DigitsClassifierExtractor(nn.Module):
+    """Small CNN for 8x8 digits; `forward` gives the 128-d penultimate features, `logits` the 10 class scores.
+
+    No batch norm, and dropout only after the feature layer, so features do not depend on train/eval mode.
+    """
+
+    name = "digits_classifier"
+    num_features = 128
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2),                           # 32 x 4 x 4 (pooling early keeps CPU training ~10 s)
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),  # 64 x 4 x 4
+            nn.Flatten(),
+            nn.Linear(64 * 4 * 4, self.num_features), nn.ReLU(),
+        )
+        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(self.num_features, 10))
+
+    def _features(self, x: Tensor) -> Tensor:
+        _check_images(x)
+        if tuple(x.shape[1:]) != (1, 8, 8):
+            raise UserError(f"the digits_classifier extractor takes (N, 1, 8, 8) digit images, got "
+                            f"{tuple(x.shape)}; use metrics extractor 'inception' for other data")
+        return self.body(x.float())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._features(x).double()
+
+    def logits(self, x: Tensor) -> Tensor:
+        return self.head(self._features(x))
+
+
+def _digits_with_labels(split_seed: int = 0, val_fraction: float = 0.1):
+    """(train_x, train_y, val_x, val_y) on exactly DigitsDataModule's split."""
+    from sklearn.datasets import load_digits
+
+    from oms_lightning.data import DigitsDataModule
+
+    dm = DigitsDataModule(batch_size=128, val_fraction=val_fraction, split_seed=split_seed)
+    dm.setup("fit")
+    labels = torch.as_tensor(load_digits().target, dtype=torch.long)
+    return (dm.real_images("train"), labels[dm.train_indices], dm.real_images("val"), labels[dm.val_indices])
+
+
+def _random_shift(x: Tensor, generator: torch.Generator, max_shift: int = 1) -> Tensor:
+    """Each image moved by up to `max_shift` pixels in x and y, background (-1) filling in."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, [max_shift] * 4, value=-1.0)
+    offsets = torch.randint(0, 2 * max_shift + 1, (n, 2), generator=generator)
+    out = torch.empty_like(x)
+    for dy in range(2 * max_shift + 1):
+        for dx in range(2 * max_shift + 1):
+            pick = (offsets[:, 0] == dy) & (offsets[:, 1] == dx)
+            if pick.any():
+                out[pick] = padded[pick, :, dy:dy + h, dx:dx + w]
+    return out
+
+
+@torch.no_grad()
+def _accuracy(model: DigitsClassifierExtractor, x: Tensor, y: Tensor) -> float:
+    model.eval()
+    return float((model.logits(x).argmax(dim=1) == y).float().mean())
+
+
+def train_digits_classifier(seed: int = 0, epochs: int = 20, batch_size: int = 64,
+                            lr: float = 2e-3) -> tuple[DigitsClassifierExtractor, float]:
+    """Trains on DigitsDataModule's train split (random 1-pixel shifts); returns (model in eval mode,
+    accuracy on the held-out val split). Leaves the global RNG untouched."""
+    train_x, train_y, val_x, val_y = _digits_with_labels()
+    gen = torch.Generator().manual_seed(int(seed))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))                   # weight init and dropout
+        model = DigitsClassifierExtractor()
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+        for _ in range(epochs):
+            model.train()
+            perm = torch.randperm(train_x.shape[0], generator=gen)
+            for start in range(0, perm.numel(), batch_size):
+                idx = perm[start:start + batch_size]
+                loss = F.cross_entropy(model.logits(_random_shift(train_x[idx], gen)), train_y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            sched.step()
+    accuracy = _accuracy(model, val_x, val_y)
+    model.requires_grad_(False)
+    return model, accuracy
+
+
+def _state_dict_hash(module: nn.Module) -> str:
+    h = hashlib.sha256()
+    for key, value in sorted(module.state_dict().items()):
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def load_or_train_digits_classifier(cache_dir: str | Path = "checkpoints/digits", seed: int = 0,
+                                    epochs: int = 20) -> tuple[DigitsClassifierExtractor, float]:
+    """The classifier cached at `<cache_dir>/fid_classifier.pt`, training (and caching) it first if absent.
+
+    Returns (model in eval mode, held-out accuracy) and prints the accuracy. A file that is not a valid
+    classifier cache raises UserError (it is never silently overwritten).
+    """
+    path = Path(cache_dir) / CLASSIFIER_FILE
+    if path.exists():
+        model, accuracy = _load_classifier(path)
+        print(f"FID digits classifier: loaded {path} (held-out accuracy {accuracy:.4f})")
+        return model, accuracy
+    start = time.perf_counter()
+    model, accuracy = train_digits_classifier(seed=seed, epochs=epochs)
+    if accuracy < MIN_CLASSIFIER_ACCURACY:
+        raise UserError(f"the FID digits classifier reached only {accuracy:.4f} held-out accuracy (needs "
+                        f"{MIN_CLASSIFIER_ACCURACY}); train longer (epochs > {epochs}) or try another seed")
+    payload = {"format": CLASSIFIER_FORMAT, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+               "accuracy": float(accuracy), "seed": int(seed), "epochs": int(epochs)}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    print(f"FID digits classifier: trained in {time.perf_counter() - start:.1f} s, held-out accuracy "
+          f"{accuracy:.4f}, saved to {path}")
+    return model, accuracy
+
+
+def _load_classifier(path: Path) -> tuple[DigitsClassifierExtractor, float]:
+    fix = f"delete {path} and run again to retrain it (about 30 s on a CPU)"
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        raise UserError(f"FID classifier cache {path} is corrupt or not a PyTorch file "
+                        f"({type(e).__name__}: {str(e)[:200]}); {fix}") from None
+    if not isinstance(obj, dict) or obj.get("format") != CLASSIFIER_FORMAT:
+        found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+        raise UserError(f"{path} is not an oms-lightning FID classifier (format {found!r}, expected "
+                        f"{CLASSIFIER_FORMAT!r}); {fix}")
+    model = DigitsClassifierExtractor()
+    try:
+        model.load_state_dict(obj["state_dict"])
+        accuracy = float(obj["accuracy"])
+    except (KeyError, RuntimeError, TypeError, ValueError) as e:
+        raise UserError(f"FID classifier cache {path} does not fit the classifier ({str(e)[:200]}); {fix}") from None
+    return model.eval().requires_grad_(False), accuracy
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Factory and evaluator
+# --------------------------------------------------------------------------------------------------------------
+
+def default_extractor_for(data_name: str) -> str:
+    """"digits_classifier" for the 8x8 digits, "inception" for everything else."""
+    return "digits_classifier" if data_name == "digits" else "inception"
+
+
+def feature_extractor(name: str, cache_dir: str | Path = "checkpoints/digits",
+                      weights_path: str | Path | None = None) -> nn.Module:
+    """An extractor by name: "inception" (weights_path or torch hub cache) or "digits_classifier"
+    (cached in cache_dir, trained on first use)."""
+    if name == "inception":
+        return InceptionExtractor(weights_path)
+    if name == "digits_classifier":
+        return load_or_train_digits_classifier(cache_dir)[0]
+    raise UserError(f"unknown FID feature extractor {name!r}; use one of {', '.join(EXTRACTORS)}")
+
+
+@dataclass(frozen=True)
+class FIDResult:
+    value: float
+    extractor: str
+    n: int
+    seed: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _images_hash(images: Tensor) -> str:
+    return hashlib.sha256(images.detach().cpu().float().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+class FIDEvaluator:
+    """FID of generated images against one real split, with cached reference statistics.
+
+    `data_module_or_real_images` is a data module with `real_images(split)` or a tensor of real images in
+    [-1, 1]. `extractor` may be given to use an already built extractor module (its `name` must match).
+    The metric does not sync across processes (`sync_on_compute=False`): it scores the images it is given.
+    """
+
+    def __init__(self, extractor_name: str, data_module_or_real_images, cache_dir: str | Path,
+                 device: str | torch.device = "cpu", *, split: str = "train",
+                 weights_path: str | Path | None = None, extractor: nn.Module | None = None,
+                 batch_size: int = FEATURE_BATCH):
+        if extractor_name not in EXTRACTORS:
+            raise UserError(f"unknown FID feature extractor {extractor_name!r}; use one of {', '.join(EXTRACTORS)}")
+        self.extractor_name = extractor_name
+        self.split = split
+        self.cache_dir = Path(cache_dir)
+        self.device = torch.device(device)
+        self.batch_size = int(batch_size)
+        if extractor is None:
+            extractor = feature_extractor(extractor_name, self.cache_dir, weights_path)
+        self.extractor = extractor.eval().requires_grad_(False)
+        if isinstance(data_module_or_real_images, Tensor):
+            real = data_module_or_real_images
+        elif hasattr(data_module_or_real_images, "real_images"):
+            real = data_module_or_real_images.real_images(split)
+        else:
+            raise UserError("FIDEvaluator needs a data module with real_images(split) or a tensor of real images, "
+                            f"got {type(data_module_or_real_images).__name__}")
+        _check_images(real, "real images")
+        if real.shape[0] < 2:
+            raise UserError(f"FID needs at least 2 real images, the {split} split has {real.shape[0]}")
+        self.metric = FrechetInceptionDistance(feature=self.extractor, reset_real_features=False,
+                                               sync_on_compute=False).to(self.device)
+        self.reference_path = self.cache_dir / f"fid_ref_{extractor_name}_{split}.pt"
+        self.fingerprint = {"extractor": extractor_name, "weights": _state_dict_hash(self.extractor),
+                            "num_images": int(real.shape[0]), "images": _images_hash(real)}
+        self.reference_from_cache = False
+        stats = self._load_reference()
+        if stats is None:
+            stats = self._compute_reference(real)
+            with atomic_path(self.reference_path) as tmp:
+                torch.save({"format": REFERENCE_FORMAT, "fingerprint": self.fingerprint, **stats}, tmp)
+        else:
+            self.reference_from_cache = True
+        self.ref_mean, self.ref_cov, self.ref_n = stats["mean"], stats["cov"], int(stats["num_samples"])
+        self._set_real_state()
+
+    # reference statistics ------------------------------------------------------------------------------------
+    def _load_reference(self) -> dict | None:
+        """Cached stats if the file exists and its fingerprint matches; None means recompute."""
+        if not self.reference_path.exists():
+            return None
+        try:
+            obj = torch.load(self.reference_path, map_location="cpu", weights_only=True)
+        except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+            warnings.warn(f"FID reference cache {self.reference_path} is unreadable ({type(e).__name__}); "
+                          "recomputing it", stacklevel=3)
+            return None
+        if not isinstance(obj, dict) or obj.get("format") != REFERENCE_FORMAT:
+            warnings.warn(f"{self.reference_path} is not an FID reference cache; recomputing it", stacklevel=3)
+            return None
+        if obj.get("fingerprint") != self.fingerprint:
+            return None                                 # other extractor weights or other real images
+        return obj
+
+    @torch.no_grad()
+    def _compute_reference(self, real: Tensor) -> dict:
+        """Real features through the metric itself, then its sums turned into mean and covariance."""
+        self.metric.reset_real_features = True
+        self.metric.reset()
+        self.metric.reset_real_features = False
+        for batch in real.split(self.batch_size):
+            self.metric.update(batch.to(self.device), real=True)
+        n = int(self.metric.real_features_num_samples)
+        mean = (self.metric.real_features_sum / n).cpu()
+        cov = ((self.metric.real_features_cov_sum.cpu() - n * torch.outer(mean, mean)) / (n - 1))
+        return {"mean": mean, "cov": cov, "num_samples": n}
+
+    def _set_real_state(self) -> None:
+        """Loads mean/cov into the metric's real state (its running sums), so real features are never redone."""
+        n, mean, cov = self.ref_n, self.ref_mean.double(), self.ref_cov.double()
+        self.metric.real_features_sum = (mean * n).to(self.device)
+        self.metric.real_features_cov_sum = (cov * (n - 1) + n * torch.outer(mean, mean)).to(self.device)
+        self.metric.real_features_num_samples = torch.tensor(n, dtype=torch.long, device=self.device)
+
+    # scoring --------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def fid(self, images: Tensor, seed: int) -> FIDResult:
+        """FID of `images` (N >= 2, in [-1, 1]) against the reference split; `seed` is recorded as given."""
+        _check_images(images, "generated images")
+        n = int(images.shape[0])
+        if n < 2:
+            raise UserError(f"FID needs at least 2 generated images, got {n}; sample more images")
+        if not torch.isfinite(images).all():
+            raise UserError("generated images contain NaN or inf (the sampler diverged); FID is undefined — "
+                            "check the sampler settings or the model checkpoint")
+        self.metric.reset()                             # drops fake features only (reset_real_features=False)
+        for batch in images.split(self.batch_size):
+            self.metric.update(batch.to(self.device), real=False)
+        value = float(self.metric.compute())
+        self.metric.reset()
+        return FIDResult(value=value, extractor=self.extractor_name, n=n, seed=int(seed))

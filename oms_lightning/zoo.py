@@ -1,0 +1,414 @@
+"""The zoo: named members loaded from `<root>/<data>/<member>.ckpt`, their measured latency, a schedule's cost.
+
+    zoo = Zoo.load("checkpoints", "digits", ["small", "large"], device="cuda")
+    profile = load_or_profile(zoo, "checkpoints/digits/latency.json", batch_size=256)
+    denoisers = zoo.denoisers_for(schedule)      # one EpsDenoiser per NFE, for the solvers
+    cost = profile.cost(schedule)                # seconds per batch (OMS-DPM's cost model)
+
+Members are identified by name and always kept in sorted order (never a directory listing), so the slot
+encoding of `ModelSchedule.to_slots(zoo.names)` is stable. All members must share the data set (name, image
+size, channels) and the noise schedule, since one sampler mixes them within a single trajectory.
+
+Latency profiles are a cache: a stored profile is reused only when it was measured for the same zoo
+(`Zoo.fingerprint()`, which changes when any member is retrained), batch size, device and dtype, and is not
+older than `max_age_hours`. An unreadable or corrupt profile file is not an error: it is logged as a warning,
+measured again and overwritten, because the file holds nothing that cannot be regenerated.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from oms_lightning.checkpoint import MEMBER_FORMAT, Member, load_member
+from oms_lightning.diffusion.denoiser import EpsDenoiser
+from oms_lightning.diffusion.noise_schedule import VPSchedule
+from oms_lightning.errors import UserError
+from oms_lightning.io import atomic_write_text
+from oms_lightning.schedule import ModelSchedule
+
+log = logging.getLogger(__name__)
+
+DATA_FIELDS = ("name", "image_size", "channels")
+PROFILE_FORMAT = "oms-lightning/latency-profile-v1"
+PROFILE_TIME = 0.5  # the (continuous) time every profiled forward pass runs at; latency does not depend on it
+
+
+def train_command(name: str, data_name: str) -> str:
+    return f"python train.py model={name} data={data_name}"
+
+
+# ---------------------------------------------------------------------- device helpers
+def _as_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise UserError(f"unknown device {device!r} ({e}); use e.g. 'cpu', 'cuda' or 'cuda:0'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {device!r} was asked for but CUDA is not available; use device=cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} "
+                            f"CUDA device(s)")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise UserError(f"device {device!r} was asked for but MPS is not available; use device=cpu")
+    return dev
+
+
+def device_description(device: str | torch.device) -> str:
+    """What a latency was measured on: the GPU's name, or the CPU and its torch thread count."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    if dev.type == "cpu":
+        cpu = platform.processor() or platform.machine() or "cpu"
+        return f"{cpu} cpu ({torch.get_num_threads()} threads)"
+    return dev.type
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _state_digest(member: Member) -> str:
+    """sha256 of a member's weights (names, shapes, dtypes, bytes), data, noise schedule and meta.
+
+    Content-based, so a copied file keeps its digest and a retrained member (new weights) gets a new one.
+    """
+    h = hashlib.sha256()
+    header = {"name": member.name, "data": member.data, "noise": member.schedule.to_dict(), "meta": member.meta}
+    h.update(json.dumps(header, sort_keys=True, default=str).encode())
+    for key, tensor in member.net.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{key}|{tuple(t.shape)}|{t.dtype}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _is_member_file(path: Path) -> bool:
+    """False only for a readable PyTorch file that is not a zoo member (e.g. a Lightning checkpoint).
+
+    Unreadable files count as members so that `load_member` reports them as corrupt rather than skipping them.
+    The peek memory-maps the file, so it does not read the weights.
+    """
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - anything unreadable goes on to load_member's clear error
+        return True
+    return isinstance(obj, dict) and obj.get("format") == MEMBER_FORMAT
+
+
+def _check_name(name: Any) -> str:
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise UserError(f"invalid zoo member name {name!r}: a name is a plain file stem such as 'small'")
+    return name
+
+
+# ---------------------------------------------------------------------- the zoo
+class Zoo:
+    """Named, trained members sharing one data set and noise schedule; nets are eval, frozen and resident."""
+
+    def __init__(self, members: Mapping[str, Member], data_name: str, root: Path, device: torch.device,
+                 dtype: torch.dtype, digests: Mapping[str, str]):
+        self.names: tuple[str, ...] = tuple(sorted(members))
+        self._members = {n: members[n] for n in self.names}
+        self._digests = dict(digests)
+        self.data_name, self.root, self.device, self.dtype = data_name, root, device, dtype
+        first = self._members[self.names[0]]
+        self.schedule: VPSchedule = first.schedule
+        self.data: dict = dict(first.data)
+        self.image_shape: tuple[int, int, int] = (int(self.data["channels"]), int(self.data["image_size"]),
+                                                  int(self.data["image_size"]))
+        self._denoisers = {n: EpsDenoiser(m.net, self.schedule) for n, m in self._members.items()}
+
+    @classmethod
+    def load(cls, root: str | os.PathLike, data_name: str, names: Sequence[str] | None = None,
+             device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "Zoo":
+        """Load `<root>/<data_name>/<name>.ckpt` for every name (None: every member file there)."""
+        folder = Path(root) / data_name
+        dev = _as_device(device)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise UserError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        if names is None:
+            found = sorted(p for p in folder.glob("*.ckpt") if p.is_file()) if folder.is_dir() else []
+            names = []
+            for p in found:
+                if _is_member_file(p):
+                    names.append(p.stem)
+                else:
+                    log.warning("skipping %s: not a zoo member file", p)
+            if not names:
+                raise UserError(f"no zoo members in {folder}: train at least one with "
+                                f"`{train_command('<name>', data_name)}` (e.g. model=small), or pass "
+                                f"paths.checkpoints=<folder> if they live elsewhere")
+        else:
+            if isinstance(names, str):
+                names = [names]
+            names = [_check_name(n) for n in names]
+            if not names:
+                raise UserError("the zoo needs at least one member name, got an empty list")
+        names = sorted(set(names))
+        missing = [n for n in names if not (folder / f"{n}.ckpt").is_file()]
+        if missing:
+            cmds = "\n".join(f"  {train_command(n, data_name)}" for n in missing)
+            raise UserError(f"zoo member(s) {', '.join(missing)} not found in {folder} "
+                            f"(expected {', '.join(f'{n}.ckpt' for n in missing)}). Train them first:\n{cmds}")
+
+        members: dict[str, Member] = {}
+        digests: dict[str, str] = {}
+        for n in names:
+            path = folder / f"{n}.ckpt"
+            m = load_member(path)
+            if m.name != n:
+                raise UserError(f"{path} holds member {m.name!r}, not {n!r}; rename the file to {m.name}.ckpt "
+                                f"or retrain with `{train_command(n, data_name)}`")
+            digests[n] = _state_digest(m)  # hashed on the CPU, before the move
+            m.net.to(device=dev, dtype=dtype).eval().requires_grad_(False)
+            members[n] = m
+        cls._check_compatible(members, folder)
+        return cls(members, data_name, Path(root), dev, dtype, digests)
+
+    @staticmethod
+    def _check_compatible(members: Mapping[str, Member], folder: Path) -> None:
+        names = sorted(members)
+        ref_name = names[0]
+        ref = members[ref_name]
+        ref_noise = ref.schedule.to_dict()
+        for n in names[1:]:
+            m = members[n]
+            for key in DATA_FIELDS:
+                if m.data.get(key) != ref.data.get(key):
+                    raise UserError(f"zoo member {n!r} in {folder} has data.{key}={m.data.get(key)!r} but member "
+                                    f"{ref_name!r} has {ref.data.get(key)!r}; members must share one data set. "
+                                    f"Retrain {n!r} with the same data settings or leave it out of the zoo")
+            noise = m.schedule.to_dict()
+            if noise != ref_noise:
+                for key in sorted(set(noise) | set(ref_noise)):
+                    if noise.get(key) != ref_noise.get(key):
+                        break
+                raise UserError(f"zoo member {n!r} in {folder} has noise.{key}={noise.get(key)!r} but member "
+                                f"{ref_name!r} has {ref_noise.get(key)!r}; members must share one noise "
+                                f"schedule. Retrain {n!r} with the same noise settings or leave it out of the zoo")
+
+    # ------------------------------------------------------------------ access
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._members
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __repr__(self) -> str:
+        return (f"Zoo({self.data_name!r}, members={list(self.names)}, device={str(self.device)!r}, "
+                f"dtype={_dtype_name(self.dtype)})")
+
+    def _unknown(self, name: str) -> UserError:
+        return UserError(f"unknown zoo member {name!r}; this zoo ({self.data_name}) has: {', '.join(self.names)}")
+
+    def member(self, name: str) -> Member:
+        if name not in self._members:
+            raise self._unknown(name)
+        return self._members[name]
+
+    def net(self, name: str) -> torch.nn.Module:
+        return self.member(name).net
+
+    def denoiser(self, name: str) -> EpsDenoiser:
+        """The member's data-prediction denoiser (the same object on every call)."""
+        if name not in self._denoisers:
+            raise self._unknown(name)
+        return self._denoisers[name]
+
+    def denoisers_for(self, model_schedule: ModelSchedule) -> list[EpsDenoiser]:
+        """One denoiser per NFE of the schedule, in NFE order; ScheduleError if it names an unknown member."""
+        model_schedule.validate(self.names)
+        return [self._denoisers[m] for m in model_schedule.members_per_nfe]
+
+    def fingerprint(self) -> str:
+        """Short hex sha256 over the member names and their weight digests; changes when a member is retrained."""
+        h = hashlib.sha256()
+        for n in self.names:
+            h.update(f"{n}={self._digests[n]};".encode())
+        return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------- latency
+@dataclass(frozen=True)
+class LatencyProfile:
+    """Median seconds per forward pass of one batch, per member, and what it was measured on."""
+
+    latency: dict[str, float]
+    batch_size: int
+    device_name: str
+    dtype: str
+    zoo_fingerprint: str
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    def __post_init__(self):
+        if not isinstance(self.latency, Mapping) or not self.latency:
+            raise ValueError("latency must be a non-empty mapping of member name → seconds")
+        lat = {}
+        for k, v in self.latency.items():
+            if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"latency[{k!r}] must map a name to a number of seconds, got {v!r}")
+            if not math.isfinite(v) or v <= 0:
+                raise ValueError(f"latency[{k!r}] must be finite and positive, got {v!r}")
+            lat[k] = float(v)
+        object.__setattr__(self, "latency", dict(sorted(lat.items())))
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
+        for name in ("device_name", "dtype", "zoo_fingerprint", "created"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
+        self.created_at()  # parses, or ValueError
+
+    def created_at(self) -> datetime:
+        dt = datetime.fromisoformat(self.created)
+        return dt if dt.tzinfo is not None else dt.replace(tzinfo=timezone.utc)
+
+    def cost(self, model_schedule: ModelSchedule) -> float:
+        """Seconds per batch of the schedule: the sum of its members' latencies over all NFEs."""
+        return model_schedule.cost(self.latency)
+
+    def to_dict(self) -> dict:
+        return {"format": PROFILE_FORMAT, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "LatencyProfile":
+        if not isinstance(d, Mapping) or d.get("format") != PROFILE_FORMAT:
+            raise ValueError(f"not a latency profile (expected format {PROFILE_FORMAT!r})")
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = sorted(names - set(d))
+        if missing:
+            raise ValueError(f"latency profile is missing key(s) {missing}")
+        return cls(**{k: d[k] for k in names})
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "LatencyProfile":
+        path = Path(path)
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise UserError(f"latency profile not found: {path}") from None
+        except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
+            raise UserError(f"{path} is not a valid latency profile ({e}); delete it to measure again") from None
+
+    def matches(self, zoo: Zoo, batch_size: int, device_name: str) -> bool:
+        return (self.zoo_fingerprint == zoo.fingerprint() and self.batch_size == batch_size
+                and self.device_name == device_name and self.dtype == _dtype_name(zoo.dtype)
+                and set(self.latency) == set(zoo.names))
+
+
+def profile_latency(zoo: Zoo, batch_size: int, warmup: int = 3, repeats: int = 10,
+                    device: str | torch.device | None = None) -> LatencyProfile:
+    """Median wall time of one forward pass on a (batch_size, *image_shape) batch, per member.
+
+    Runs under torch.inference_mode at a fixed t; `warmup` untimed calls, then `repeats` timed ones. On CUDA each
+    call is bracketed by CUDA events and the device synchronised before reading them; elsewhere it is timed
+    with time.perf_counter (CPU ops are synchronous). `device` defaults to the zoo's; on another device each
+    net is profiled on a temporary copy, so the zoo itself is never moved. Global torch settings are untouched.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise UserError(f"warmup must be a non-negative integer, got {warmup!r}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise UserError(f"repeats must be a positive integer, got {repeats!r}")
+    dev = zoo.device if device is None else _as_device(device)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch_size, *zoo.image_shape, generator=gen).to(device=dev, dtype=zoo.dtype)
+    t = torch.full((batch_size,), PROFILE_TIME, dtype=torch.float32, device=dev)
+
+    latency = {}
+    for name in zoo.names:
+        net = zoo.net(name)
+        if dev != zoo.device:
+            net = copy.deepcopy(net).to(dev)
+        latency[name] = _median_forward_seconds(net, x, t, warmup, repeats, dev)
+        del net
+    return LatencyProfile(latency, batch_size, device_description(dev), _dtype_name(zoo.dtype), zoo.fingerprint())
+
+
+def _median_forward_seconds(net, x, t, warmup: int, repeats: int, dev: torch.device) -> float:
+    with torch.inference_mode():
+        for _ in range(warmup):
+            net(x, t)
+        if dev.type == "cuda":
+            with torch.cuda.device(dev):
+                torch.cuda.synchronize(dev)
+                events = []
+                for _ in range(repeats):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    net(x, t)
+                    end.record()
+                    events.append((start, end))
+                torch.cuda.synchronize(dev)
+                times = [s.elapsed_time(e) / 1000.0 for s, e in events]
+        else:
+            sync = getattr(getattr(torch, dev.type, None), "synchronize", None) if dev.type != "cpu" else None
+            times = []
+            for _ in range(repeats):
+                if sync:
+                    sync()
+                t0 = time.perf_counter()
+                net(x, t)
+                if sync:
+                    sync()
+                times.append(time.perf_counter() - t0)
+    # A forward pass never takes zero time; guard against a coarse clock so the profile stays valid.
+    return max(float(statistics.median(times)), 1e-9)
+
+
+def load_or_profile(zoo: Zoo, path: str | os.PathLike, batch_size: int, device: str | torch.device | None = None,
+                    max_age_hours: float = 24 * 7, **kw) -> LatencyProfile:
+    """The stored profile at `path` if it fits this zoo, batch size, device and dtype and is fresh, else a new one.
+
+    The file is a cache: a missing, corrupt or foreign file is measured again (corrupt ones with a logged
+    warning) and overwritten atomically; a failure to write it is logged and the new profile still returned.
+    `kw` goes to `profile_latency` (warmup, repeats).
+    """
+    path = Path(path)
+    dev = zoo.device if device is None else _as_device(device)
+    if path.exists():
+        try:
+            stored = LatencyProfile.load(path)
+        except UserError as e:
+            log.warning("latency profile cache %s is unreadable (%s); measuring again", path, e)
+        else:
+            age_h = (datetime.now(timezone.utc) - stored.created_at()).total_seconds() / 3600.0
+            if stored.matches(zoo, batch_size, device_description(dev)) and 0 <= age_h <= max_age_hours:
+                log.info("reusing latency profile %s (%.1f h old)", path, age_h)
+                return stored
+            log.info("latency profile %s does not fit this zoo/batch size/device/dtype or is stale; measuring again",
+                     path)
+    profile = profile_latency(zoo, batch_size, device=dev, **kw)
+    try:
+        profile.save(path)
+    except OSError as e:
+        log.warning("could not write latency profile cache %s (%s); continuing without it", path, e)
+    return profile

@@ -1,0 +1,220 @@
+"""Zoo: loading by name in sorted order, clear errors, denoisers per NFE, fingerprint; latency profile and cache."""
+import json
+import logging
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import torch
+
+import oms_lightning.zoo as zoo_mod
+from oms_lightning.checkpoint import save_member
+from oms_lightning.diffusion.denoiser import EpsDenoiser
+from oms_lightning.diffusion.noise_schedule import VPSchedule
+from oms_lightning.errors import UserError
+from oms_lightning.nets import UNet
+from oms_lightning.schedule import ModelSchedule, ScheduleError
+from oms_lightning.zoo import LatencyProfile, Zoo, load_or_profile, profile_latency
+
+DATA = {"name": "digits", "image_size": 8, "channels": 1}
+TINY = {"channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [], "dropout": 0.0}
+SMALL = {**TINY, "channels": 16}
+BIG = {**TINY, "channels": 128}  # (128/8)^2 = 256x the FLOPs of TINY
+
+
+def write_member(root, name, net_kwargs=SMALL, data=DATA, noise=None, seed=0, step=100, data_name="digits"):
+    torch.manual_seed(seed)
+    net = UNet(image_channels=data["channels"], image_size=data["image_size"], **net_kwargs)
+    return save_member(root / data_name / f"{name}.ckpt", name=name, net_kwargs=net_kwargs,
+                       noise=noise or VPSchedule().to_dict(), data=data, state_dict=net.state_dict(),
+                       meta={"global_step": step})
+
+
+@pytest.fixture
+def root(tmp_path):
+    for i, name in enumerate(["c", "a", "b"]):
+        write_member(tmp_path, name, TINY if name == "a" else SMALL, seed=i)
+    return tmp_path
+
+
+def schedule(members_per_step):
+    times = [1.0 - 0.9 * k / len(members_per_step) for k in range(len(members_per_step) + 1)]
+    return ModelSchedule.from_times_and_members(times, members_per_step)
+
+
+# ---------------------------------------------------------------------- loading
+def test_names_sorted_regardless_of_argument_order(root):
+    zoo = Zoo.load(root, "digits", ["c", "a", "b"])
+    assert zoo.names == ("a", "b", "c") and len(zoo) == 3
+    assert "b" in zoo and "z" not in zoo
+    assert zoo.image_shape == (1, 8, 8) and zoo.data == DATA and zoo.schedule == VPSchedule()
+    assert Zoo.load(root, "digits", ["b", "a"]).names == ("a", "b")
+
+
+def test_names_none_loads_every_member_file_only(root):
+    (root / "digits" / "fid_classifier.pt").write_bytes(b"not a member")
+    torch.save({"state_dict": {}, "global_step": 1}, root / "digits" / "lightning.ckpt")  # foreign, skipped
+    zoo = Zoo.load(root, "digits")
+    assert zoo.names == ("a", "b", "c")
+
+
+def test_nets_are_eval_frozen_and_converted(root):
+    zoo = Zoo.load(root, "digits", ["a", "b"], dtype=torch.float64)
+    for name in zoo.names:
+        net = zoo.net(name)
+        assert not net.training
+        assert all(not p.requires_grad and p.dtype == torch.float64 for p in net.parameters())
+    x = torch.randn(2, *zoo.image_shape, dtype=torch.float64)
+    assert zoo.denoiser("a")(x, 0.5).shape == x.shape
+
+
+def test_missing_member_lists_train_commands(root):
+    with pytest.raises(UserError) as e:
+        Zoo.load(root, "digits", ["a", "large", "medium"])
+    msg = str(e.value)
+    assert "large" in msg and "medium" in msg
+    assert "python train.py model=large data=digits" in msg
+    assert "python train.py model=medium data=digits" in msg
+
+
+def test_empty_data_folder_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="python train.py model="):
+        Zoo.load(tmp_path, "digits")
+
+
+def test_mismatched_data_names_member_and_field(root):
+    write_member(root, "d", data={**DATA, "image_size": 16})
+    with pytest.raises(UserError, match=r"'d'.*data\.image_size"):
+        Zoo.load(root, "digits", ["a", "d"])
+
+
+def test_mismatched_noise_names_member_and_field(root):
+    write_member(root, "e", noise=VPSchedule(beta_max=10.0).to_dict())
+    with pytest.raises(UserError, match=r"'e'.*noise\.beta_max"):
+        Zoo.load(root, "digits", ["a", "b", "e"])
+
+
+def test_file_holding_another_member_is_refused(root):
+    (root / "digits" / "b.ckpt").rename(root / "digits" / "x.ckpt")
+    with pytest.raises(UserError, match=r"holds member 'b'"):
+        Zoo.load(root, "digits", ["x"])
+
+
+def test_cuda_without_cuda_is_a_user_error(root):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(UserError, match="CUDA is not available"):
+        Zoo.load(root, "digits", ["a"], device="cuda")
+
+
+# ---------------------------------------------------------------------- denoisers
+def test_denoisers_for_returns_member_per_nfe(root):
+    zoo = Zoo.load(root, "digits", ["a", "b", "c"])
+    assert isinstance(zoo.denoiser("a"), EpsDenoiser) and zoo.denoiser("a") is zoo.denoiser("a")
+    sched = schedule([("a", "c"), ("b",), ("c", "c", "a")])
+    dens = zoo.denoisers_for(sched)
+    assert len(dens) == sched.nfe == 6
+    assert [next(n for n in zoo.names if zoo.denoiser(n) is d) for d in dens] == ["a", "c", "b", "c", "c", "a"]
+    assert all(d.net is zoo.net(m) for d, m in zip(dens, sched.members_per_nfe))
+
+
+def test_unknown_member_in_schedule_is_refused(root):
+    zoo = Zoo.load(root, "digits", ["a", "b"])
+    with pytest.raises(ScheduleError, match="unknown member 'c'"):
+        zoo.denoisers_for(schedule([("a",), ("c",)]))
+    with pytest.raises(UserError, match="unknown zoo member 'zz'"):
+        zoo.denoiser("zz")
+
+
+# ---------------------------------------------------------------------- fingerprint
+def test_fingerprint_changes_when_a_member_is_retrained(root):
+    fp = Zoo.load(root, "digits", ["a", "b"]).fingerprint()
+    assert fp == Zoo.load(root, "digits", ["b", "a"]).fingerprint()  # stable across loads
+    assert fp != Zoo.load(root, "digits", ["a", "b", "c"]).fingerprint()  # depends on the names
+    write_member(root, "b", seed=123, step=100)  # same architecture and meta, other weights
+    assert Zoo.load(root, "digits", ["a", "b"]).fingerprint() != fp
+
+
+# ---------------------------------------------------------------------- latency
+@pytest.fixture
+def speed_zoo(tmp_path):
+    write_member(tmp_path, "big", BIG)
+    write_member(tmp_path, "tiny", TINY)
+    return Zoo.load(tmp_path, "digits")
+
+
+def test_profile_latency_measures_every_member(speed_zoo):
+    prof = profile_latency(speed_zoo, batch_size=16, warmup=1, repeats=5)
+    assert set(prof.latency) == {"big", "tiny"}
+    assert all(v > 0 for v in prof.latency.values())
+    assert prof.latency["big"] > prof.latency["tiny"]  # medians of 5; a 256x FLOP gap survives a busy CPU
+    assert prof.batch_size == 16 and prof.dtype == "float32" and prof.zoo_fingerprint == speed_zoo.fingerprint()
+    assert prof.device_name == zoo_mod.device_description("cpu")
+    sched = schedule([("big", "tiny"), ("tiny",), ("big", "big", "tiny")])
+    expected = 3 * prof.latency["big"] + 3 * prof.latency["tiny"]
+    assert prof.cost(sched) == pytest.approx(expected, rel=1e-12)
+
+
+def test_cost_is_exact_sum_of_latencies():
+    prof = LatencyProfile({"a": 0.25, "b": 0.5, "c": 2.0}, 8, "cpu", "float32", "f00")
+    sched = schedule([("a", "c"), ("b",), ("c", "c", "a")])
+    assert prof.cost(sched) == 0.25 + 2.0 + 0.5 + 2.0 + 2.0 + 0.25 == 7.0
+    with pytest.raises(ScheduleError, match="no latency for member 'z'"):
+        prof.cost(schedule([("z",)]))
+
+
+def test_profile_round_trips_through_json(tmp_path):
+    prof = LatencyProfile({"b": 0.5, "a": 0.25}, 8, "cpu (2 threads)", "float32", "abc")
+    again = LatencyProfile.load(prof.save(tmp_path / "p.json"))
+    assert again == prof and LatencyProfile.from_dict(json.loads(json.dumps(prof.to_dict()))) == prof
+    with pytest.raises(ValueError):
+        LatencyProfile({"a": -1.0}, 8, "cpu", "float32", "abc")
+
+
+class Counter:
+    def __init__(self, real):
+        self.real, self.calls = real, 0
+
+    def __call__(self, *args, **kw):
+        self.calls += 1
+        return self.real(*args, **kw)
+
+
+def test_load_or_profile_reuses_and_invalidates(root, monkeypatch, caplog):
+    zoo = Zoo.load(root, "digits", ["a", "b"])
+    path = root / "latency.json"
+    counter = Counter(zoo_mod.profile_latency)
+    monkeypatch.setattr(zoo_mod, "profile_latency", counter)
+    kw = {"warmup": 0, "repeats": 1}
+
+    first = load_or_profile(zoo, path, batch_size=4, **kw)
+    assert counter.calls == 1 and path.is_file()
+
+    def fail(*a, **k):
+        raise AssertionError("must reuse the cached profile")
+
+    monkeypatch.setattr(zoo_mod, "profile_latency", fail)
+    assert load_or_profile(zoo, path, batch_size=4, **kw) == first  # fresh and matching: reused
+
+    monkeypatch.setattr(zoo_mod, "profile_latency", counter)
+    assert load_or_profile(zoo, path, batch_size=8, **kw).batch_size == 8  # other batch size
+    assert counter.calls == 2
+    assert load_or_profile(zoo, path, batch_size=8, **kw).batch_size == 8  # now cached
+    assert counter.calls == 2
+
+    write_member(root, "b", seed=99)  # retrained member → other fingerprint
+    zoo2 = Zoo.load(root, "digits", ["a", "b"])
+    prof = load_or_profile(zoo2, path, batch_size=8, **kw)
+    assert counter.calls == 3 and prof.zoo_fingerprint == zoo2.fingerprint() != zoo.fingerprint()
+
+    old = dict(prof.to_dict(), created=(datetime.now(timezone.utc) - timedelta(hours=30)).isoformat())
+    path.write_text(json.dumps(old))  # too old for max_age_hours=24
+    load_or_profile(zoo2, path, batch_size=8, max_age_hours=24, **kw)
+    assert counter.calls == 4
+    load_or_profile(zoo2, path, batch_size=8, max_age_hours=24, **kw)
+    assert counter.calls == 4
+
+    path.write_text('{"format": "oms-lightning/latency-prof')  # torn / corrupt cache
+    with caplog.at_level(logging.WARNING, logger="oms_lightning.zoo"):
+        prof = load_or_profile(zoo2, path, batch_size=8, **kw)
+    assert counter.calls == 5 and "unreadable" in caplog.text
+    assert LatencyProfile.load(path) == prof  # rewritten
