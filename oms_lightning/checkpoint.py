@@ -53,7 +53,9 @@ def _torch_load(path: Path, what: str) -> dict:
         raise UserError(f"{what} not found: {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+    # A torn or foreign file fails in many ways inside torch's unpickler (IndexError on a truncated zip, ...).
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError, ValueError, IndexError,
+            KeyError) as e:
         raise UserError(f"{what} {path} is corrupt or not a PyTorch file ({type(e).__name__}: {str(e)[:200]}). "
                         "Delete it and train again.") from None
     if not isinstance(obj, dict):

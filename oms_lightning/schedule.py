@@ -8,7 +8,8 @@ t_end is step k+1's t_start), and every time lies in (0, 1] (continuous VP time)
 Solvers and how many NFEs a step may have:
 
     dpm_solver    singlestep DPM-Solver, order 1-3 per step, so 1-3 NFEs (each may use another member)
-    dpm_solver++  multistep DPM-Solver++, exactly 1 NFE per step (the order comes from the history)
+    dpm_solver++  multistep DPM-Solver++ 2M, exactly 1 NFE per step (the order comes from the history)
+    dpm_solver++3m  multistep DPM-Solver++ 3M, likewise
     ddim          exactly 1 NFE per step
     heun          EDM's Heun step, exactly 2 NFEs per step
 
@@ -39,7 +40,8 @@ FORMAT = "oms-lightning/model-schedule-v1"
 # solver -> (fewest, most) NFEs per step
 SOLVER_NFES: dict[str, tuple[int, int]] = {
     "dpm_solver": (1, 3),
-    "dpm_solver++": (1, 1),
+    "dpm_solver++": (1, 1),      # multistep 2M
+    "dpm_solver++3m": (1, 1),    # multistep 3M
     "ddim": (1, 1),
     "heun": (2, 2),
 }

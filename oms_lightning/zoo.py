@@ -78,7 +78,8 @@ def device_description(device: str | torch.device) -> str:
         return torch.cuda.get_device_name(dev)
     if dev.type == "cpu":
         cpu = platform.processor() or platform.machine() or "cpu"
-        return f"{cpu} cpu ({torch.get_num_threads()} threads)"
+        n = torch.get_num_threads()
+        return f"{cpu} cpu ({n} thread{'' if n == 1 else 's'})"
     return dev.type
 
 

@@ -2,6 +2,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("WANDB_MODE", "disabled")   # tests never touch the network
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -21,3 +22,22 @@ def compose():
             return hydra_compose(config_name=name, overrides=list(overrides))
 
     return _compose
+
+
+# --- a fake zoo of untrained 8x8 members in the true on-disk format (tests never need trained weights) ---
+DATA = {"name": "digits", "image_size": 8, "channels": 1}
+TINY = {"channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [], "dropout": 0.0}
+SMALL = {**TINY, "channels": 16}
+BIG = {**TINY, "channels": 128}  # (128/8)^2 = 256x the FLOPs of TINY
+
+
+def write_member(root, name, net_kwargs=SMALL, data=DATA, noise=None, seed=0, step=100, data_name="digits"):
+    from oms_lightning.checkpoint import save_member
+    from oms_lightning.diffusion.noise_schedule import VPSchedule
+    from oms_lightning.nets import UNet
+
+    torch.manual_seed(seed)
+    net = UNet(image_channels=data["channels"], image_size=data["image_size"], **net_kwargs)
+    return save_member(root / data_name / f"{name}.ckpt", name=name, net_kwargs=net_kwargs,
+                       noise=noise or VPSchedule().to_dict(), data=data, state_dict=net.state_dict(),
+                       meta={"global_step": step})

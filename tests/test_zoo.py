@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import oms_lightning.zoo as zoo_mod
+from conftest import BIG, DATA, SMALL, TINY, write_member
 from oms_lightning.checkpoint import save_member
 from oms_lightning.diffusion.denoiser import EpsDenoiser
 from oms_lightning.diffusion.noise_schedule import VPSchedule
@@ -14,20 +15,6 @@ from oms_lightning.errors import UserError
 from oms_lightning.nets import UNet
 from oms_lightning.schedule import ModelSchedule, ScheduleError
 from oms_lightning.zoo import LatencyProfile, Zoo, load_or_profile, profile_latency
-
-DATA = {"name": "digits", "image_size": 8, "channels": 1}
-TINY = {"channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [], "dropout": 0.0}
-SMALL = {**TINY, "channels": 16}
-BIG = {**TINY, "channels": 128}  # (128/8)^2 = 256x the FLOPs of TINY
-
-
-def write_member(root, name, net_kwargs=SMALL, data=DATA, noise=None, seed=0, step=100, data_name="digits"):
-    torch.manual_seed(seed)
-    net = UNet(image_channels=data["channels"], image_size=data["image_size"], **net_kwargs)
-    return save_member(root / data_name / f"{name}.ckpt", name=name, net_kwargs=net_kwargs,
-                       noise=noise or VPSchedule().to_dict(), data=data, state_dict=net.state_dict(),
-                       meta={"global_step": step})
-
 
 @pytest.fixture
 def root(tmp_path):
@@ -55,6 +42,12 @@ def test_names_none_loads_every_member_file_only(root):
     torch.save({"state_dict": {}, "global_step": 1}, root / "digits" / "lightning.ckpt")  # foreign, skipped
     zoo = Zoo.load(root, "digits")
     assert zoo.names == ("a", "b", "c")
+
+
+def test_corrupt_member_file_is_reported_not_skipped(root):
+    (root / "digits" / "b.ckpt").write_bytes(b"torn write")
+    with pytest.raises(UserError, match=r"b\.ckpt is corrupt"):
+        Zoo.load(root, "digits")
 
 
 def test_nets_are_eval_frozen_and_converted(root):
@@ -136,19 +129,29 @@ def test_fingerprint_changes_when_a_member_is_retrained(root):
 
 # ---------------------------------------------------------------------- latency
 @pytest.fixture
-def speed_zoo(tmp_path):
+def one_thread():
+    """Time on one intra-op thread: on a shared 2-core runner, 2 OpenMP threads competing with other processes
+    can make every forward take ~1 s whatever its size. The thread count is part of the device name."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def speed_zoo(tmp_path, one_thread):
     write_member(tmp_path, "big", BIG)
     write_member(tmp_path, "tiny", TINY)
     return Zoo.load(tmp_path, "digits")
 
 
 def test_profile_latency_measures_every_member(speed_zoo):
-    prof = profile_latency(speed_zoo, batch_size=16, warmup=1, repeats=5)
+    prof = profile_latency(speed_zoo, batch_size=8, warmup=1, repeats=5)
     assert set(prof.latency) == {"big", "tiny"}
     assert all(v > 0 for v in prof.latency.values())
     assert prof.latency["big"] > prof.latency["tiny"]  # medians of 5; a 256x FLOP gap survives a busy CPU
-    assert prof.batch_size == 16 and prof.dtype == "float32" and prof.zoo_fingerprint == speed_zoo.fingerprint()
-    assert prof.device_name == zoo_mod.device_description("cpu")
+    assert prof.batch_size == 8 and prof.dtype == "float32" and prof.zoo_fingerprint == speed_zoo.fingerprint()
+    assert prof.device_name == zoo_mod.device_description("cpu") and "(1 thread)" in prof.device_name
     sched = schedule([("big", "tiny"), ("tiny",), ("big", "big", "tiny")])
     expected = 3 * prof.latency["big"] + 3 * prof.latency["tiny"]
     assert prof.cost(sched) == pytest.approx(expected, rel=1e-12)
@@ -170,19 +173,23 @@ def test_profile_round_trips_through_json(tmp_path):
         LatencyProfile({"a": -1.0}, 8, "cpu", "float32", "abc")
 
 
-class Counter:
-    def __init__(self, real):
-        self.real, self.calls = real, 0
+class FakeProfiler:
+    """Stands in for profile_latency (real profiling is tested above): counts calls, returns a valid profile."""
 
-    def __call__(self, *args, **kw):
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, zoo, batch_size, warmup=3, repeats=10, device=None):
         self.calls += 1
-        return self.real(*args, **kw)
+        device = zoo.device if device is None else device
+        return LatencyProfile({n: 0.001 * (i + 1) for i, n in enumerate(zoo.names)}, batch_size,
+                              zoo_mod.device_description(device), "float32", zoo.fingerprint())
 
 
 def test_load_or_profile_reuses_and_invalidates(root, monkeypatch, caplog):
     zoo = Zoo.load(root, "digits", ["a", "b"])
     path = root / "latency.json"
-    counter = Counter(zoo_mod.profile_latency)
+    counter = FakeProfiler()
     monkeypatch.setattr(zoo_mod, "profile_latency", counter)
     kw = {"warmup": 0, "repeats": 1}
 

@@ -1,0 +1,101 @@
+"""`python sample.py`: images, a grid and optionally FID from one member or a ModelSchedule JSON.
+
+Writes into paths.out_dir: images.npz (uint8 NHWC under `images`, plus the schedule JSON), grid.png,
+schedule.json and summary.json (time, cost, NFE, FID with its extractor / sample count / seed).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from oms_lightning.errors import UserError
+from oms_lightning.images import save_grid, to_uint8
+from oms_lightning.io import atomic_path, atomic_write_text
+from oms_lightning.sampling import generate, single_member_schedule
+from oms_lightning.schedule import ModelSchedule
+from oms_lightning.zoo import Zoo, load_or_profile
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={name} asks for a CUDA GPU but none is available; use device=cpu (or auto)")
+    return torch.device(name)
+
+
+def member_name(cfg: DictConfig) -> str | None:
+    """`model=<preset>` selects configs/model/<preset>.yaml (absent by default): its name is the member's."""
+    model = cfg.get("model")
+    return None if model is None else str(model.name)
+
+
+def requested_members(cfg: DictConfig) -> list[str]:
+    if (member_name(cfg) is None) == (cfg.schedule is None):
+        raise UserError("give exactly one of model=<member> (one member for every step) or schedule=PATH.json")
+    return [member_name(cfg)] if cfg.schedule is None else list(ModelSchedule.load(cfg.schedule).member_names)
+
+
+def resolve_schedule(cfg: DictConfig, noise) -> ModelSchedule:
+    if cfg.schedule is not None:
+        return ModelSchedule.load(cfg.schedule)
+    return single_member_schedule(member_name(cfg), str(cfg.solver), cfg.steps, noise, order=int(cfg.order),
+                                  spacing=str(cfg.spacing), t_end=cfg.t_end)
+
+
+def sample(cfg: DictConfig) -> dict:
+    device = resolve_device(str(cfg.device))
+    zoo = Zoo.load(cfg.paths.checkpoints, str(cfg.data.name), names=requested_members(cfg), device=device)
+    model_schedule = resolve_schedule(cfg, zoo.schedule)
+    model_schedule.validate(zoo.names, t_min=zoo.schedule.t_min)
+    out_dir = Path(cfg.paths.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    profile = load_or_profile(zoo, Path(cfg.paths.checkpoints) / str(cfg.data.name) / "latency.json",
+                              batch_size=int(cfg.profile_batch_size), device=device)
+    n = int(cfg.fid) if cfg.fid else int(cfg.n)
+    start = time.perf_counter()
+    images = generate(zoo, model_schedule, n, seed=int(cfg.seed), batch_size=int(cfg.batch_size), progress=True)
+    wall = time.perf_counter() - start
+
+    fid = None
+    if cfg.fid:
+        from oms_lightning.metrics import FIDEvaluator, default_extractor_for
+
+        datamodule = instantiate(cfg.data.module)
+        evaluator = FIDEvaluator(default_extractor_for(str(cfg.data.name)), datamodule,
+                                 cache_dir=Path(cfg.paths.checkpoints) / str(cfg.data.name), device=device)
+        fid = evaluator.fid(images, seed=int(cfg.seed)).to_dict()
+
+    summary = {"schedule": model_schedule.compact(), "nfe": model_schedule.nfe, "n": n, "seed": int(cfg.seed),
+               "seconds": round(wall, 3), "images_per_second": round(n / wall, 2),
+               "cost_seconds_per_batch": profile.cost(model_schedule), "profile_batch_size": profile.batch_size,
+               "device": profile.device_name, "fid": fid}
+    write_outputs(out_dir, images, model_schedule, summary)
+    report(out_dir, summary)
+    return summary
+
+
+def write_outputs(out_dir: Path, images: torch.Tensor, model_schedule: ModelSchedule, summary: dict) -> None:
+    with atomic_path(out_dir / "images.npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, images=to_uint8(images).numpy(), schedule=model_schedule.to_json())
+    save_grid(images[:64], out_dir / "grid.png")
+    model_schedule.save(out_dir / "schedule.json")
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+
+def report(out_dir: Path, s: dict) -> None:
+    fid = f", FID {s['fid']['value']:.3f} ({s['fid']['extractor']}, n={s['fid']['n']}, seed {s['seed']})" \
+        if s["fid"] else ""
+    print(f"\n{s['schedule']}\n{s['n']} images in {s['seconds']:.1f} s ({s['images_per_second']:.1f} img/s){fid}\n"
+          f"cost {1000 * s['cost_seconds_per_batch']:.1f} ms per batch of {s['profile_batch_size']} "
+          f"(profiled on {s['device']})\n"
+          f"  images: {out_dir / 'images.npz'}\n  grid:   {out_dir / 'grid.png'}\n"
+          f"  schedule: {out_dir / 'schedule.json'}\n  summary:  {out_dir / 'summary.json'}")

@@ -1,0 +1,71 @@
+"""Running a ModelSchedule on a zoo: the bridge between schedules (which member per NFE, which times) and the
+pure solvers of `oms_lightning.diffusion.solvers`, with per-sample seeds and batching."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from oms_lightning.diffusion import solvers
+from oms_lightning.diffusion.noise_schedule import VPSchedule
+from oms_lightning.diffusion.seeding import per_sample_noise
+from oms_lightning.diffusion.spacing import SPACINGS, default_t_end, timesteps
+from oms_lightning.errors import UserError
+from oms_lightning.schedule import SOLVER_NFES, ModelSchedule
+
+
+def solve(model_schedule: ModelSchedule, denoisers: Sequence[Callable], x: Tensor, noise: VPSchedule) -> Tensor:
+    """Integrate from x at the schedule's first time to its last, NFE j using denoisers[j]."""
+    ts = torch.tensor(model_schedule.times, dtype=torch.float64)
+    kind = model_schedule.solver
+    if kind == "dpm_solver":
+        return solvers.dpm_solver(denoisers, x, ts, model_schedule.orders, noise)
+    if kind in ("dpm_solver++", "dpm_solver++3m"):
+        return solvers.dpm_solver_pp(denoisers, x, ts, noise, order=3 if kind.endswith("3m") else 2)
+    if kind == "ddim":
+        return solvers.ddim(denoisers, x, ts, noise)
+    if kind == "heun":
+        return solvers.heun(denoisers, x, ts, noise)
+    raise UserError(f"unknown solver {kind!r}; choose one of {sorted(SOLVER_NFES)}")
+
+
+def single_member_schedule(member: str, solver: str, steps: int, noise: VPSchedule, order: int = 1,
+                           spacing: str = "logsnr_uniform", t_end: float | None = None) -> ModelSchedule:
+    """The ordinary sampler as a schedule: one member everywhere, `steps` steps of a standard spacing.
+
+    `order` is the NFEs per step of singlestep DPM-Solver (1–3); multistep/DDIM steps take 1 NFE, Heun 2.
+    """
+    if solver not in SOLVER_NFES:
+        raise UserError(f"unknown solver {solver!r}; choose one of {sorted(SOLVER_NFES)}")
+    if spacing not in SPACINGS:
+        raise UserError(f"unknown spacing {spacing!r}; choose one of {list(SPACINGS)}")
+    if not isinstance(steps, int) or steps < 1:
+        raise UserError(f"steps must be a positive integer, got {steps!r}")
+    nfe_per_step = order if solver == "dpm_solver" else SOLVER_NFES[solver][0]
+    t_end = default_t_end(steps * nfe_per_step) if t_end is None else t_end
+    times = timesteps(spacing, steps, noise, t_end=t_end).tolist()
+    return ModelSchedule.single(member, times, solver=solver, orders=nfe_per_step if solver == "dpm_solver" else None,
+                                meta={"spacing": spacing})
+
+
+@torch.inference_mode()
+def generate(zoo, model_schedule: ModelSchedule, n: int, seed: int = 0, batch_size: int = 256,
+             progress: bool = False, first_index: int = 0) -> Tensor:
+    """Images first_index … first_index+n−1 of this seed in [-1, 1] (float32, CPU).
+
+    Sample i starts from per_sample_noise(i, seed), so it is the same image whatever the batch size, device count
+    or order of evaluation — schedules compared against each other see the same noise.
+    """
+    if n < 1:
+        raise UserError(f"number of samples must be positive, got {n}")
+    model_schedule.validate(zoo.names, t_min=zoo.schedule.t_min)
+    denoisers = zoo.denoisers_for(model_schedule)
+    out = []
+    starts = range(first_index, first_index + n, batch_size)
+    for start in tqdm(starts, desc=f"sampling {n} ({model_schedule.nfe} NFE)", disable=not progress, leave=False):
+        indices = range(start, min(start + batch_size, first_index + n))
+        x = per_sample_noise(zoo.image_shape, indices, seed, dtype=zoo.dtype, device=zoo.device)
+        out.append(solve(model_schedule, denoisers, x, zoo.schedule).clamp(-1, 1).float().cpu())
+    return torch.cat(out)

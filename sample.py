@@ -1,0 +1,16 @@
+"""Sample from the zoo: python sample.py model=small steps=10 solver=dpm_solver++  |  schedule=PATH.json [fid=N]"""
+import hydra
+
+from oms_lightning.cli import exit_on_user_error
+
+
+@hydra.main(config_path="configs", config_name="sample", version_base="1.3")
+@exit_on_user_error
+def main(cfg):
+    from oms_lightning.sample_job import sample
+
+    sample(cfg)
+
+
+if __name__ == "__main__":
+    main()

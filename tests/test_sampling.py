@@ -1,0 +1,120 @@
+"""Running schedules on a zoo: single-member schedules are the plain sampler bit for bit, per-sample seeds,
+and `python sample.py` end to end with its failure paths."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, SMALL, TINY, write_member
+from oms_lightning.diffusion import solvers
+from oms_lightning.diffusion.seeding import per_sample_noise
+from oms_lightning.errors import UserError
+from oms_lightning.sampling import generate, single_member_schedule
+from oms_lightning.schedule import ModelSchedule
+from oms_lightning.zoo import Zoo
+
+
+@pytest.fixture
+def zoo(tmp_path):
+    write_member(tmp_path, "a", TINY, seed=0)
+    write_member(tmp_path, "b", SMALL, seed=1)
+    return Zoo.load(tmp_path, "digits", ["a", "b"])
+
+
+@pytest.mark.parametrize("solver,order", [("ddim", 1), ("dpm_solver", 2), ("dpm_solver", 3), ("dpm_solver++", 1),
+                                          ("dpm_solver++3m", 1), ("heun", 1)])
+def test_single_member_schedule_is_the_plain_sampler_bit_for_bit(zoo, solver, order):
+    s = single_member_schedule("b", solver, 4, zoo.schedule, order=order)
+    x = per_sample_noise(zoo.image_shape, range(5), seed=3)
+    ts = torch.tensor(s.times, dtype=torch.float64)
+    d = zoo.denoiser("b")
+    plain = {"ddim": lambda: solvers.ddim(d, x, ts, zoo.schedule),
+             "dpm_solver": lambda: solvers.dpm_solver(d, x, ts, [order] * 4, zoo.schedule),
+             "dpm_solver++": lambda: solvers.dpm_solver_pp(d, x, ts, zoo.schedule, order=2),
+             "dpm_solver++3m": lambda: solvers.dpm_solver_pp(d, x, ts, zoo.schedule, order=3),
+             "heun": lambda: solvers.heun(d, x, ts, zoo.schedule)}[solver]()
+    assert torch.equal(generate(zoo, s, 5, seed=3), plain.clamp(-1, 1))
+
+
+def test_mixed_schedule_uses_each_member_where_asked(zoo):
+    times = single_member_schedule("a", "dpm_solver", 3, zoo.schedule, order=2).times
+    mixed = ModelSchedule.from_times_and_members(times, [["a", "b"], ["b"], ["a", "a", "b"]])
+    only_a = ModelSchedule.from_times_and_members(times, [["a", "a"], ["a"], ["a", "a", "a"]])
+    assert not torch.equal(generate(zoo, mixed, 2), generate(zoo, only_a, 2))
+    slots = mixed.to_slots(zoo.names)
+    assert torch.equal(generate(zoo, ModelSchedule.from_slots(slots, zoo.names, times), 2), generate(zoo, mixed, 2))
+
+
+def test_sample_i_does_not_depend_on_batch_size_or_offset(zoo):
+    s = single_member_schedule("a", "dpm_solver++", 3, zoo.schedule)
+    whole = generate(zoo, s, 7, seed=1, batch_size=7)
+    torch.testing.assert_close(generate(zoo, s, 7, seed=1, batch_size=3), whole, atol=1e-4, rtol=0)  # float32 reassociation only
+    torch.testing.assert_close(generate(zoo, s, 3, seed=1, first_index=4), whole[4:], atol=1e-4, rtol=0)  # float32 reassociation only
+    assert not torch.allclose(generate(zoo, s, 7, seed=2), whole)
+
+
+def test_unknown_member_in_schedule_is_refused(zoo):
+    s = single_member_schedule("zzz", "ddim", 2, zoo.schedule)
+    with pytest.raises(UserError, match="zzz"):
+        generate(zoo, s, 2)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"solver": "euler"}, "unknown solver"), ({"spacing": "cubic"}, "unknown spacing"), ({"steps": 0}, "steps")])
+def test_bad_sampler_settings(zoo, kwargs, message):
+    args = {"member": "a", "solver": "ddim", "steps": 3, "noise": zoo.schedule, **kwargs}
+    with pytest.raises(UserError, match=message):
+        single_member_schedule(**args)
+
+
+# ---------------------------------------------------------------------- sample.py
+def run_sample(tmp_path, *args):
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "sample.py", f"paths.checkpoints={tmp_path}",
+                           f"paths.out_dir={tmp_path / 'out'}", "batch_size=8", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_sample_py_model_and_schedule_json(tmp_path):
+    write_member(tmp_path, "tiny", TINY)
+    write_member(tmp_path, "small", SMALL, seed=1)
+    r = run_sample(tmp_path, "model=small", "steps=3", "solver=dpm_solver++", "n=10")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "out"
+    images = np.load(out / "images.npz")["images"]
+    assert images.shape == (10, 8, 8, 1) and images.dtype == np.uint8
+    assert (out / "grid.png").is_file() and "cost" in r.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["nfe"] == 3 and summary["n"] == 10 and summary["cost_seconds_per_batch"] > 0
+
+    mixed = ModelSchedule.from_times_and_members(ModelSchedule.load(out / "schedule.json").times,
+                                                 [["tiny"], ["small", "tiny"], ["small"]])
+    mixed.save(tmp_path / "mixed.json")
+    r = run_sample(tmp_path, f"schedule={tmp_path / 'mixed.json'}", "n=4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["nfe"] == 4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["model=tiny", "schedule=x.json"], "exactly one of"),
+    (["model=small"], "python train.py model=small data=digits"),  # preset exists, member not trained
+    (["schedule=missing.json"], "missing.json"),
+    (["model=tiny", "device=cuda"], "CUDA"),
+])
+def test_sample_py_bad_input_is_one_clear_line(tmp_path, args, message):
+    if "device=cuda" in args and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    write_member(tmp_path, "tiny", TINY)
+    r = run_sample(tmp_path, *args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.lstrip().startswith("error:") and message in r.stderr
+    assert not (tmp_path / "out" / "images.npz").exists()
+
+
+def test_sample_py_unknown_preset_lists_the_known_ones(tmp_path):
+    r = run_sample(tmp_path, "model=huge")
+    assert r.returncode != 0 and "Could not find 'model/huge'" in r.stderr and "tiny" in r.stderr
