@@ -1,6 +1,16 @@
-"""Search a model schedule under a time budget: python search.py budget=B (not implemented yet)."""
-import sys
+"""Search a model schedule under a time budget: python search.py [budget=MS] [-m budget=A,B,C]"""
+import hydra
+
+from oms_lightning.cli import exit_on_user_error
+
+
+@hydra.main(config_path="configs", config_name="search", version_base="1.3")
+@exit_on_user_error
+def main(cfg):
+    from oms_lightning.search.pipeline import run  # imported late so `--help` and config errors answer fast
+
+    run(cfg)
+
 
 if __name__ == "__main__":
-    sys.exit("search.py: not yet implemented — the schedule search lands with the OMS-DPM search issue. "
-             "Train zoo members with `python train.py model=<tiny|small|medium|large>` meanwhile.")
+    main()

@@ -19,15 +19,7 @@ from oms_lightning.images import save_grid, to_uint8
 from oms_lightning.io import atomic_path, atomic_write_text
 from oms_lightning.sampling import generate, single_member_schedule
 from oms_lightning.schedule import ModelSchedule
-from oms_lightning.zoo import Zoo, load_or_profile
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={name} asks for a CUDA GPU but none is available; use device=cpu (or auto)")
-    return torch.device(name)
+from oms_lightning.zoo import Zoo, load_or_profile, resolve_device
 
 
 def member_name(cfg: DictConfig) -> str | None:

@@ -53,7 +53,10 @@ def train_command(name: str, data_name: str) -> str:
 
 
 # ---------------------------------------------------------------------- device helpers
-def _as_device(device: str | torch.device) -> torch.device:
+def resolve_device(device: str | torch.device) -> torch.device:
+    """`auto` → the GPU when there is one, else the CPU; anything else is checked to exist (clear error if not)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
@@ -144,7 +147,7 @@ class Zoo:
              device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "Zoo":
         """Load `<root>/<data_name>/<name>.ckpt` for every name (None: every member file there)."""
         folder = Path(root) / data_name
-        dev = _as_device(device)
+        dev = resolve_device(device)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise UserError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         if names is None:
@@ -339,7 +342,7 @@ def profile_latency(zoo: Zoo, batch_size: int, warmup: int = 3, repeats: int = 1
         raise UserError(f"warmup must be a non-negative integer, got {warmup!r}")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise UserError(f"repeats must be a positive integer, got {repeats!r}")
-    dev = zoo.device if device is None else _as_device(device)
+    dev = zoo.device if device is None else resolve_device(device)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, *zoo.image_shape, generator=gen).to(device=dev, dtype=zoo.dtype)
     t = torch.full((batch_size,), PROFILE_TIME, dtype=torch.float32, device=dev)
@@ -394,7 +397,7 @@ def load_or_profile(zoo: Zoo, path: str | os.PathLike, batch_size: int, device: 
     `kw` goes to `profile_latency` (warmup, repeats).
     """
     path = Path(path)
-    dev = zoo.device if device is None else _as_device(device)
+    dev = zoo.device if device is None else resolve_device(device)
     if path.exists():
         try:
             stored = LatencyProfile.load(path)

@@ -16,8 +16,12 @@ from torch import Tensor, nn
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
-    # 32 groups as in DDPM; narrow presets (16, 48 channels) use the largest divisor of both.
-    return nn.GroupNorm(math.gcd(32, channels), channels)
+    """DDPM's 32 groups at 128+ channels; narrow nets keep ≥ 4 channels per group (1-channel groups would be
+    instance norm, which erases each channel's mean — e.g. an image's background level)."""
+    groups = min(32, max(1, channels // 4))
+    while channels % groups:
+        groups -= 1
+    return nn.GroupNorm(groups, channels)
 
 
 def sinusoidal_embedding(t: Tensor, dim: int) -> Tensor:

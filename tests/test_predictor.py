@@ -1,0 +1,194 @@
+"""The schedule predictor: encoding, padding invariance, ranking loss, learning a synthetic FID, checkpoints."""
+import math
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from oms_lightning.diffusion.noise_schedule import VPSchedule
+from oms_lightning.errors import UserError
+from oms_lightning.predictor.encoding import LAMBDA_SCALE, EncodedSchedules, ScheduleEncoder
+from oms_lightning.predictor.module import (PredictorModule, ScheduleFIDDataModule, fit_predictor,
+                                            pairwise_hinge_loss, rank_metrics, standardised_mse_loss)
+from oms_lightning.schedule import SOLVER_NFES, ModelSchedule
+from oms_lightning.search.space import SlotSpace, random_schedules
+
+MEMBERS = ["a", "b", "c"]
+NOISE = VPSchedule()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _trainer(tmp_path, **kw):
+    args = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                default_root_dir=tmp_path, num_sanity_val_steps=0)
+    args.update(kw)
+    return L.Trainer(**args)
+
+
+HIDDEN_QUALITY = {"a": 0.0, "b": 0.4, "c": 1.0}  # "a" is the best member, "c" the worst
+
+
+def synthetic_fid(schedule: ModelSchedule) -> float:
+    """Known ground truth: each NFE costs quality[member] · sigmoid(λ at the step's middle time), which weighs the
+    clean end more (small members are fine at the noisy end), plus 20 / NFE (more NFEs help)."""
+    total = 0.0
+    for step in schedule.steps:
+        lam = float(NOISE.lambda_(torch.tensor(0.5 * (step.t_start + step.t_end), dtype=torch.float64)))
+        weight = 1.0 / (1.0 + math.exp(-lam))
+        total += sum(HIDDEN_QUALITY[m] for m in step.members) * weight
+    return total + 20.0 / schedule.nfe
+
+
+def _records(n: int, seed: int, max_steps: int = 8) -> list[dict]:
+    space = SlotSpace(tuple(MEMBERS), max_steps, NOISE)
+    return [{"schedule": s.to_dict(), "fid": synthetic_fid(s)} for s in random_schedules(space, n, seed, null_prob=0.6)]
+
+
+# ------------------------------------------------------------------------------------------------ encoding
+def test_encoding_of_a_hand_made_schedule():
+    times = [1.0, 0.5, 0.1, 0.001]
+    s = ModelSchedule.from_times_and_members(times, [["a", "b"], "c", ["a", "a", "c"]])
+    enc = ScheduleEncoder(MEMBERS, NOISE, max_steps=5).encode([s])
+    assert len(enc) == 1 and enc.num_steps == 5
+    assert enc.member_ids.dtype == torch.long and enc.member_ids.shape == (1, 5, 3)
+    assert enc.member_ids[0].tolist() == [[1, 2, 0], [3, 0, 0], [1, 1, 3], [0, 0, 0], [0, 0, 0]]
+    assert enc.orders.tolist() == [[2, 1, 3, 0, 0]]
+    assert enc.mask.tolist() == [[True, True, True, False, False]]
+    assert enc.lambdas.dtype == torch.float32 and enc.lambdas.shape == (1, 5, 2)
+    lam = NOISE.lambda_(torch.tensor(times, dtype=torch.float64)) / LAMBDA_SCALE
+    expected = torch.stack([lam[:-1], lam[1:]], dim=-1).float()
+    torch.testing.assert_close(enc.lambdas[0, :3], expected)
+    assert enc.lambdas[0, 3:].abs().sum() == 0
+    assert -0.6 < float(enc.lambdas.min()) and float(enc.lambdas.max()) < 0.7  # roughly unit range
+    solvers = sorted(SOLVER_NFES)
+    assert enc.solver_ids.tolist() == [solvers.index("dpm_solver")]
+
+    heun = ModelSchedule.from_times_and_members([1.0, 0.3, 0.01], [["c", "a"], ["b", "b"]], solver="heun")
+    ddim = ModelSchedule.single("b", [1.0, 0.5, 0.2, 0.01], solver="ddim")
+    both = ScheduleEncoder(MEMBERS, NOISE.to_dict(), 5).encode([heun, ddim])
+    assert both.member_ids[0, :2].tolist() == [[3, 1, 0], [2, 2, 0]]
+    assert both.orders.tolist() == [[2, 2, 0, 0, 0], [1, 1, 1, 0, 0]]
+    assert both.solver_ids.tolist() == [solvers.index("heun"), solvers.index("ddim")]
+
+    # indexing keeps the batch dimension; pad_to pads and trims padding only
+    assert both[1].orders.tolist() == [[1, 1, 1, 0, 0]] and len(both[0:2]) == 2 and len(both[[1]]) == 1
+    assert both.pad_to(7).num_steps == 7 and both.pad_to(3).orders.tolist() == [[2, 2, 0], [1, 1, 1]]
+    with pytest.raises(UserError, match="3 steps"):
+        both.pad_to(2)
+    assert both.to("cpu").device.type == "cpu"
+
+
+def test_encoding_errors():
+    s = ModelSchedule.from_times_and_members([1.0, 0.5, 0.01], ["a", ["b", "zeta"]])
+    with pytest.raises(UserError, match="'zeta'"):
+        ScheduleEncoder(MEMBERS, NOISE, 4).encode([s])
+    long = ModelSchedule.single("a", np.linspace(1.0, 0.01, 7).tolist())
+    with pytest.raises(UserError, match="max_steps=5"):
+        ScheduleEncoder(MEMBERS, NOISE, 5).encode([long])
+    for bad in (["b", "a"], ["a", "a", "b"], []):
+        with pytest.raises(UserError, match="members"):
+            ScheduleEncoder(bad, NOISE, 4)
+    with pytest.raises(UserError, match="loss"):
+        PredictorModule(MEMBERS, NOISE.to_dict(), 4, loss="l1")
+    with pytest.raises(UserError, match="fid"):
+        ScheduleFIDDataModule([{"schedule": long.to_dict(), "fid": float("nan")}] * 2, ScheduleEncoder(MEMBERS, NOISE, 8))
+
+
+# ------------------------------------------------------------------------------------------------ network
+def test_padding_invariance():
+    torch.manual_seed(0)
+    module = PredictorModule(MEMBERS, NOISE.to_dict(), max_steps=20).eval()
+    assert 200_000 < module.num_parameters() < 300_000
+    short = random_schedules(SlotSpace(tuple(MEMBERS), 10, NOISE), 32, seed=1, null_prob=0.5)
+    long = [s for s in random_schedules(SlotSpace(tuple(MEMBERS), 20, NOISE), 64, seed=2, null_prob=0.1)
+            if len(s.steps) > 10][:16]
+    assert long and max(len(s.steps) for s in short) <= 10
+    with torch.no_grad():
+        at10 = module(ScheduleEncoder(MEMBERS, NOISE, 10).encode(short))
+        at20 = module(module.encoder.encode(short))
+        mixed = module(EncodedSchedules.cat([ScheduleEncoder(MEMBERS, NOISE, 10).encode(short),
+                                             module.encoder.encode(long)]))
+        alone = module(ScheduleEncoder(MEMBERS, NOISE, 10).encode(short[:1]))
+    torch.testing.assert_close(at10, at20, atol=1e-6, rtol=0)
+    torch.testing.assert_close(mixed[: len(short)], at10, atol=1e-6, rtol=0)
+    torch.testing.assert_close(alone, at10[:1], atol=1e-6, rtol=0)
+    # predict_scores: deterministic, one per schedule, independent of its batch size; mode restored
+    module.train()
+    scores = module.predict_scores(short + long, batch_size=7)
+    assert scores.shape == (len(short) + len(long),) and module.training
+    np.testing.assert_array_equal(scores, module.predict_scores(short + long, batch_size=7))
+    np.testing.assert_allclose(scores, module.predict_scores(short + long), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(scores[: len(short)], at10.double().numpy(), atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ loss
+def test_pairwise_hinge_loss_by_hand():
+    scores = torch.tensor([0.0, 0.5, 3.0], requires_grad=True)
+    fids = torch.tensor([1.0, 2.0, 2.1])
+    # threshold 0.25: pairs (0,1) → relu(1 − 0.5) = 0.5 and (0,2) → relu(1 − 3) = 0; (1,2) is within the threshold
+    loss = pairwise_hinge_loss(scores, fids, margin=1.0, threshold=0.25)
+    assert loss.item() == pytest.approx(0.25)
+    loss.backward()
+    assert scores.grad.tolist() == pytest.approx([0.5, -0.5, 0.0])
+    # threshold 0: (1,2) counts too → relu(1 − 2.5) = 0; mean over 3 pairs
+    assert pairwise_hinge_loss(scores, fids, 1.0, 0.0).item() == pytest.approx(0.5 / 3)
+    # every pair within the threshold → zero loss, still differentiable
+    none = pairwise_hinge_loss(scores, fids, 1.0, 5.0)
+    assert none.item() == 0.0 and none.requires_grad
+    # MSE to batch-standardised FIDs: zero for a perfect standardised prediction
+    target = (fids - fids.mean()) / fids.std(unbiased=False)
+    assert standardised_mse_loss(target, fids).item() == pytest.approx(0.0, abs=1e-10)
+    assert rank_metrics(np.array([1.0, 2.0, 3.0]), np.array([10.0, 20.0, 30.0]))["kendall_tau"] == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------------------------ training
+def test_module_trains_in_a_trainer_and_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    records = _records(120, seed=3)
+    # both record forms are accepted
+    records = records[:60] + [(ModelSchedule.from_dict(r["schedule"]), r["fid"]) for r in records[60:]]
+    module = PredictorModule(MEMBERS, NOISE.to_dict(), 8, fid_threshold=0.05)
+    dm = ScheduleFIDDataModule(records, module.encoder, val_fraction=0.5, split_seed=0, batch_size=32)
+    assert len(dm.train_indices) == 60 and len(dm.val_indices) == 60
+    assert not set(dm.train_indices) & set(dm.val_indices)
+    dm2 = ScheduleFIDDataModule(records, module.encoder, split_seed=0)
+    np.testing.assert_array_equal(dm.val_indices, dm2.val_indices)
+    enc, fids = next(iter(dm.train_dataloader()))
+    assert isinstance(enc, EncodedSchedules) and len(enc) == 32 and fids.shape == (32,)
+
+    trainer = _trainer(tmp_path, max_epochs=3)
+    trainer.fit(module, datamodule=dm)
+    for key in ("val/kendall_tau", "val/spearman", "val/loss", "train/loss"):
+        assert key in trainer.callback_metrics and torch.isfinite(trainer.callback_metrics[key])
+
+    path = tmp_path / "predictor.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = PredictorModule.load_from_checkpoint(path, weights_only=True, map_location="cpu")
+    assert loaded.hparams.members == MEMBERS and loaded.hparams.fid_threshold == 0.05
+    schedules = dm.schedules[:50]
+    np.testing.assert_array_equal(module.predict_scores(schedules), loaded.predict_scores(schedules))
+
+
+@pytest.mark.slow
+def test_learns_a_synthetic_fid(tmp_path):
+    records = _records(600, seed=0)
+    module, metrics = fit_predictor(
+        records, MEMBERS, NOISE, 8,
+        trainer_kwargs={"max_epochs": 60, "accelerator": "cpu", "devices": 1, "check_val_every_n_epoch": 5,
+                        "default_root_dir": tmp_path},
+        batch_size=64, fid_threshold=0.0, seed=0)
+    assert metrics["n_train"] == 300 and metrics["n_val"] == 300
+    assert metrics["kendall_tau"] >= 0.9, metrics
+    assert metrics["best_model_path"] and not module.training
+    # the returned module is the best checkpoint's weights
+    best = PredictorModule.load_from_checkpoint(metrics["best_model_path"], weights_only=True, map_location="cpu")
+    schedules = [ModelSchedule.from_dict(r["schedule"]) for r in records[:20]]
+    np.testing.assert_array_equal(best.predict_scores(schedules), module.predict_scores(schedules))
