@@ -21,8 +21,24 @@ from oms_lightning.diffusion.spacing import default_t_end, timesteps
 from oms_lightning.schedule import SLOTS_PER_STEP, ModelSchedule, ScheduleError
 
 
+class RandomGenotypes:
+    """OMS-DPM's random schedules, shared by every space with `members`, `shape` and `decode`."""
+
+    def sample_genotype(self, rng: np.random.Generator, null_prob: float = 0.8, alpha: float = 0.4) -> np.ndarray:
+        """Member preferences p ~ Dirichlet(alpha), each slot ~ p, nulled with null_prob (all-null: redrawn)."""
+        while True:
+            preference = rng.dirichlet([alpha] * len(self.members))
+            genotype = 1 + rng.choice(len(self.members), size=self.shape, p=preference)
+            genotype[rng.random(self.shape) < null_prob] = 0
+            if genotype.any():
+                return genotype
+
+    def sample(self, rng: np.random.Generator, null_prob: float = 0.8, alpha: float = 0.4) -> ModelSchedule:
+        return self.decode(self.sample_genotype(rng, null_prob, alpha))
+
+
 @dataclass(frozen=True)
-class SlotSpace:
+class SlotSpace(RandomGenotypes):
     """K × 3 slots over a zoo; `sample` draws OMS-DPM's random schedules for the schedule→FID dataset."""
 
     members: tuple[str, ...]
@@ -54,18 +70,6 @@ class SlotSpace:
         genotype = np.zeros(self.shape, dtype=np.int64)
         genotype[: len(schedule.steps)] = schedule.to_slots(self.members)
         return genotype
-
-    def sample_genotype(self, rng: np.random.Generator, null_prob: float = 0.8, alpha: float = 0.4) -> np.ndarray:
-        """OMS-DPM's sampler: member preferences p ~ Dirichlet(alpha), each slot ~ p, nulled with null_prob."""
-        while True:
-            preference = rng.dirichlet([alpha] * len(self.members))
-            genotype = 1 + rng.choice(len(self.members), size=self.shape, p=preference)
-            genotype[rng.random(self.shape) < null_prob] = 0
-            if genotype.any():
-                return genotype
-
-    def sample(self, rng: np.random.Generator, null_prob: float = 0.8, alpha: float = 0.4) -> ModelSchedule:
-        return self.decode(self.sample_genotype(rng, null_prob, alpha))
 
     def single(self, member: str, steps: int, order: int) -> ModelSchedule:
         """A single-member DPM-Solver-`order` schedule with `steps` steps (the baselines)."""
@@ -100,7 +104,7 @@ GRID_SOLVERS = {"ddim": "time_uniform", "dpm_solver++": "logsnr_uniform"}
 
 
 @dataclass(frozen=True)
-class GridSpace:
+class GridSpace(RandomGenotypes):
     """A length-L mask over a fixed grid of L + 1 times from t = 1 to t_end; entry i is null or a zoo member.
 
     The grid is uniform in time for DDIM and uniform in logSNR for multistep DPM-Solver++ (both 1 NFE per step).
@@ -177,18 +181,6 @@ class GridSpace:
         if abs(schedule.steps[0].t_start - grid[0]) > 1e-9 or abs(schedule.steps[-1].t_end - grid[-1]) > 1e-9:
             raise ScheduleError(f"{where}: it must run from t={grid[0]} to t_end={grid[-1]}")
         return genotype
-
-    def sample_genotype(self, rng: np.random.Generator, null_prob: float = 0.8, alpha: float = 0.4) -> np.ndarray:
-        """Member preferences p ~ Dirichlet(alpha), each entry ~ p, nulled with null_prob (all-null: redrawn)."""
-        while True:
-            preference = rng.dirichlet([alpha] * len(self.members))
-            genotype = 1 + rng.choice(len(self.members), size=self.shape, p=preference)
-            genotype[rng.random(self.shape) < null_prob] = 0
-            if genotype.any():
-                return genotype
-
-    def sample(self, rng: np.random.Generator, null_prob: float = 0.8, alpha: float = 0.4) -> ModelSchedule:
-        return self.decode(self.sample_genotype(rng, null_prob, alpha))
 
     def single(self, member: str, steps: int) -> ModelSchedule:
         """One member at `steps` roughly evenly spaced grid entries, the first included (the baselines)."""
