@@ -114,7 +114,7 @@ def main(args) -> None:
         measured = wall_time(zoo, s, x, args.repeats)
         predicted = profile.cost(s)
         errors.append(abs(predicted - measured) / measured)
-        print(f"| {s.compact()[:70]} | {s.nfe} | {1000 * predicted:.1f} | {1000 * measured:.1f} | "
+        print(f"| {s.compact().split(' | ')[0][:70]} | {s.nfe} | {1000 * predicted:.1f} | {1000 * measured:.1f} | "
               f"{100 * errors[-1]:.1f}% |", flush=True)
     print(f"\ncost-model error over {len(errors)} random schedules: mean {100 * np.mean(errors):.1f}%, "
           f"median {100 * np.median(errors):.1f}%, max {100 * np.max(errors):.1f}%")

@@ -75,7 +75,7 @@ def images_per_second(module: DiffusionModule, batch: torch.Tensor, fast: bool, 
 def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     channels, size = SHAPES[args.data]
-    print(f"# {' '.join(sys.argv)}\n# device: {device_name(device)}, torch {torch.__version__}, batch {args.batch}, "
+    print(f"# python {' '.join(sys.argv)}\n# device: {device_name(device)}, torch {torch.__version__}, batch {args.batch}, "
           f"{args.steps} timed steps after {args.warmup} warm-up; fast = bf16 autocast + channels_last"
           f"{' + torch.compile' if args.compile else ''}")
     print("| preset | params | fp32 eager img/s | fast img/s | speed-up |\n|---|---:|---:|---:|---:|")

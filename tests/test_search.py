@@ -30,8 +30,8 @@ def run_search(root, *args):
             "search.space.size=4", "search.dataset.n_random=16", "search.dataset.anchor_nfes=[2,4]",
             "search.dataset.n_samples=32", "search.dataset.batch_size=32", "search.predictor.epochs=3",
             "search.evolution.generations=5", "search.evolution.population=8", "search.evolution.children=8",
-            "search.rerank.n_samples=32", "search.rerank.top_k=2", f"hydra.run.dir={root}/run",
-            f"hydra.sweep.dir={root}/multi"]
+            "search.rerank.n_samples=32", "search.rerank.top_k=2", "search.rerank.baseline_nfes=[2,4]",
+            f"hydra.run.dir={root}/run", f"hydra.sweep.dir={root}/multi"]
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     flags = [a for a in args if a.startswith("-")]  # Hydra wants -m before the overrides
     overrides = [a for a in args if not a.startswith("-")]
@@ -59,6 +59,12 @@ def test_search_py_end_to_end_then_multirun_reuses_the_cache(zoo_root):
     assert store.read_text().count("\n") == lines  # nothing regenerated
     costs = [json.loads(p.read_text())["cost"] for p in sorted((zoo_root / "multi").rglob("summary.json"))]
     assert len(costs) == 2 and costs[0] <= 50 and costs[1] <= 80
+
+    r = run_search(zoo_root, "budgets=[80,50]")  # one run, one predictor, a frontier of two budgets
+    assert r.returncode == 0, r.stderr[-4000:]
+    rows = json.loads((zoo_root / "run" / "summary.json").read_text())
+    assert [row["budget"] for row in rows] == [50, 80] and all(row["cost"] <= row["budget"] for row in rows)
+    assert (zoo_root / "run" / "schedule_50ms.json").is_file() and "reusing predictor" in r.stdout
 
 
 def test_budget_below_the_cheapest_schedule_names_the_minimum(zoo_root):

@@ -71,10 +71,11 @@ def generate_records(zoo, schedules: Sequence[ModelSchedule], store: RecordStore
     """
     _check_store(zoo, store, evaluator, n, seed)
     by_key = {r["key"]: r for r in store.records()}
-    todo = [(k, s) for k, s in _unique(schedules) if k not in by_key]
-    if len(todo) < len(schedules):
-        log.info("%s: %d of %d schedules already have records; evaluating %d", store.path,
-                 len(schedules) - len(todo), len(schedules), len(todo))
+    unique = _unique(schedules)
+    todo = [(k, s) for k, s in unique if k not in by_key]
+    if len(todo) < len(unique):
+        log.info("%s: %d of %d distinct schedules already have records; evaluating %d", store.path,
+                 len(unique) - len(todo), len(unique), len(todo))
     with tqdm(total=len(todo), desc="schedule→FID", unit="schedule", disable=not progress, dynamic_ncols=True) as bar:
         for key, schedule in todo:
             record = evaluate_schedule(zoo, schedule, evaluator, n, seed, batch_size, profile)
@@ -82,7 +83,7 @@ def generate_records(zoo, schedules: Sequence[ModelSchedule], store: RecordStore
             by_key[key] = record
             bar.set_postfix(nfe=record["nfe"], fid=record["fid"], refresh=False)
             bar.update()
-    return [by_key[k] for k, _ in _unique(schedules)]
+    return [by_key[k] for k, _ in unique]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -56,14 +56,21 @@ def ensure_zoo(cfg: DictConfig) -> None:
                                           f"paths.checkpoints={cfg.paths.checkpoints}", *cfg.zoo.train_overrides]))
 
 
-def resolve_budget(cfg: DictConfig, latency: dict[str, float]) -> float:
-    """Budget in seconds per batch. Given in ms on the command line; default: N NFEs of the costliest member."""
+def resolve_budgets(cfg: DictConfig, latency: dict[str, float]) -> list[float]:
+    """Budgets in seconds per batch: `budgets=[...]` (one predictor, a frontier) or `budget=` (ms per batch;
+    default: `default_budget_nfe` NFEs of the costliest member)."""
+    if cfg.get("budgets"):
+        return sorted(resolve_budget(b, latency) for b in cfg.budgets)
     if cfg.budget is None:
-        return cfg.default_budget_nfe * max(latency.values())
+        return [cfg.default_budget_nfe * max(latency.values())]
+    return [resolve_budget(cfg.budget, latency)]
+
+
+def resolve_budget(value, latency: dict[str, float]) -> float:
     try:
-        budget = float(cfg.budget) / 1000.0
+        budget = float(value) / 1000.0
     except (TypeError, ValueError):
-        raise UserError(f"budget={cfg.budget!r} is not a number (milliseconds per batch)") from None
+        raise UserError(f"budget={value!r} is not a number (milliseconds per batch)") from None
     cheapest = min(latency, key=latency.get)
     if budget < latency[cheapest]:
         raise UserError(f"budget {1000 * budget:.1f} ms is below the cheapest valid schedule: one NFE of "
@@ -83,7 +90,7 @@ def build_dataset(cfg: DictConfig, zoo: Zoo, space, evaluator, profile, cache: P
     schedules = (random_schedules(space, d.n_random, seed=cfg.seed, null_prob=d.null_prob, alpha=d.alpha)
                  + single_member_anchors(space, d.anchor_nfes))
     store = store_for(cache, "records", zoo, fid_settings(evaluator, d.n_samples, d.sample_seed))
-    log(f"schedule→FID store {store.path}: {len(store)} of {len(schedules)} schedules done")
+    log(f"schedule→FID store {store.path}: {len(store)} records, {len(schedules)} schedules wanted")
     start = time.perf_counter()
     if d.devices == 1 and d.num_nodes == 1:
         records = generate_records(zoo, schedules, store, evaluator, d.n_samples, d.sample_seed, d.batch_size,
@@ -107,6 +114,14 @@ def rerank_fn(cfg: DictConfig, zoo: Zoo, evaluator, profile, cache: Path):
                                 profile, progress=True)
 
     return rerank
+
+
+def baseline_schedules(cfg: DictConfig, zoo: Zoo) -> list[ModelSchedule]:
+    """Every member alone at every NFE of `rerank.baseline_nfes` (all orders the solver allows), not limited to the
+    search space's K steps: the single-model sampler a user would otherwise run, given every chance to win."""
+    nfes = list(cfg.search.rerank.baseline_nfes)
+    wide = make_space(cfg.search.space.kind, zoo.names, zoo.schedule, max(nfes))
+    return single_member_anchors(wide, nfes)
 
 
 # ----------------------------------------------------------------------------------------------- predictor
@@ -158,10 +173,10 @@ def run(cfg: DictConfig) -> list[dict]:
     cache = Path(cfg.paths.cache)
     profile = load_or_profile(zoo, cache / "latency.json", batch_size=cfg.profile.batch_size, device=device,
                               max_age_hours=cfg.profile.max_age_hours)
-    budget = resolve_budget(cfg, profile.latency)
+    budgets = resolve_budgets(cfg, profile.latency)
     log(f"zoo {list(zoo.names)}; latency per batch of {profile.batch_size} on {profile.device_name}: "
         + ", ".join(f"{n} {1000 * v:.1f} ms" for n, v in profile.latency.items())
-        + f"; budget {1000 * budget:.1f} ms")
+        + f"; budget(s) {', '.join(f'{1000 * b:.1f}' for b in budgets)} ms")
 
     evaluator = FIDEvaluator(default_extractor_for(str(cfg.data.name)), instantiate(cfg.data.module),
                              cache_dir=Path(cfg.paths.checkpoints) / str(cfg.data.name), device=device)
@@ -170,21 +185,21 @@ def run(cfg: DictConfig) -> list[dict]:
 
     from oms_lightning.tracking import make_logger
 
-    logger = make_logger(cfg.logger, name=f"search-{cfg.data.name}-{1000 * budget:.0f}ms",
+    logger = make_logger(cfg.logger, name=f"search-{cfg.data.name}-{'-'.join(f'{1000 * b:.0f}' for b in budgets)}ms",
                          group=f"search-{cfg.data.name}", config=OmegaConf.to_container(cfg, resolve=True))
     run_dir = Path(cfg.paths.run_dir)
     rerank = rerank_fn(cfg, zoo, evaluator, profile, cache)
-    baselines = single_member_anchors(space, cfg.search.dataset.anchor_nfes)
+    baselines = baseline_schedules(cfg, zoo)
     summaries: list[dict] = []
 
     def report(outcomes, trainer_logger):
         log("true FID of the single-member baselines (cached after the first run)")
         base = rerank(baselines)
-        summaries.extend(report_outcomes(outcomes, base, zoo, run_dir, store_size=len(store), tau=tau_box,
+        summaries.extend(report_outcomes(outcomes, base, zoo, run_dir, store_size=len(store),
                                          logger=trainer_logger, seed=cfg.search.rerank.seed))
 
     tau_box: dict = {}
-    callback = SearchCallback(space, profile.cost, [budget], rerank, top_k=cfg.search.rerank.top_k, seed=cfg.seed,
+    callback = SearchCallback(space, profile.cost, budgets, rerank, top_k=cfg.search.rerank.top_k, seed=cfg.seed,
                               evolution={**OmegaConf.to_container(cfg.search.evolution, resolve=True),
                                          "null_prob": cfg.search.dataset.null_prob},
                               report_fn=report)
@@ -200,6 +215,9 @@ def run(cfg: DictConfig) -> list[dict]:
                                               if isinstance(v, (int, float, str)) or v is None})
             logger.experiment.save(str(run_dir / "summary.json"), base_path=str(run_dir), policy="now")
     print_table(summaries)
+    for row in summaries:
+        if row["budget_note"]:
+            log(f"note for budget {row['budget']:.0f} ms: {row['budget_note']}")
     log(f"predictor held-out Kendall tau {tau_box.get('kendall_tau', float('nan')):.3f} on {len(records)} records; "
         f"done in {time.perf_counter() - started:.0f} s")
     log(f"results: {run_dir / 'summary.json'}, {run_dir / 'schedule.json'}, {run_dir / 'frontier.png'}, "

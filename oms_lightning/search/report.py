@@ -91,18 +91,22 @@ def print_table(rows: list[dict]) -> None:
               f"{'not reached' if eq is None else f'{eq:.0f}'} |")
 
 
-def report_outcomes(outcomes, baselines: list[dict], zoo, run_dir: Path, store_size: int, tau: dict, logger,
-                    seed: int) -> list[dict]:
-    """Write schedule.json, frontier.png, winner.png (and log them to W&B); return one summary per budget."""
+def save_winner(outcome, zoo, path: Path) -> Path:
+    w = outcome.winner
+    return ModelSchedule.from_dict(w["schedule"]).with_meta(
+        cost_ms=ms(w["cost"]), fid=w["fid"], fid_samples=w["n"], budget_ms=ms(outcome.budget), data=zoo.data_name,
+        zoo=zoo.fingerprint()).save(path)
+
+
+def report_outcomes(outcomes, baselines: list[dict], zoo, run_dir: Path, store_size: int, logger, seed: int) -> list[dict]:
+    """Write schedule.json (schedule_<budget>ms.json for several budgets), frontier.png and winner.png (the
+    first budget's samples), log them to W&B, and return one summary per budget."""
     run_dir.mkdir(parents=True, exist_ok=True)
     rows = [summarise(o, baselines, store_size, seed) for o in outcomes]
-    best = outcomes[0]
-    winner = ModelSchedule.from_dict(best.winner["schedule"]).with_meta(
-        cost_ms=ms(best.winner["cost"]), fid=best.winner["fid"], fid_samples=best.winner["n"], budget_ms=ms(best.budget),
-        data=zoo.data_name, zoo=zoo.fingerprint())
-    schedule_path = winner.save(run_dir / "schedule.json")
+    names = ["schedule.json"] if len(outcomes) == 1 else [f"schedule_{ms(o.budget):.0f}ms.json" for o in outcomes]
+    schedule_path = [save_winner(o, zoo, run_dir / name) for o, name in zip(outcomes, names)][0]
     plot = frontier_plot(run_dir / "frontier.png", baselines, outcomes, f"{zoo.data_name}: searched vs single members")
-    grid = save_grid(generate(zoo, winner, 64, seed=seed), run_dir / "winner.png")
+    grid = save_grid(generate(zoo, ModelSchedule.load(schedule_path), 64, seed=seed), run_dir / "winner.png")
     if logger:
         _log_wandb(logger, outcomes, rows, schedule_path, plot, grid)
     return rows
