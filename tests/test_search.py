@@ -47,6 +47,7 @@ def test_search_py_end_to_end_then_multirun_reuses_the_cache(zoo_root):
     summary = json.loads((run / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary)
     assert summary["cost"] <= 60 and summary["n_records"] > 16 and -1 <= summary["kendall_tau"] <= 1
+    assert set(summary["winner_steps_single_member_fid"]) == {"small", "tiny"}
     for name in ("schedule.json", "frontier.png", "winner.png"):
         assert (run / name).is_file(), name
     assert "| budget ms |" in r.stdout

@@ -124,6 +124,15 @@ def baseline_schedules(cfg: DictConfig, zoo: Zoo) -> list[ModelSchedule]:
     return single_member_anchors(wide, nfes)
 
 
+def same_steps_single_member(outcome, zoo: Zoo, rerank) -> dict[str, float]:
+    """Ablation: the winner's steps and orders with one member at every NFE. It separates what mixing models
+    buys from what searching the step structure buys (OMS-DPM searches both)."""
+    winner = ModelSchedule.from_dict(outcome.winner["schedule"])
+    alone = [ModelSchedule.from_times_and_members(winner.times, [[m] * s.order for s in winner.steps])
+             for m in zoo.names]
+    return {m: r["fid"] for m, r in zip(zoo.names, rerank(alone))}
+
+
 # ----------------------------------------------------------------------------------------------- predictor
 def predictor_key(records: list[dict], cfg: DictConfig, zoo: Zoo) -> str:
     h = hashlib.sha256(zoo.fingerprint().encode())
@@ -195,8 +204,11 @@ def run(cfg: DictConfig) -> list[dict]:
     def report(outcomes, trainer_logger):
         log("true FID of the single-member baselines (cached after the first run)")
         base = rerank(baselines)
-        summaries.extend(report_outcomes(outcomes, base, zoo, run_dir, store_size=len(store),
-                                         logger=trainer_logger, seed=cfg.search.rerank.seed))
+        rows = report_outcomes(outcomes, base, zoo, run_dir, store_size=len(store), logger=trainer_logger,
+                               seed=cfg.search.rerank.seed)
+        for row, outcome in zip(rows, outcomes):
+            row["winner_steps_single_member_fid"] = same_steps_single_member(outcome, zoo, rerank)
+        summaries.extend(rows)
 
     tau_box: dict = {}
     callback = SearchCallback(space, profile.cost, budgets, rerank, top_k=cfg.search.rerank.top_k, seed=cfg.seed,
@@ -216,6 +228,8 @@ def run(cfg: DictConfig) -> list[dict]:
             logger.experiment.save(str(run_dir / "summary.json"), base_path=str(run_dir), policy="now")
     print_table(summaries)
     for row in summaries:
+        log(f"budget {row['budget']:.0f} ms, the winner's steps with one member everywhere: "
+            + ", ".join(f"{m} FID {f:.2f}" for m, f in row["winner_steps_single_member_fid"].items()))
         if row["budget_note"]:
             log(f"note for budget {row['budget']:.0f} ms: {row['budget_note']}")
     log(f"predictor held-out Kendall tau {tau_box.get('kendall_tau', float('nan')):.3f} on {len(records)} records; "
