@@ -76,3 +76,12 @@ def test_budget_below_the_cheapest_schedule_names_the_minimum(zoo_root):
 def test_missing_member_lists_the_train_commands(zoo_root):
     r = run_search(zoo_root, "zoo.members=[tiny,small,medium]")
     assert r.returncode == 2 and "python train.py model=medium data=digits" in r.stderr
+
+
+@pytest.mark.slow
+def test_missing_members_are_trained_first_with_train_py_code(tmp_path):
+    r = run_search(tmp_path, "zoo.members=[tiny]", "zoo.train_missing=true", "search.zoo_train_steps=3",
+                   "search.rerank.top_k=1")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "training missing zoo member 'tiny'" in r.stdout and (tmp_path / "digits" / "tiny.ckpt").is_file()
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["n_records"] > 0
