@@ -28,24 +28,21 @@ def member_name(cfg: DictConfig) -> str | None:
     return None if model is None else str(model.name)
 
 
-def requested_members(cfg: DictConfig) -> list[str]:
+def load_zoo_and_schedule(cfg: DictConfig, device) -> tuple[Zoo, ModelSchedule]:
+    """The schedule file (read once) or one member everywhere, and a zoo holding just the members it uses."""
     if (member_name(cfg) is None) == (cfg.schedule is None):
         raise UserError("give exactly one of model=<member> (one member for every step) or schedule=PATH.json")
-    return [member_name(cfg)] if cfg.schedule is None else list(ModelSchedule.load(cfg.schedule).member_names)
-
-
-def resolve_schedule(cfg: DictConfig, noise) -> ModelSchedule:
-    if cfg.schedule is not None:
-        return ModelSchedule.load(cfg.schedule)
-    return single_member_schedule(member_name(cfg), str(cfg.solver), cfg.steps, noise, order=int(cfg.order),
-                                  spacing=str(cfg.spacing), t_end=cfg.t_end)
+    loaded = ModelSchedule.load(cfg.schedule) if cfg.schedule is not None else None
+    names = [member_name(cfg)] if loaded is None else list(loaded.member_names)
+    zoo = Zoo.load(cfg.paths.checkpoints, str(cfg.data.name), names=names, device=device)
+    model_schedule = loaded or single_member_schedule(member_name(cfg), str(cfg.solver), cfg.steps, zoo.schedule,
+                                                      order=int(cfg.order), spacing=str(cfg.spacing), t_end=cfg.t_end)
+    return zoo, model_schedule.validate(zoo.names, t_min=zoo.schedule.t_min)
 
 
 def sample(cfg: DictConfig) -> dict:
     device = resolve_device(str(cfg.device))
-    zoo = Zoo.load(cfg.paths.checkpoints, str(cfg.data.name), names=requested_members(cfg), device=device)
-    model_schedule = resolve_schedule(cfg, zoo.schedule)
-    model_schedule.validate(zoo.names, t_min=zoo.schedule.t_min)
+    zoo, model_schedule = load_zoo_and_schedule(cfg, device)
     out_dir = Path(cfg.paths.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 

@@ -210,14 +210,13 @@ def run(cfg: DictConfig) -> list[dict]:
             row["winner_steps_single_member_fid"] = same_steps_single_member(outcome, zoo, rerank)
         summaries.extend(rows)
 
-    tau_box: dict = {}
     callback = SearchCallback(space, profile.cost, budgets, rerank, top_k=cfg.search.rerank.top_k, seed=cfg.seed,
                               evolution={**OmegaConf.to_container(cfg.search.evolution, resolve=True),
                                          "null_prob": cfg.search.dataset.null_prob},
                               report_fn=report)
-    tau_box.update(train_or_load_predictor(cfg, zoo, records, cache, callback, logger))
+    predictor_metrics = train_or_load_predictor(cfg, zoo, records, cache, callback, logger)
     for s in summaries:
-        s["kendall_tau"] = tau_box.get("kendall_tau")
+        s["kendall_tau"] = predictor_metrics["kendall_tau"]
         s["wall_seconds"] = round(time.perf_counter() - started, 1)
     if summaries:
         atomic_write_text(run_dir / "summary.json", json.dumps(summaries[0] if len(summaries) == 1 else summaries,
@@ -232,7 +231,7 @@ def run(cfg: DictConfig) -> list[dict]:
             + ", ".join(f"{m} FID {f:.2f}" for m, f in row["winner_steps_single_member_fid"].items()))
         if row["budget_note"]:
             log(f"note for budget {row['budget']:.0f} ms: {row['budget_note']}")
-    log(f"predictor held-out Kendall tau {tau_box.get('kendall_tau', float('nan')):.3f} on {len(records)} records; "
+    log(f"predictor held-out Kendall tau {predictor_metrics['kendall_tau']:.3f} on {len(records)} records; "
         f"done in {time.perf_counter() - started:.0f} s")
     log(f"results: {run_dir / 'summary.json'}, {run_dir / 'schedule.json'}, {run_dir / 'frontier.png'}, "
         f"{run_dir / 'winner.png'}")
