@@ -88,7 +88,7 @@ class DiffusionModule(L.LightningModule):
         steps = steps or self.sampling["steps"]
         seed = self.sampling["seed"] if seed is None else seed
         x = per_sample_noise(self.image_shape, range(n), seed, dtype=torch.float32, device=self.device)
-        ts = timesteps("logsnr_uniform", steps, self.schedule).to(self.device)
+        ts = timesteps("logsnr_uniform", steps, self.schedule)
         was_training = self.net.training
         self.net.eval()
         try:

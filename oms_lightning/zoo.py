@@ -13,6 +13,20 @@ Latency profiles are a cache: a stored profile is reused only when it was measur
 (`Zoo.fingerprint()`, which changes when any member is retrained), batch size, device and dtype, and is not
 older than `max_age_hours`. An unreadable or corrupt profile file is not an error: it is logged as a warning,
 measured again and overwritten, because the file holds nothing that cannot be regenerated.
+
+Latency is measured in interleaved rounds, not member after member: on a shared machine the load drifts over
+seconds, and timing one member in a quiet minute and the next in a busy one made "equal budget" comparisons
+unequal (profiles drifted by −27 % / +16 % against fresh ones). After warming every member up, each round times
+every member for a few passes, in an order rotated from round to round, so every member sees the same mix of
+quiet and busy moments. A member's latency is the median of all its timed passes; its *spread* is
+(p90 − p10) / median of its per-round medians, i.e. how far its speed moved while it was being measured.
+`load_or_profile` measures again (up to `attempts` times) while a member's spread exceeds `max_spread`, keeps the
+least noisy profile, and warns, rather than fails, when the machine stays too busy; a cached profile that is
+too noisy is measured again instead of reused. Profile files written before spreads were recorded still load
+(with no spreads, so they count as quiet).
+
+`time_schedules` times whole schedules end to end (one batch each), interleaved (A, B, A, B, …), to check the
+cost model (the sum of per-member latencies) against wall time; `cost_model_error` is its relative error.
 """
 from __future__ import annotations
 
@@ -39,6 +53,7 @@ from oms_lightning.diffusion.denoiser import EpsDenoiser
 from oms_lightning.diffusion.noise_schedule import VPSchedule
 from oms_lightning.errors import UserError
 from oms_lightning.io import atomic_write_text
+from oms_lightning.sampling import generate
 from oms_lightning.schedule import ModelSchedule
 
 log = logging.getLogger(__name__)
@@ -46,6 +61,7 @@ log = logging.getLogger(__name__)
 DATA_FIELDS = ("name", "image_size", "channels")
 PROFILE_FORMAT = "oms-lightning/latency-profile-v1"
 PROFILE_TIME = 0.5  # the (continuous) time every profiled forward pass runs at; latency does not depend on it
+MAX_SPREAD = 0.25  # a member whose speed moved more than this (relative) while measured makes a profile noisy
 
 
 def train_command(name: str, data_name: str) -> str:
@@ -256,9 +272,50 @@ class Zoo:
 
 
 # ---------------------------------------------------------------------- latency
+_ADDED_KEYS = ("spread", "spread_limit")  # written since spreads were recorded; absent from older v1 files
+
+
+def _check_count(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "positive" if minimum >= 1 else "non-negative"
+        raise UserError(f"{name} must be a {kind} integer, got {value!r}")
+    return value
+
+
+def _is_number(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _checked_latency(latency: Any) -> dict[str, float]:
+    if not isinstance(latency, Mapping) or not latency:
+        raise ValueError("latency must be a non-empty mapping of member name → seconds")
+    for k, v in latency.items():
+        if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"latency[{k!r}] must map a name to a number of seconds, got {v!r}")
+        if not math.isfinite(v) or v <= 0:
+            raise ValueError(f"latency[{k!r}] must be finite and positive, got {v!r}")
+    return {k: float(v) for k, v in sorted(latency.items())}
+
+
+def _checked_spread(spread: Any, names: Sequence[str]) -> dict[str, float]:
+    if not isinstance(spread, Mapping):
+        raise ValueError(f"spread must be a mapping of member name → relative spread, got {spread!r}")
+    for k, v in spread.items():
+        if k not in names:
+            raise ValueError(f"spread[{k!r}] is for a member the profile has no latency for")
+        if not _is_number(v) or v < 0:
+            raise ValueError(f"spread[{k!r}] must be a finite non-negative number, got {v!r}")
+    return {k: float(v) for k, v in sorted(spread.items())}
+
+
 @dataclass(frozen=True)
 class LatencyProfile:
-    """Median seconds per forward pass of one batch, per member, and what it was measured on."""
+    """Median seconds per forward pass of one batch, per member, how steady each was, and what it was measured on.
+
+    `spread[name]` is how far the member's speed moved while it was measured (see the module docstring); it is
+    empty for profiles measured before spreads were recorded. `spread_limit` is the largest spread accepted as
+    quiet when the profile was measured or reused; `noisy` says whether some member exceeded it.
+    """
 
     latency: dict[str, float]
     batch_size: int
@@ -266,18 +323,15 @@ class LatencyProfile:
     dtype: str
     zoo_fingerprint: str
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    spread: dict[str, float] = field(default_factory=dict)
+    spread_limit: float = MAX_SPREAD
 
     def __post_init__(self):
-        if not isinstance(self.latency, Mapping) or not self.latency:
-            raise ValueError("latency must be a non-empty mapping of member name → seconds")
-        lat = {}
-        for k, v in self.latency.items():
-            if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise ValueError(f"latency[{k!r}] must map a name to a number of seconds, got {v!r}")
-            if not math.isfinite(v) or v <= 0:
-                raise ValueError(f"latency[{k!r}] must be finite and positive, got {v!r}")
-            lat[k] = float(v)
-        object.__setattr__(self, "latency", dict(sorted(lat.items())))
+        object.__setattr__(self, "latency", _checked_latency(self.latency))
+        object.__setattr__(self, "spread", _checked_spread(self.spread, tuple(self.latency)))
+        if not _is_number(self.spread_limit) or self.spread_limit < 0:
+            raise ValueError(f"spread_limit must be a finite non-negative number, got {self.spread_limit!r}")
+        object.__setattr__(self, "spread_limit", float(self.spread_limit))
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
         for name in ("device_name", "dtype", "zoo_fingerprint", "created"):
@@ -288,6 +342,21 @@ class LatencyProfile:
     def created_at(self) -> datetime:
         dt = datetime.fromisoformat(self.created)
         return dt if dt.tzinfo is not None else dt.replace(tzinfo=timezone.utc)
+
+    @property
+    def worst_spread(self) -> float:
+        """The largest member spread; 0 when none was recorded (an old profile counts as quiet)."""
+        return max(self.spread.values(), default=0.0)
+
+    @property
+    def noisy(self) -> bool:
+        return self.worst_spread > self.spread_limit
+
+    def noisy_members(self, limit: float | None = None) -> dict[str, float]:
+        """Members whose spread exceeds `limit` (default: spread_limit), noisiest first."""
+        limit = self.spread_limit if limit is None else limit
+        over = [(n, v) for n, v in self.spread.items() if v > limit]
+        return dict(sorted(over, key=lambda item: -item[1]))
 
     def cost(self, model_schedule: ModelSchedule) -> float:
         """Seconds per batch of the schedule: the sum of its members' latencies over all NFEs."""
@@ -301,10 +370,10 @@ class LatencyProfile:
         if not isinstance(d, Mapping) or d.get("format") != PROFILE_FORMAT:
             raise ValueError(f"not a latency profile (expected format {PROFILE_FORMAT!r})")
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(names - set(d))
+        missing = sorted(names - set(_ADDED_KEYS) - set(d))
         if missing:
             raise ValueError(f"latency profile is missing key(s) {missing}")
-        return cls(**{k: d[k] for k in names})
+        return cls(**{k: d[k] for k in names if k in d})
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
@@ -328,91 +397,226 @@ class LatencyProfile:
 
 
 def profile_latency(zoo: Zoo, batch_size: int, warmup: int = 3, repeats: int = 10,
-                    device: str | torch.device | None = None) -> LatencyProfile:
-    """Median wall time of one forward pass on a (batch_size, *image_shape) batch, per member.
+                    device: str | torch.device | None = None, rounds: int = 5) -> LatencyProfile:
+    """Median wall time of one forward pass on a (batch_size, *image_shape) batch, per member, and its spread.
 
-    Runs under torch.inference_mode at a fixed t; `warmup` untimed calls, then `repeats` timed ones. On CUDA each
-    call is bracketed by CUDA events and the device synchronised before reading them; elsewhere it is timed
-    with time.perf_counter (CPU ops are synchronous). `device` defaults to the zoo's; on another device each
-    net is profiled on a temporary copy, so the zoo itself is never moved. Global torch settings are untouched.
+    Runs under torch.inference_mode at a fixed t. Every member first gets `warmup` untimed calls; then, in each
+    of `rounds` rounds, every member (in an order rotated each round) is timed for max(1, repeats // rounds)
+    calls, so the total per member is rounds × that (not exactly `repeats` when it does not divide). On CUDA each
+    call is bracketed by CUDA events; elsewhere it is timed with time.perf_counter around a device sync. The
+    spread is taken over the per-round medians (over the passes themselves when there is a single round).
+    `device` defaults to the zoo's; on another device every net is profiled on a temporary copy (all copies are
+    resident at once, since rounds interleave), so the zoo itself is never moved. Global torch settings are
+    untouched.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise UserError(f"warmup must be a non-negative integer, got {warmup!r}")
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise UserError(f"repeats must be a positive integer, got {repeats!r}")
+    _check_count("batch_size", batch_size, 1)
+    _check_count("warmup", warmup, 0)
+    _check_count("repeats", repeats, 1)
+    _check_count("rounds", rounds, 1)
     dev = zoo.device if device is None else resolve_device(device)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, *zoo.image_shape, generator=gen).to(device=dev, dtype=zoo.dtype)
     t = torch.full((batch_size,), PROFILE_TIME, dtype=torch.float32, device=dev)
-
-    latency = {}
-    for name in zoo.names:
-        net = zoo.net(name)
-        if dev != zoo.device:
-            net = copy.deepcopy(net).to(dev)
-        latency[name] = _median_forward_seconds(net, x, t, warmup, repeats, dev)
-        del net
-    return LatencyProfile(latency, batch_size, device_description(dev), _dtype_name(zoo.dtype), zoo.fingerprint())
-
-
-def _median_forward_seconds(net, x, t, warmup: int, repeats: int, dev: torch.device) -> float:
+    nets = {name: _net_on(zoo, name, dev) for name in zoo.names}
     with torch.inference_mode():
-        for _ in range(warmup):
-            net(x, t)
-        if dev.type == "cuda":
-            with torch.cuda.device(dev):
-                torch.cuda.synchronize(dev)
-                events = []
-                for _ in range(repeats):
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    net(x, t)
-                    end.record()
-                    events.append((start, end))
-                torch.cuda.synchronize(dev)
-                times = [s.elapsed_time(e) / 1000.0 for s, e in events]
-        else:
-            sync = getattr(getattr(torch, dev.type, None), "synchronize", None) if dev.type != "cpu" else None
-            times = []
-            for _ in range(repeats):
-                if sync:
-                    sync()
-                t0 = time.perf_counter()
+        for net in nets.values():  # all warmed up before any timing, so no member is timed cold
+            for _ in range(warmup):
                 net(x, t)
-                if sync:
-                    sync()
-                times.append(time.perf_counter() - t0)
+        per_round = _interleaved_rounds(nets, x, t, rounds, max(1, repeats // rounds), dev)
     # A forward pass never takes zero time; guard against a coarse clock so the profile stays valid.
-    return max(float(statistics.median(times)), 1e-9)
+    latency = {n: max(statistics.median(_flat(r)), 1e-9) for n, r in per_round.items()}
+    spread = {n: _round_spread(r) for n, r in per_round.items()}
+    return LatencyProfile(latency, batch_size, device_description(dev), _dtype_name(zoo.dtype), zoo.fingerprint(),
+                          spread=spread)
+
+
+def _net_on(zoo: Zoo, name: str, dev: torch.device) -> torch.nn.Module:
+    net = zoo.net(name)
+    return net if dev == zoo.device else copy.deepcopy(net).to(dev)
+
+
+def _rotated(names: Sequence[str], round_index: int) -> list[str]:
+    """The names rotated by the round index: over the rounds every member takes every position in turn, so none
+    is always timed right after the same neighbour (whose caches and clocks it would inherit)."""
+    k = round_index % len(names)
+    return list(names[k:]) + list(names[:k])
+
+
+def _interleaved_rounds(nets: Mapping[str, torch.nn.Module], x, t, rounds: int, passes: int,
+                        dev: torch.device) -> dict[str, list[list[float]]]:
+    """Per member, per round, the seconds of each timed pass."""
+    times: dict[str, list[list[float]]] = {n: [] for n in nets}
+    for r in range(rounds):
+        for name in _rotated(tuple(nets), r):
+            times[name].append(_timed_passes(nets[name], x, t, passes, dev))
+    return times
+
+
+def _timed_passes(net, x, t, passes: int, dev: torch.device) -> list[float]:
+    """Seconds of each of `passes` forward calls (the caller holds inference mode)."""
+    if dev.type == "cuda":
+        with torch.cuda.device(dev):
+            torch.cuda.synchronize(dev)
+            events = []
+            for _ in range(passes):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                net(x, t)
+                end.record()
+                events.append((start, end))
+            torch.cuda.synchronize(dev)
+            return [s.elapsed_time(e) / 1000.0 for s, e in events]
+    times = []
+    for _ in range(passes):
+        times.append(_wall_seconds(lambda: net(x, t), dev))
+    return times
+
+
+def _synchronize(dev: torch.device) -> None:
+    """Wait for queued device work, so a wall-clock reading covers exactly the calls in between (CPU: no-op)."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    elif dev.type != "cpu":
+        sync = getattr(getattr(torch, dev.type, None), "synchronize", None)
+        if sync:
+            sync()
+
+
+def _wall_seconds(fn, dev: torch.device) -> float:
+    _synchronize(dev)
+    t0 = time.perf_counter()
+    fn()
+    _synchronize(dev)
+    return time.perf_counter() - t0
+
+
+def _flat(per_round: Sequence[Sequence[float]]) -> list[float]:
+    return [s for r in per_round for s in r]
+
+
+def _round_spread(per_round: Sequence[Sequence[float]]) -> float:
+    """(p90 − p10) / median of the per-round medians: how far the speed drifted during the measurement, which
+    is what made member-after-member profiles unreliable. One round has no drift to see, so its passes are used."""
+    values = [statistics.median(r) for r in per_round] if len(per_round) > 1 else _flat(per_round)
+    if len(values) < 2:
+        return 0.0
+    deciles = statistics.quantiles(values, n=10, method="inclusive")
+    return (deciles[-1] - deciles[0]) / max(statistics.median(values), 1e-9)
 
 
 def load_or_profile(zoo: Zoo, path: str | os.PathLike, batch_size: int, device: str | torch.device | None = None,
-                    max_age_hours: float = 24 * 7, **kw) -> LatencyProfile:
-    """The stored profile at `path` if it fits this zoo, batch size, device and dtype and is fresh, else a new one.
+                    max_age_hours: float = 24 * 7, max_spread: float = MAX_SPREAD, attempts: int = 3,
+                    **kw) -> LatencyProfile:
+    """The stored profile at `path` if it fits this zoo, batch size, device and dtype, is fresh and quiet, else a
+    new one.
 
     The file is a cache: a missing, corrupt or foreign file is measured again (corrupt ones with a logged
     warning) and overwritten atomically; a failure to write it is logged and the new profile still returned.
-    `kw` goes to `profile_latency` (warmup, repeats).
+    A profile (stored or new) is quiet when no member's spread exceeds `max_spread` (a large value turns the
+    check off). A new profile that is not is measured again, up to `attempts` times in all, and the least noisy
+    one kept; if even that is noisy, a warning names the members and the profile is used anyway (marked
+    `noisy`), since a busy laptop must still work. `kw` goes to `profile_latency` (warmup, repeats, rounds).
     """
+    if not _is_number(max_spread) or max_spread < 0:
+        raise UserError(f"max_spread must be a finite non-negative number, got {max_spread!r}")
+    _check_count("attempts", attempts, 1)
     path = Path(path)
     dev = zoo.device if device is None else resolve_device(device)
-    if path.exists():
-        try:
-            stored = LatencyProfile.load(path)
-        except UserError as e:
-            log.warning("latency profile cache %s is unreadable (%s); measuring again", path, e)
-        else:
-            age_h = (datetime.now(timezone.utc) - stored.created_at()).total_seconds() / 3600.0
-            if stored.matches(zoo, batch_size, device_description(dev)) and 0 <= age_h <= max_age_hours:
-                log.info("reusing latency profile %s (%.1f h old)", path, age_h)
-                return stored
-            log.info("latency profile %s does not fit this zoo/batch size/device/dtype or is stale; measuring again",
-                     path)
-    profile = profile_latency(zoo, batch_size, device=dev, **kw)
+    stored = _reusable_profile(zoo, path, batch_size, dev, max_age_hours, max_spread)
+    if stored is not None:
+        return dataclasses.replace(stored, spread_limit=max_spread)
+    profile = _least_noisy_profile(zoo, batch_size, dev, max_spread, attempts, kw)
+    if profile.noisy:
+        _warn_noisy(profile, attempts)
     try:
         profile.save(path)
     except OSError as e:
         log.warning("could not write latency profile cache %s (%s); continuing without it", path, e)
     return profile
+
+
+def _reusable_profile(zoo: Zoo, path: Path, batch_size: int, dev: torch.device, max_age_hours: float,
+                      max_spread: float) -> LatencyProfile | None:
+    """The profile stored at `path` when it may be reused as is, else None (with the reason logged)."""
+    if not path.exists():
+        return None
+    try:
+        stored = LatencyProfile.load(path)
+    except UserError as e:
+        log.warning("latency profile cache %s is unreadable (%s); measuring again", path, e)
+        return None
+    age_h = (datetime.now(timezone.utc) - stored.created_at()).total_seconds() / 3600.0
+    if not (stored.matches(zoo, batch_size, device_description(dev)) and 0 <= age_h <= max_age_hours):
+        log.info("latency profile %s does not fit this zoo/batch size/device/dtype or is stale; measuring again",
+                 path)
+        return None
+    if stored.worst_spread > max_spread:
+        # It was kept on a busy machine; this may be a quieter moment, and a noisy profile skews every budget.
+        log.info("latency profile %s is noisy (spread %.0f%% > %.0f%%); measuring again", path,
+                 100 * stored.worst_spread, 100 * max_spread)
+        return None
+    log.info("reusing latency profile %s (%.1f h old)", path, age_h)
+    return stored
+
+
+def _least_noisy_profile(zoo: Zoo, batch_size: int, dev: torch.device, max_spread: float, attempts: int,
+                         kw: Mapping[str, Any]) -> LatencyProfile:
+    best = None
+    for attempt in range(1, attempts + 1):
+        profile = profile_latency(zoo, batch_size, device=dev, **kw)
+        if best is None or profile.worst_spread < best.worst_spread:
+            best = profile
+        if best.worst_spread <= max_spread:
+            break
+        if attempt < attempts:
+            log.info("latency profile attempt %d/%d is noisy (spread %.0f%% > %.0f%%); measuring again", attempt,
+                     attempts, 100 * profile.worst_spread, 100 * max_spread)
+    return dataclasses.replace(best, spread_limit=max_spread)
+
+
+def _warn_noisy(profile: LatencyProfile, attempts: int) -> None:
+    members = ", ".join(f"{n!r} by {100 * v:.0f}%" for n, v in profile.noisy_members().items())
+    log.warning("latency profile is noisy after %d attempt(s): the speed of member %s varied between measuring "
+                "rounds (max_spread allows %.0f%%). The machine is busy (other processes compete for it), so costs "
+                "and budgets from this profile are approximate; it is used anyway. Close other work for a reliable "
+                "profile (a noisy cached profile is measured again next time).", attempts, members,
+                100 * profile.spread_limit)
+
+
+# ---------------------------------------------------------------------- wall time of whole schedules
+def time_schedules(zoo: Zoo, schedules: Sequence[ModelSchedule], batch_size: int, rounds: int = 3,
+                   seed: int = 0) -> list[dict]:
+    """Wall seconds to generate one batch of `batch_size` images with each schedule, timed in interleaved rounds.
+
+    Each schedule first runs once untimed (warm-up; it also validates them all before any timing); then every
+    round runs the schedules in order (A, B, …, A, B, …), so a busy spell slows them alike rather than whichever
+    ran during it. Returns, per schedule in order, {"wall_seconds": median, "wall_spread": (max − min) / median,
+    "runs": rounds}. Device work is synchronised around each run, so queued kernels are not missed.
+    """
+    _check_count("batch_size", batch_size, 1)
+    _check_count("rounds", rounds, 1)
+    schedules = list(schedules)
+
+    def run(schedule: ModelSchedule) -> None:
+        generate(zoo, schedule, batch_size, seed=seed, batch_size=batch_size)
+
+    for s in schedules:
+        run(s)
+    walls: list[list[float]] = [[] for _ in schedules]
+    for _ in range(rounds):
+        for i, s in enumerate(schedules):
+            walls[i].append(_wall_seconds(lambda: run(s), zoo.device))
+    return [_wall_summary(w) for w in walls]
+
+
+def _wall_summary(walls: Sequence[float]) -> dict:
+    median = max(statistics.median(walls), 1e-9)  # a coarse clock must not yield a zero time
+    return {"wall_seconds": median, "wall_spread": (max(walls) - min(walls)) / median, "runs": len(walls)}
+
+
+def cost_model_error(cost_seconds: float, wall_seconds: float) -> float:
+    """Relative error of the cost model against measured wall time: (cost − wall) / wall (negative: cost is low)."""
+    if not _is_number(cost_seconds) or not _is_number(wall_seconds) or wall_seconds <= 0:
+        raise ValueError(f"need a finite cost and a finite positive wall time, got {cost_seconds!r}, "
+                         f"{wall_seconds!r}")
+    return (cost_seconds - wall_seconds) / wall_seconds

@@ -1,16 +1,19 @@
 """The schedule predictor: encoding, padding invariance, ranking loss, learning a synthetic FID, checkpoints."""
+import json
 import math
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
+from scipy import stats
 
 from oms_lightning.diffusion.noise_schedule import VPSchedule
 from oms_lightning.errors import UserError
 from oms_lightning.predictor.encoding import LAMBDA_SCALE, EncodedSchedules, ScheduleEncoder
 from oms_lightning.predictor.module import (PredictorModule, ScheduleFIDDataModule, fit_predictor,
-                                            pairwise_hinge_loss, rank_metrics, standardised_mse_loss)
+                                            pairwise_hinge_loss, rank_metrics, rank_metrics_near,
+                                            standardised_mse_loss)
 from oms_lightning.schedule import SOLVER_NFES, ModelSchedule
 from oms_lightning.search.space import SlotSpace, random_schedules
 
@@ -192,3 +195,120 @@ def test_learns_a_synthetic_fid(tmp_path):
     best = PredictorModule.load_from_checkpoint(metrics["best_model_path"], weights_only=True, map_location="cpu")
     schedules = [ModelSchedule.from_dict(r["schedule"]) for r in records[:20]]
     np.testing.assert_array_equal(best.predict_scores(schedules), module.predict_scores(schedules))
+
+
+# ------------------------------------------------------------------------------------------------ splits
+LATENCY = {"a": 3.0, "b": 2.0, "c": 1.0}
+
+
+def test_three_way_split_is_disjoint_complete_and_fixed_by_the_seed():
+    records = _records(50, seed=4)
+    encoder = ScheduleEncoder(MEMBERS, NOISE, 8)
+
+    def split(seed, test_fraction=0.2):
+        dm = ScheduleFIDDataModule(records, encoder, val_fraction=0.3, split_seed=seed, test_fraction=test_fraction)
+        return dm.train_indices, dm.val_indices, dm.test_indices
+
+    train, val, test = split(0)
+    assert (len(train), len(val), len(test)) == (25, 15, 10)
+    assert not (set(train) & set(val) or set(train) & set(test) or set(val) & set(test))
+    assert sorted([*train, *val, *test]) == list(range(50))
+    for a, b in zip(split(0), (train, val, test)):
+        np.testing.assert_array_equal(a, b)
+    assert not all(np.array_equal(a, b) for a, b in zip(split(1), (train, val, test)))
+    # a test split is carved from the training part: the validation split is the same as without one
+    no_test = split(0, test_fraction=0.0)
+    np.testing.assert_array_equal(no_test[1], val)
+    assert len(no_test[2]) == 0 and sorted([*no_test[0], *no_test[1]]) == list(range(50))
+    dm = ScheduleFIDDataModule(records, encoder, val_fraction=0.3, test_fraction=0.2)
+    assert len(dm.test_dataset) == 10 and ScheduleFIDDataModule(records, encoder).test_dataset is None
+
+
+@pytest.mark.parametrize("val_fraction, test_fraction, match", [
+    (1.0, 0.0, "val_fraction"), (-0.1, 0.0, "val_fraction"), (float("nan"), 0.0, "val_fraction"),
+    (0.5, 1.0, "test_fraction"), (0.5, -0.2, "test_fraction"), (0.5, "0.1", "test_fraction"),
+    (0.6, 0.4, "must be < 1"), (0.5, 0.4, "leave 0 to train"),
+])
+def test_split_fraction_errors(val_fraction, test_fraction, match):
+    with pytest.raises(UserError, match=match):
+        ScheduleFIDDataModule(_records(4, seed=5), ScheduleEncoder(MEMBERS, NOISE, 8), val_fraction=val_fraction,
+                              test_fraction=test_fraction)
+
+
+def test_rank_metrics_near_filters_by_cost():
+    scores = [1.0, 2.0, 3.0, 4.0, 5.0]
+    fids = [10.0, 30.0, 20.0, 25.0, 50.0]
+    costs = [1.0, 0.95, 1.05, 2.0, None]
+    # within 1 ± 0.1: records 0, 1, 2; pairs (0,1), (0,2) concordant, (1,2) discordant → τ = 1/3; ρ = 1 − 6·2/24
+    near = rank_metrics_near(scores, fids, costs, budget=1.0, tolerance=0.1)
+    assert near == pytest.approx({"kendall_tau": 1 / 3, "spearman": 0.5, "n": 3})
+    assert rank_metrics_near(scores, fids, costs, 1.0, tolerance=0.01)["n"] == 1
+    alone = rank_metrics_near(scores, fids, costs, budget=2.0)
+    assert alone["n"] == 1 and math.isnan(alone["kendall_tau"]) and math.isnan(alone["spearman"])
+    assert rank_metrics_near(scores, fids, costs, budget=10.0)["n"] == 0  # a missing cost never matches
+    for kw, match in (({"budget": 0.0}, "budget"), ({"budget": 1.0, "tolerance": -1.0}, "tolerance")):
+        with pytest.raises(UserError, match=match):
+            rank_metrics_near(scores, fids, costs, **kw)
+    with pytest.raises(UserError, match="one entry per record"):
+        rank_metrics_near(scores, fids[:4], costs, 1.0)
+
+
+def _fit_small(records, tmp_path, **kw):
+    return fit_predictor(records, MEMBERS, NOISE, 8,
+                         trainer_kwargs={"max_epochs": 3, "accelerator": "cpu", "devices": 1,
+                                         "default_root_dir": tmp_path},
+                         batch_size=32, fid_threshold=0.0, seed=0, **kw)
+
+
+def test_fit_predictor_reports_tau_on_the_test_split(tmp_path):
+    records = _records(80, seed=6)
+    for k, r in enumerate(records):
+        s = ModelSchedule.from_dict(r["schedule"])
+        r["cost"] = s.cost(LATENCY)
+        if k % 2:
+            r["nfe"] = s.nfe  # either from the record or computed from the schedule: the same
+    module, metrics = _fit_small(records, tmp_path, val_fraction=0.4, test_fraction=0.3, split_seed=2)
+    assert (metrics["n_train"], metrics["n_val"], metrics["n_test"]) == (24, 32, 24)
+    dm = ScheduleFIDDataModule(records, module.encoder, val_fraction=0.4, split_seed=2, test_fraction=0.3)
+    assert metrics["test_predictions"]["index"] == dm.test_indices.tolist()
+
+    def tau(idx):
+        scores = module.predict_scores([dm.schedules[i] for i in idx])
+        return stats.kendalltau(scores, [records[i]["fid"] for i in idx]).statistic
+
+    # the headline τ is the test split's; the selection split's is reported apart
+    assert metrics["kendall_tau"] == pytest.approx(tau(dm.test_indices), abs=1e-12)
+    assert metrics["test"]["kendall_tau"] == metrics["kendall_tau"] and metrics["test"]["n"] == 24
+    assert metrics["kendall_tau_val"] == pytest.approx(tau(dm.val_indices), abs=1e-12)
+    assert metrics["kendall_tau"] != metrics["kendall_tau_val"]
+    # the checkpoint was selected on the validation split
+    ckpt = torch.load(metrics["best_model_path"], map_location="cpu", weights_only=True)
+    best_score = next(v["best_model_score"] for k, v in ckpt["callbacks"].items() if "ModelCheckpoint" in k)
+    assert float(best_score) == pytest.approx(metrics["kendall_tau_val"], abs=1e-4)
+
+    # the trivial "more compute is better" rankings on the same test records
+    test = [records[i] for i in dm.test_indices]
+    fids = [r["fid"] for r in test]
+    nfe = [ModelSchedule.from_dict(r["schedule"]).nfe for r in test]
+    assert metrics["test"]["kendall_tau_neg_nfe"] == pytest.approx(stats.kendalltau(-np.array(nfe), fids).statistic)
+    assert metrics["test"]["kendall_tau_neg_cost"] == pytest.approx(
+        stats.kendalltau(-np.array([r["cost"] for r in test]), fids).statistic)
+    pred = metrics["test_predictions"]
+    assert pred["nfe"] == nfe and pred["fid"] == fids and pred["cost"] == [r["cost"] for r in test]
+    assert pred["score"] == pytest.approx(module.predict_scores([dm.schedules[i] for i in dm.test_indices]))
+    near = rank_metrics_near(pred["score"], pred["fid"], pred["cost"], budget=float(np.median(pred["cost"])),
+                             tolerance=0.5)
+    assert 2 <= near["n"] <= 24
+    json.dumps(metrics)  # the search pipeline writes the metrics as JSON
+
+
+def test_fit_predictor_without_test_split_or_costs(tmp_path):
+    records = [(ModelSchedule.from_dict(r["schedule"]), r["fid"]) for r in _records(40, seed=7)]
+    _, metrics = _fit_small(records, tmp_path / "no_test")
+    assert metrics["n_test"] == 0 and "test" not in metrics and "test_predictions" not in metrics
+    assert metrics["kendall_tau"] == metrics["kendall_tau_val"]  # as before: the validation τ
+    # pairs carry no cost: the cost baseline is None, the NFE one is computed from the schedules
+    _, metrics = _fit_small(records, tmp_path / "test", test_fraction=0.25)
+    assert metrics["n_test"] == 10 and metrics["test"]["kendall_tau_neg_cost"] is None
+    assert math.isfinite(metrics["test"]["kendall_tau_neg_nfe"])
+    assert metrics["test_predictions"]["cost"] == [None] * 10

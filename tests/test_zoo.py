@@ -14,7 +14,8 @@ from oms_lightning.diffusion.noise_schedule import VPSchedule
 from oms_lightning.errors import UserError
 from oms_lightning.nets import UNet
 from oms_lightning.schedule import ModelSchedule, ScheduleError
-from oms_lightning.zoo import LatencyProfile, Zoo, load_or_profile, profile_latency
+from oms_lightning.zoo import (LatencyProfile, Zoo, cost_model_error, load_or_profile, profile_latency,
+                               time_schedules)
 
 @pytest.fixture
 def root(tmp_path):
@@ -166,24 +167,88 @@ def test_cost_is_exact_sum_of_latencies():
 
 
 def test_profile_round_trips_through_json(tmp_path):
-    prof = LatencyProfile({"b": 0.5, "a": 0.25}, 8, "cpu (2 threads)", "float32", "abc")
+    prof = LatencyProfile({"b": 0.5, "a": 0.25}, 8, "cpu (2 threads)", "float32", "abc", spread={"a": 0.1, "b": 0.3},
+                          spread_limit=0.2)
     again = LatencyProfile.load(prof.save(tmp_path / "p.json"))
     assert again == prof and LatencyProfile.from_dict(json.loads(json.dumps(prof.to_dict()))) == prof
+    assert again.spread == {"a": 0.1, "b": 0.3} and again.worst_spread == 0.3 and again.noisy
+    assert again.noisy_members() == {"b": 0.3} and again.noisy_members(0.05) == {"b": 0.3, "a": 0.1}
     with pytest.raises(ValueError):
         LatencyProfile({"a": -1.0}, 8, "cpu", "float32", "abc")
+    with pytest.raises(ValueError, match="spread"):
+        LatencyProfile({"a": 1.0}, 8, "cpu", "float32", "abc", spread={"a": -0.1})
+    with pytest.raises(ValueError, match="no latency"):
+        LatencyProfile({"a": 1.0}, 8, "cpu", "float32", "abc", spread={"z": 0.1})
+
+
+def test_profile_written_before_spreads_still_loads(tmp_path):
+    old = LatencyProfile({"a": 0.25}, 8, "cpu", "float32", "abc").to_dict()
+    del old["spread"], old["spread_limit"]  # exactly the keys a file from before spreads holds
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    prof = LatencyProfile.load(tmp_path / "old.json")
+    assert prof.latency == {"a": 0.25} and prof.spread == {} and prof.worst_spread == 0.0 and not prof.noisy
+
+
+def test_profile_latency_interleaves_members_round_by_round(speed_zoo):
+    calls = []
+    hooks = [speed_zoo.net(n).register_forward_hook(lambda *_, n=n: calls.append(n)) for n in speed_zoo.names]
+    try:
+        prof = profile_latency(speed_zoo, batch_size=2, warmup=1, repeats=4, rounds=4)
+        warm, timed = calls[:2], calls[2:]
+        assert warm == ["big", "tiny"]  # every member warmed up before any is timed
+        assert timed == ["big", "tiny", "tiny", "big", "big", "tiny", "tiny", "big"]  # rotated, never in blocks
+        calls.clear()
+        profile_latency(speed_zoo, batch_size=2, warmup=0, repeats=10, rounds=4)
+        assert calls.count("big") == calls.count("tiny") == 4 * (10 // 4)  # max(1, repeats // rounds) per round
+    finally:
+        for h in hooks:
+            h.remove()
+    assert set(prof.spread) == {"big", "tiny"} and all(v >= 0 for v in prof.spread.values())
+
+
+def test_latency_is_median_of_passes_and_spread_is_over_round_medians(speed_zoo, monkeypatch):
+    names = {id(speed_zoo.net(n)): n for n in speed_zoo.names}
+    rounds_seen = {n: 0 for n in speed_zoo.names}
+    slow_round = {"big": 1, "tiny": None}  # big is slowed down in its second round only; tiny stays steady
+
+    def fake_timed_passes(net, x, t, passes, dev):
+        name = names[id(net)]
+        r = rounds_seen[name]
+        rounds_seen[name] += 1
+        return [0.02 if r == slow_round[name] else 0.01] * passes
+
+    monkeypatch.setattr(zoo_mod, "_timed_passes", fake_timed_passes)
+    prof = profile_latency(speed_zoo, batch_size=2, warmup=0, repeats=10, rounds=5)
+    assert prof.latency == {"big": pytest.approx(0.01), "tiny": pytest.approx(0.01)}
+    # round medians [.01, .02, .01, .01, .01]: p10 = .01, p90 = .016 (linear), so (p90 - p10) / median = 0.6
+    assert prof.spread == {"big": pytest.approx(0.6), "tiny": 0.0}
+
+
+def test_profile_argument_errors(speed_zoo, tmp_path):
+    with pytest.raises(UserError, match="rounds must be a positive integer"):
+        profile_latency(speed_zoo, batch_size=2, rounds=0)
+    with pytest.raises(UserError, match="max_spread"):
+        load_or_profile(speed_zoo, tmp_path / "p.json", batch_size=2, max_spread=-1)
+    with pytest.raises(UserError, match="attempts"):
+        load_or_profile(speed_zoo, tmp_path / "p.json", batch_size=2, attempts=0)
 
 
 class FakeProfiler:
-    """Stands in for profile_latency (real profiling is tested above): counts calls, returns a valid profile."""
+    """Stands in for profile_latency (real profiling is tested above): counts calls, returns a valid profile.
 
-    def __init__(self):
+    `spreads` are the worst spreads (of member 'b') of successive calls; quiet once they run out."""
+
+    def __init__(self, spreads=()):
         self.calls = 0
+        self.spreads = list(spreads)
 
-    def __call__(self, zoo, batch_size, warmup=3, repeats=10, device=None):
+    def __call__(self, zoo, batch_size, warmup=3, repeats=10, device=None, rounds=5):
         self.calls += 1
         device = zoo.device if device is None else device
+        worst = self.spreads.pop(0) if self.spreads else 0.01
         return LatencyProfile({n: 0.001 * (i + 1) for i, n in enumerate(zoo.names)}, batch_size,
-                              zoo_mod.device_description(device), "float32", zoo.fingerprint())
+                              zoo_mod.device_description(device), "float32", zoo.fingerprint(),
+                              spread={"a": 0.01, "b": worst})
 
 
 def test_load_or_profile_reuses_and_invalidates(root, monkeypatch, caplog):
@@ -225,3 +290,56 @@ def test_load_or_profile_reuses_and_invalidates(root, monkeypatch, caplog):
         prof = load_or_profile(zoo2, path, batch_size=8, **kw)
     assert counter.calls == 5 and "unreadable" in caplog.text
     assert LatencyProfile.load(path) == prof  # rewritten
+
+
+def test_noisy_profile_is_measured_again_and_the_least_noisy_kept(root, monkeypatch, caplog):
+    zoo = Zoo.load(root, "digits", ["a", "b"])
+    path = root / "latency.json"
+    counter = FakeProfiler(spreads=[0.6, 0.1, 0.9])
+    monkeypatch.setattr(zoo_mod, "profile_latency", counter)
+    prof = load_or_profile(zoo, path, batch_size=4, max_spread=0.25)
+    assert counter.calls == 2 and prof.spread["b"] == 0.1 and not prof.noisy  # stops once quiet
+    assert LatencyProfile.load(path) == prof and prof.spread_limit == 0.25
+
+    counter = FakeProfiler(spreads=[0.6, 0.4, 0.5, 0.01])
+    monkeypatch.setattr(zoo_mod, "profile_latency", counter)
+    with caplog.at_level(logging.WARNING, logger="oms_lightning.zoo"):
+        prof = load_or_profile(zoo, path, batch_size=8, max_spread=0.25, attempts=3)
+    assert counter.calls == 3 and prof.spread["b"] == 0.4 and prof.noisy  # never quiet: least noisy, marked
+    assert "'b' by 40%" in caplog.text and "busy" in caplog.text and "after 3 attempt(s)" in caplog.text
+
+
+def test_cached_noisy_profile_is_not_reused(root, monkeypatch):
+    zoo = Zoo.load(root, "digits", ["a", "b"])
+    path = root / "latency.json"
+    noisy = FakeProfiler(spreads=[0.5])(zoo, 4)
+    noisy.save(path)
+    counter = FakeProfiler()
+    monkeypatch.setattr(zoo_mod, "profile_latency", counter)
+    reused = load_or_profile(zoo, path, batch_size=4, max_spread=0.6)  # quiet enough for a looser limit
+    assert counter.calls == 0 and reused.latency == noisy.latency and reused.spread_limit == 0.6
+    prof = load_or_profile(zoo, path, batch_size=4, max_spread=0.25)
+    assert counter.calls == 1 and prof.spread["b"] == 0.01 and LatencyProfile.load(path) == prof
+
+
+def test_time_schedules_interleaves_and_times_each_schedule(root, monkeypatch):
+    zoo = Zoo.load(root, "digits", ["a", "b"])
+    first, second = schedule([("a",), ("a",)]), schedule([("b",), ("b",), ("b",)])
+    calls, real_generate = [], zoo_mod.generate
+
+    def recording_generate(z, sched, n, seed=0, batch_size=256):
+        calls.append((sched, n, seed, batch_size))
+        return real_generate(z, sched, n, seed=seed, batch_size=batch_size)
+
+    monkeypatch.setattr(zoo_mod, "generate", recording_generate)
+    rows = time_schedules(zoo, [first, second], batch_size=2, rounds=3, seed=7)
+    assert [c[0] for c in calls] == [first, second] * 4  # one warm-up each, then A, B per round
+    assert all(c[1:] == (2, 7, 2) for c in calls)
+    assert len(rows) == 2 and all(r["runs"] == 3 and r["wall_seconds"] > 0 and r["wall_spread"] >= 0 for r in rows)
+
+
+def test_cost_model_error_is_relative_to_wall_time():
+    assert cost_model_error(1.2, 1.0) == pytest.approx(0.2)
+    assert cost_model_error(0.5, 1.0) == pytest.approx(-0.5)
+    with pytest.raises(ValueError):
+        cost_model_error(1.0, 0.0)

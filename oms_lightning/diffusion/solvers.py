@@ -59,8 +59,11 @@ def nfe_of(solver, n_steps: int, orders: Sequence[int] | None = None) -> int:
 
 
 def snap_times(ts, schedule: VPSchedule) -> Tensor:
-    """Validate, then round to float32-representable values (what the network receives), as float64."""
-    t32 = validate_times(ts, schedule).to(torch.float32)
+    """Validate, then round to float32-representable values (what the network receives), as float64.
+
+    Times are host-side scalars (coefficients are python floats), so a grid handed over on a GPU is brought to
+    the CPU first."""
+    t32 = validate_times(torch.as_tensor(ts).cpu(), schedule).to(torch.float32)
     low = t32.double() < schedule.t_min                    # e.g. t_min = 1e-4 rounds just below itself
     t32[low] = torch.nextafter(t32[low], torch.tensor(1.0))
     return validate_times(t32.to(torch.float64), schedule)

@@ -4,7 +4,9 @@ OMS-DPM (Liu et al. 2023, §4.2): the predictor only has to *order* schedules li
 a pairwise hinge: for every pair in a batch with FID_i + threshold < FID_j (i is clearly better), pay
 relu(margin − (s_j − s_i)). Pairs closer than `fid_threshold` are ignored (FID noise; the paper uses 0.25 on
 CIFAR-10 FIDs — use a scale that fits your FIDs). Validation reports Kendall's τ and Spearman's ρ over the whole
-held-out split (50/50 by default, fixed by a seed).
+validation split (50/50 by default, fixed by a seed), which also selects the best checkpoint. That τ is therefore
+optimistic; an optional third, test split (`test_fraction`) is never seen during training or selection and gives
+the τ to report.
 """
 from __future__ import annotations
 
@@ -60,6 +62,33 @@ def rank_metrics(scores: np.ndarray, fids: np.ndarray) -> dict[str, float]:
         return {"kendall_tau": float("nan"), "spearman": float("nan")}
     return {"kendall_tau": float(stats.kendalltau(scores, fids).statistic),
             "spearman": float(stats.spearmanr(scores, fids).statistic)}
+
+
+def rank_metrics_near(scores: Sequence[float], fids: Sequence[float], costs: Sequence[float | None], budget: float,
+                      tolerance: float = 0.1) -> dict[str, float | int]:
+    """`rank_metrics` among the records whose cost lies within budget ± tolerance·budget, plus their count "n".
+
+    The search only compares schedules near one budget, so the global τ (dominated by "more NFEs is better")
+    overstates how well the predictor orders the candidates that matter. Records without a cost (None) are left
+    out; τ and ρ are NaN when fewer than 2 records remain.
+    """
+    if not _finite_number(budget) or budget <= 0:
+        raise UserError(f"budget must be a finite number > 0, got {budget!r}")
+    if not _finite_number(tolerance) or tolerance < 0:
+        raise UserError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
+    if not len(scores) == len(fids) == len(costs):
+        raise UserError(f"scores, fids and costs must have one entry per record, "
+                        f"got {len(scores)}, {len(fids)} and {len(costs)}")
+    cost = np.array([np.nan if c is None else c for c in costs], dtype=np.float64)
+    near = np.abs(cost - budget) <= tolerance * budget  # NaN (no cost) compares False: left out
+    metrics: dict[str, float | int] = dict(rank_metrics(np.asarray(scores, dtype=np.float64)[near],
+                                                        np.asarray(fids, dtype=np.float64)[near]))
+    metrics["n"] = int(near.sum())
+    return metrics
+
+
+def _finite_number(x: Any) -> bool:
+    return isinstance(x, (int, float, np.floating, np.integer)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 # ---------------------------------------------------------------------------------------------------- module
@@ -205,9 +234,25 @@ def _parse_record(i: int, record: Any) -> tuple[ModelSchedule, float]:
             raise UserError(str(e)) from None
     if not isinstance(schedule, ModelSchedule):
         raise UserError(f"record {i}: 'schedule' must be a ModelSchedule or its to_dict(), got {type(schedule).__name__}")
-    if isinstance(fid, bool) or not isinstance(fid, (int, float, np.floating, np.integer)) or not math.isfinite(fid):
+    if not _finite_number(fid):
         raise UserError(f"record {i}: fid must be a finite number, got {fid!r}")
     return schedule, float(fid)
+
+
+def _record_compute(i: int, record: Any, schedule: ModelSchedule) -> tuple[int, float | None]:
+    """(NFE, cost) of a record: its "nfe"/"cost" keys when present, else the schedule's NFE and no cost.
+
+    Only the trivial baselines of the test report use them, so a record without a cost is not an error.
+    """
+    nfe, cost = schedule.nfe, None
+    if isinstance(record, Mapping):
+        nfe = record.get("nfe", nfe)
+        cost = record.get("cost")
+    if not _finite_number(nfe):
+        raise UserError(f"record {i}: nfe must be a finite number, got {nfe!r}")
+    if cost is not None and not _finite_number(cost):
+        raise UserError(f"record {i}: cost must be a finite number or absent, got {cost!r}")
+    return int(nfe), (None if cost is None else float(cost))
 
 
 class ScheduleFIDDataset(Dataset):
@@ -230,37 +275,65 @@ def collate_schedule_fid(items: Sequence[tuple[EncodedSchedules, Tensor]]) -> tu
     return EncodedSchedules.cat([e for e, _ in items]), torch.stack([f.reshape(()) for _, f in items])
 
 
+def _check_fractions(val_fraction: float, test_fraction: float) -> None:
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not _finite_number(value) or not 0.0 <= value < 1.0:
+            raise UserError(f"{name} must lie in [0, 1), got {value!r}")
+    if val_fraction + test_fraction >= 1.0:
+        raise UserError(f"val_fraction + test_fraction must be < 1 to leave records to train on, "
+                        f"got {val_fraction} + {test_fraction}")
+
+
+def _split_indices(n: int, val_fraction: float, test_fraction: float,
+                   split_seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sorted (val, test, train) indices: consecutive cuts of one permutation of range(n) by `split_seed`."""
+    n_val = int(round(n * val_fraction))
+    n_test = int(round(n * test_fraction))
+    if n_test == 0:
+        n_val = min(n_val, n - 1)  # as before test splits existed: rounding never empties the training split
+    elif n_val + n_test > n - 1:
+        raise UserError(f"val_fraction={val_fraction} and test_fraction={test_fraction} of {n} records leave "
+                        f"{n - n_val - n_test} to train on; use smaller fractions or more records")
+    perm = np.random.default_rng(split_seed).permutation(n)
+    return np.sort(perm[:n_val]), np.sort(perm[n_val:n_val + n_test]), np.sort(perm[n_val + n_test:])
+
+
 class ScheduleFIDDataModule(L.LightningDataModule):
-    """Schedule/FID records split into train / held-out validation by `split_seed` (50/50 by default, as the paper).
+    """Schedule/FID records split into train / validation / test by `split_seed`.
 
     A record is a dict with at least "schedule" (ModelSchedule.to_dict() or a ModelSchedule) and "fid", or a
-    (ModelSchedule, fid) pair. The split is a fixed permutation of the record order, so the same records and seed
-    always give the same split.
+    (ModelSchedule, fid) pair; a dict's "nfe" and "cost" are kept (`nfes`, `costs`) for the test report. One
+    permutation of the record order by `split_seed` is cut into [val | test | train], so the same records and seed
+    always give the same split, and adding a test split leaves the validation split unchanged. Validation (50% by
+    default, as the paper) selects the checkpoint; test (0% by default) is only for reporting. Index arrays
+    (`train_indices`, `val_indices`, `test_indices`) are sorted and refer to the order of `records`.
     """
 
     def __init__(self, records: Sequence[Mapping | tuple], encoder: ScheduleEncoder, val_fraction: float = 0.5,
-                 split_seed: int = 0, batch_size: int = 512, val_batch_size: int | None = None, num_workers: int = 0):
+                 split_seed: int = 0, batch_size: int = 512, val_batch_size: int | None = None, num_workers: int = 0,
+                 test_fraction: float = 0.0):
         super().__init__()
-        if not 0.0 <= val_fraction < 1.0:
-            raise UserError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+        _check_fractions(val_fraction, test_fraction)
         if batch_size < 1:
             raise UserError(f"batch_size must be >= 1, got {batch_size}")
+        records = list(records)
         parsed = [_parse_record(i, r) for i, r in enumerate(records)]
         if len(parsed) < 2:
             raise UserError(f"need at least 2 schedule/FID records to train a predictor, got {len(parsed)}")
         self.schedules = [s for s, _ in parsed]
         self.fids = torch.tensor([f for _, f in parsed], dtype=torch.float32)
+        self.fid_values = [f for _, f in parsed]  # full precision for reports: float32 could tie close FIDs
+        compute = [_record_compute(i, r, s) for i, (r, s) in enumerate(zip(records, self.schedules))]
+        self.nfes = [n for n, _ in compute]
+        self.costs = [c for _, c in compute]
         self.encoder = encoder
-        n = len(parsed)
-        n_val = int(round(n * val_fraction))
-        n_val = min(n_val, n - 1)
-        perm = np.random.default_rng(split_seed).permutation(n)
-        self.val_indices = np.sort(perm[:n_val])
-        self.train_indices = np.sort(perm[n_val:])
+        self.val_indices, self.test_indices, self.train_indices = _split_indices(
+            len(parsed), val_fraction, test_fraction, split_seed)
         self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size or batch_size, num_workers
         self.encoded = encoder.encode(self.schedules)  # fails early on unknown members / too many steps
         self.train_dataset = self._subset(self.train_indices)
-        self.val_dataset = self._subset(self.val_indices) if n_val else None
+        self.val_dataset = self._subset(self.val_indices) if len(self.val_indices) else None
+        self.test_dataset = self._subset(self.test_indices) if len(self.test_indices) else None
 
     def _subset(self, idx: np.ndarray) -> ScheduleFIDDataset:
         t = torch.as_tensor(idx, dtype=torch.long)
@@ -280,20 +353,47 @@ class ScheduleFIDDataModule(L.LightningDataModule):
 # ---------------------------------------------------------------------------------------------------- convenience
 def fit_predictor(records: Sequence[Mapping | tuple], members: Sequence[str], noise: Mapping | VPSchedule,
                   max_steps: int, trainer_kwargs: Mapping | None = None, *, val_fraction: float = 0.5,
-                  split_seed: int = 0, batch_size: int = 512, seed: int | None = 0,
+                  test_fraction: float = 0.0, split_seed: int = 0, batch_size: int = 512, seed: int | None = 0,
                   **module_kwargs) -> tuple[PredictorModule, dict]:
     """Train a PredictorModule on `records` with a plain `lightning.Trainer`; the best-τ weights are restored.
 
     `trainer_kwargs` go to the Trainer (defaults: 100 epochs, no logger, no progress bar); its "callbacks" are kept
     and a ModelCheckpoint on val/kendall_tau (mode max) is added. Without "default_root_dir" the checkpoint goes to
     a temporary directory that is removed after the best weights are loaded. Returns the module (eval mode) and
-    {"kendall_tau", "spearman"} of the returned weights on the held-out split, plus "best_model_path",
-    "n_train", "n_val".
+    JSON-serialisable metrics of the returned weights (τ/ρ are NaN where undefined):
+
+    - "kendall_tau", "spearman": with test_fraction > 0 on the test split, never on the split that selected the
+      checkpoint; with test_fraction = 0 (no test split) on the validation split, as before, hence optimistic.
+    - "kendall_tau_val", "spearman_val": on the validation split (the one that selected the checkpoint).
+    - "n_train", "n_val", "n_test", "best_model_path".
+    - with test_fraction > 0 only: "test" = {"kendall_tau", "spearman", "n", "kendall_tau_neg_nfe",
+      "kendall_tau_neg_cost"}, the last two the τ of the trivial rankings "more NFEs / more cost is better"
+      against the same FIDs (None when a test record has no cost), i.e. what the predictor must beat; and
+      "test_predictions" = {"index", "score", "fid", "cost", "nfe"}, one list entry per test record (index into
+      `records`), so that callers can compute more, e.g. `rank_metrics_near` per budget.
     """
     if seed is not None:
         L.seed_everything(seed, verbose=False)
     module = PredictorModule(members, noise, max_steps, **module_kwargs)
-    dm = ScheduleFIDDataModule(records, module.encoder, val_fraction, split_seed, batch_size)
+    dm = ScheduleFIDDataModule(records, module.encoder, val_fraction, split_seed, batch_size,
+                               test_fraction=test_fraction)
+    best_path = _train(module, dm, trainer_kwargs)
+    module.eval()
+    val = _split_rank_metrics(module, dm, dm.val_indices)
+    metrics: dict[str, Any] = {**val, "kendall_tau_val": val["kendall_tau"], "spearman_val": val["spearman"],
+                               "best_model_path": best_path or None, "n_train": len(dm.train_indices),
+                               "n_val": len(dm.val_indices), "n_test": len(dm.test_indices)}
+    if test_fraction > 0:
+        predictions = _split_predictions(module, dm, dm.test_indices)
+        metrics["test"] = _test_report(predictions)
+        metrics["test_predictions"] = predictions
+        metrics["kendall_tau"] = metrics["test"]["kendall_tau"]
+        metrics["spearman"] = metrics["test"]["spearman"]
+    return module, metrics
+
+
+def _train(module: PredictorModule, dm: ScheduleFIDDataModule, trainer_kwargs: Mapping | None) -> str | None:
+    """Fit, load the best-τ checkpoint's weights into `module`, return its path (None when it was temporary)."""
     kwargs: dict[str, Any] = {"max_epochs": 100, "logger": False, "enable_progress_bar": False,
                               "enable_model_summary": False, "num_sanity_val_steps": 0}
     kwargs.update(dict(trainer_kwargs or {}))
@@ -317,13 +417,28 @@ def fit_predictor(records: Sequence[Mapping | tuple], members: Sequence[str], no
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
             best_path = None
-    module.eval()
-    metrics: dict[str, Any] = {"kendall_tau": float("nan"), "spearman": float("nan"),
-                               "best_model_path": best_path or None,
-                               "n_train": len(dm.train_indices), "n_val": len(dm.val_indices)}
-    if dm.val_dataset is not None:
-        with torch.no_grad():
-            enc = dm.val_dataset.encoded.to(module.device)
-            scores = torch.cat([module(enc[i: i + 4096]) for i in range(0, len(enc), 4096)]).double().cpu().numpy()
-        metrics.update(rank_metrics(scores, dm.val_dataset.fids.numpy()))
-    return module, metrics
+    return best_path or None
+
+
+def _split_predictions(module: PredictorModule, dm: ScheduleFIDDataModule, idx: np.ndarray) -> dict[str, list]:
+    """Plain lists (JSON-serialisable) of the records at `idx`: index, predicted score, fid, cost, nfe."""
+    scores = module.predict_scores([dm.schedules[i] for i in idx])
+    return {"index": [int(i) for i in idx], "score": [float(x) for x in scores],
+            "fid": [dm.fid_values[i] for i in idx], "cost": [dm.costs[i] for i in idx],
+            "nfe": [dm.nfes[i] for i in idx]}
+
+
+def _split_rank_metrics(module: PredictorModule, dm: ScheduleFIDDataModule, idx: np.ndarray) -> dict[str, float]:
+    p = _split_predictions(module, dm, idx)
+    return rank_metrics(np.array(p["score"]), np.array(p["fid"]))
+
+
+def _test_report(p: Mapping[str, list]) -> dict[str, Any]:
+    """The predictor's τ/ρ on the test split next to the τ of ranking by compute alone (more is better)."""
+    fids = np.array(p["fid"], dtype=np.float64)
+    report: dict[str, Any] = {**rank_metrics(np.array(p["score"], dtype=np.float64), fids), "n": len(fids)}
+    report["kendall_tau_neg_nfe"] = rank_metrics(-np.array(p["nfe"], dtype=np.float64), fids)["kendall_tau"]
+    have_cost = all(c is not None for c in p["cost"])
+    report["kendall_tau_neg_cost"] = (rank_metrics(-np.array(p["cost"], dtype=np.float64), fids)["kendall_tau"]
+                                      if have_cost else None)
+    return report
