@@ -6,14 +6,25 @@ Two extractors, both `nn.Module`s mapping images in [-1, 1] (B, C, H, W) to (B, 
   `NoTrainInceptionV3`), for CIFAR-10 and image folders. It never downloads: the weights must already be in
   the torch hub cache or at an explicit path.
 * `DigitsClassifierExtractor` — a small CNN trained here on the 8x8 digits (Inception features of 8x8 images
-  blown up to 299x299 say little); its 128-d penultimate layer is the feature space.
+  blown up to 299x299 say little); the feature space is its 128-d penultimate Linear layer taken *before* the
+  ReLU (after the ReLU more than half of the 128 dimensions are exactly 0 on real digits, which wastes the
+  space and makes the covariance singular).
 
 `FIDEvaluator` computes the real (reference) statistics once, caches them at
-`<cache_dir>/fid_ref_<extractor>_<split>.pt` under a fingerprint (extractor name, hash of its weights, number
-and hash of the real images), loads them into the metric's real-feature state, and scores generated images:
+`<cache_dir>/fid_ref_<extractor>_<split>.pt` under a fingerprint (extractor name, feature layer, hash of its
+weights, number and hash of the real images), loads them into the metric's real-feature state, and scores
+generated images:
 
     ev = FIDEvaluator("digits_classifier", DigitsDataModule(batch_size=128), "checkpoints/digits")
     ev.fid(samples, seed=0)   # FIDResult(value=..., extractor="digits_classifier", n=..., seed=0)
+
+Pure float64 metric functions: `gaussian_stats`, `frechet_distance`, `kernel_distance` (KID over all samples),
+`pixel_features`, and the memorisation check `copy_threshold` / `copy_rate`. `SampleMetrics` bundles the set
+every comparison reports (`METRICS`: FID, held-out KID, pixel-space Fréchet distance, copy rate), and the same
+metrics between real images (`noise_floor`):
+
+    sm = SampleMetrics(ev, dm)
+    sm.score(samples, seed=0)   # {"fid": ..., "kid_heldout": ..., "pixel_fd": ..., "copy_rate": ...}
 """
 from __future__ import annotations
 
@@ -34,9 +45,10 @@ from oms_lightning.errors import UserError
 from oms_lightning.io import atomic_path
 
 EXTRACTORS = ("inception", "digits_classifier")
-CLASSIFIER_FORMAT = "oms-lightning/fid-classifier-v1"
+CLASSIFIER_FORMAT_PREFIX = "oms-lightning/fid-classifier-"
+CLASSIFIER_FORMAT = CLASSIFIER_FORMAT_PREFIX + "v2"           # v2: features taken before the ReLU
 CLASSIFIER_FILE = "fid_classifier.pt"
-REFERENCE_FORMAT = "oms-lightning/fid-reference-v1"
+REFERENCE_FORMAT = "oms-lightning/fid-reference-v2"          # v2: pre-ReLU digits features
 MIN_CLASSIFIER_ACCURACY = 0.95
 FEATURE_BATCH = 500
 
@@ -92,6 +104,7 @@ class InceptionExtractor(nn.Module):
 
     name = "inception"
     num_features = 2048
+    feature_layout = "pool3_2048"                       # recorded in FIDEvaluator.fingerprint
 
     def __init__(self, weights_path: str | Path | None = None):
         super().__init__()
@@ -122,11 +135,14 @@ class InceptionExtractor(nn.Module):
 class DigitsClassifierExtractor(nn.Module):
     """Small CNN for 8x8 digits; `forward` gives the 128-d penultimate features, `logits` the 10 class scores.
 
-    No batch norm, and dropout only after the feature layer, so features do not depend on train/eval mode.
+    The features are the penultimate Linear layer's output before its ReLU (the ReLU sits in `head`), so no
+    dimension is dead. No batch norm, and dropout only after the feature layer, so features do not depend on
+    train/eval mode.
     """
 
     name = "digits_classifier"
     num_features = 128
+    feature_layout = "pre_relu_128"                     # recorded in FIDEvaluator.fingerprint
 
     def __init__(self):
         super().__init__()
@@ -135,9 +151,9 @@ class DigitsClassifierExtractor(nn.Module):
             nn.MaxPool2d(2),                           # 32 x 4 x 4 (pooling early keeps CPU training ~10 s)
             nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),  # 64 x 4 x 4
             nn.Flatten(),
-            nn.Linear(64 * 4 * 4, self.num_features), nn.ReLU(),
+            nn.Linear(64 * 4 * 4, self.num_features),  # the features: pre-activation
         )
-        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(self.num_features, 10))
+        self.head = nn.Sequential(nn.ReLU(), nn.Dropout(0.3), nn.Linear(self.num_features, 10))
 
     def _features(self, x: Tensor) -> Tensor:
         _check_images(x)
@@ -267,8 +283,12 @@ def _load_classifier(path: Path) -> tuple[DigitsClassifierExtractor, float]:
     except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
         raise UserError(f"FID classifier cache {path} is corrupt or not a PyTorch file "
                         f"({type(e).__name__}: {str(e)[:200]}); {fix}") from None
-    if not isinstance(obj, dict) or obj.get("format") != CLASSIFIER_FORMAT:
-        found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+    found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+    if isinstance(found, str) and found.startswith(CLASSIFIER_FORMAT_PREFIX) and found != CLASSIFIER_FORMAT:
+        # Refused rather than retrained in place: a cache file is never silently overwritten.
+        raise UserError(f"{path} is an older oms-lightning FID classifier (format {found!r}, expected "
+                        f"{CLASSIFIER_FORMAT!r}: the features are now the pre-ReLU layer); {fix}")
+    if found != CLASSIFIER_FORMAT:
         raise UserError(f"{path} is not an oms-lightning FID classifier (format {found!r}, expected "
                         f"{CLASSIFIER_FORMAT!r}); {fix}")
     model = DigitsClassifierExtractor()
@@ -350,7 +370,11 @@ class FIDEvaluator:
         self.metric = FrechetInceptionDistance(feature=self.extractor, reset_real_features=False,
                                                sync_on_compute=False).to(self.device)
         self.reference_path = self.cache_dir / f"fid_ref_{extractor_name}_{split}.pt"
-        self.fingerprint = {"extractor": extractor_name, "weights": _state_dict_hash(self.extractor),
+        # "features" names the layer the features come from, so caches and records of another layout
+        # (e.g. the v1 post-ReLU digits features) never match.
+        self.fingerprint = {"extractor": extractor_name,
+                            "features": getattr(self.extractor, "feature_layout", extractor_name),
+                            "weights": _state_dict_hash(self.extractor),
                             "num_images": int(real.shape[0]), "images": _images_hash(real)}
         self.reference_from_cache = False
         stats = self._load_reference()
@@ -375,7 +399,9 @@ class FIDEvaluator:
                           "recomputing it", stacklevel=3)
             return None
         if not isinstance(obj, dict) or obj.get("format") != REFERENCE_FORMAT:
-            warnings.warn(f"{self.reference_path} is not an FID reference cache; recomputing it", stacklevel=3)
+            found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+            warnings.warn(f"{self.reference_path} is not an FID reference cache of format {REFERENCE_FORMAT!r} "
+                          f"(found {found!r}); recomputing it", stacklevel=3)
             return None
         if obj.get("fingerprint") != self.fingerprint:
             return None                                 # other extractor weights or other real images
@@ -418,3 +444,225 @@ class FIDEvaluator:
         value = float(self.metric.compute())
         self.metric.reset()
         return FIDResult(value=value, extractor=self.extractor_name, n=n, seed=int(seed))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pure metric functions (float64 torch; numpy arrays are accepted and converted)
+# --------------------------------------------------------------------------------------------------------------
+
+def _as_float64(x, what: str, dim: int) -> Tensor:
+    """`x` (tensor or array) as a CPU float64 tensor with `dim` dimensions, else a UserError."""
+    try:
+        t = torch.as_tensor(x).detach().cpu().to(torch.float64)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{what} must be a tensor or array of numbers, got {type(x).__name__} ({e})") from None
+    if t.dim() != dim:
+        raise UserError(f"{what} must have {dim} dimensions, got shape {tuple(t.shape)}")
+    return t
+
+
+def _as_features(x, what: str = "features", min_rows: int = 2) -> Tensor:
+    t = _as_float64(x, what, 2)
+    if t.shape[0] < min_rows:
+        raise UserError(f"{what} need at least {min_rows} rows (samples), got {t.shape[0]}")
+    return t
+
+
+def gaussian_stats(features) -> tuple[Tensor, Tensor]:
+    """(mean, unbiased covariance) of (N, D) features, N >= 2, in float64: cov = (X-μ)ᵀ(X-μ) / (N-1)."""
+    x = _as_features(features)
+    mean = x.mean(dim=0)
+    centred = x - mean
+    return mean, centred.T @ centred / (x.shape[0] - 1)
+
+
+def _psd_sqrt(cov: Tensor) -> Tensor:
+    """Symmetric square root V·diag(√λ)·Vᵀ of a covariance, rounding-error negative eigenvalues clipped to 0."""
+    eigvals, eigvecs = torch.linalg.eigh((cov + cov.T) / 2)
+    return (eigvecs * eigvals.clamp(min=0).sqrt()) @ eigvecs.T
+
+
+def frechet_distance(mean1, cov1, mean2, cov2) -> float:
+    """Fréchet distance between N(μ1, Σ1) and N(μ2, Σ2): ‖μ1−μ2‖² + tr(Σ1 + Σ2 − 2(Σ1Σ2)^½).
+
+    tr (Σ1Σ2)^½ = Σ √eig(√Σ1·Σ2·√Σ1), since Σ1Σ2 is similar to that symmetric PSD matrix; `eigvalsh` on it is
+    stabler than general eigenvalues of Σ1Σ2 (which may come out slightly complex). Tiny negative eigenvalues
+    from rounding are clipped to 0. The result is not clipped, so identical inputs may give ±1e-12.
+    """
+    mu1, mu2 = _as_float64(mean1, "mean1", 1), _as_float64(mean2, "mean2", 1)
+    s1, s2 = _as_float64(cov1, "cov1", 2), _as_float64(cov2, "cov2", 2)
+    d = mu1.shape[0]
+    if mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
+        raise UserError(f"frechet_distance needs means (D,) and covariances (D, D) of one D; got "
+                        f"{tuple(mu1.shape)}, {tuple(s1.shape)}, {tuple(mu2.shape)}, {tuple(s2.shape)}")
+    root1 = _psd_sqrt(s1)
+    middle = root1 @ s2 @ root1
+    trace_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
+    return float((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * trace_sqrt)
+
+
+def _off_diagonal_mean(k: Tensor) -> Tensor:
+    """Mean of a square kernel matrix without its diagonal: the unbiased within-sample term of MMD²."""
+    n = k.shape[0]
+    return (k.sum() - k.diagonal().sum()) / (n * (n - 1))
+
+
+def kernel_distance(feats_a, feats_b, degree: int = 3, gamma: float | None = None, coef: float = 1.0) -> float:
+    """KID: the unbiased MMD² estimate between two feature sets with the polynomial kernel
+    k(x, y) = (γ x·y + coef)^degree, γ = 1/D by default (Bińkowski et al. 2018).
+
+    MMD²_u = mean_{i≠j} k(a_i, a_j) + mean_{i≠j} k(b_i, b_j) − 2 mean_{i,j} k(a_i, b_j), over all samples
+    (no random subsets, so it is deterministic); the sets may differ in size. Can be slightly negative.
+    """
+    a, b = _as_features(feats_a, "feats_a"), _as_features(feats_b, "feats_b")
+    if a.shape[1] != b.shape[1]:
+        raise UserError(f"kernel_distance needs features of one dimension, got {a.shape[1]} and {b.shape[1]}")
+    if int(degree) != degree or degree < 1 or (gamma is not None and gamma <= 0):
+        raise UserError(f"kernel_distance needs an integer degree >= 1 and gamma > 0, got {degree}, {gamma}")
+    g = 1.0 / a.shape[1] if gamma is None else float(gamma)
+
+    def kernel(x: Tensor, y: Tensor) -> Tensor:
+        return (g * (x @ y.T) + coef) ** int(degree)
+
+    return float(_off_diagonal_mean(kernel(a, a)) + _off_diagonal_mean(kernel(b, b)) - 2 * kernel(a, b).mean())
+
+
+def pixel_features(images: Tensor, max_side: int = 16) -> Tensor:
+    """Raw pixels as (N, D) float64 features: images (N, C, H, W) in [-1, 1] area-downsampled (adaptive average
+    pooling) to at most max_side x max_side, then flattened. 8x8 digits stay as they are: 64-d."""
+    _check_images(images)
+    if int(max_side) != max_side or max_side < 1:
+        raise UserError(f"max_side must be a positive integer, got {max_side}")
+    h, w = images.shape[-2:]
+    pooled = F.adaptive_avg_pool2d(images.detach().cpu().double(), (min(h, max_side), min(w, max_side)))
+    return pooled.flatten(start_dim=1)
+
+
+def _flat_pixels(images: Tensor, what: str) -> Tensor:
+    _check_images(images, what)
+    return images.detach().cpu().double().flatten(start_dim=1)
+
+
+def _nearest_distances(queries: Tensor, reference: Tensor, exclude_self: bool = False,
+                       chunk: int = 1024) -> Tensor:
+    """L2 distance from each query row to its nearest reference row, by torch.cdist over chunks of queries
+    (memory chunk x len(reference)). exclude_self: queries *are* the reference, and row i skips itself."""
+    out = []
+    for start in range(0, queries.shape[0], chunk):
+        d = torch.cdist(queries[start:start + chunk], reference)
+        if exclude_self:
+            rows = torch.arange(d.shape[0])
+            d[rows, rows + start] = float("inf")
+        out.append(d.min(dim=1).values)
+    return torch.cat(out)
+
+
+def copy_threshold(train_images: Tensor, quantile: float = 0.05) -> float:
+    """The `quantile` of leave-one-out nearest-neighbour L2 distances among the training images (flattened
+    pixels): how close two *distinct* real training images get. A memorisation check calls a sample closer
+    than this to a training image a copy, so real held-out images are called copies at a rate of about
+    `quantile`, exact copies at a rate of 1."""
+    if not 0.0 < quantile < 1.0:
+        raise UserError(f"copy quantile must be in (0, 1), got {quantile}")
+    train = _flat_pixels(train_images, "training images")
+    if train.shape[0] < 2:
+        raise UserError(f"the copy threshold needs at least 2 training images, got {train.shape[0]}")
+    return float(torch.quantile(_nearest_distances(train, train, exclude_self=True), quantile))
+
+
+def copy_rate(images: Tensor, train_images: Tensor, threshold: float) -> float:
+    """Fraction of `images` whose nearest training image (flattened-pixel L2) is closer than `threshold`."""
+    x, train = _flat_pixels(images, "images"), _flat_pixels(train_images, "training images")
+    if x.shape[1] != train.shape[1] or x.shape[0] == 0:
+        raise UserError(f"copy_rate needs a non-empty set of images of the training images' shape "
+                        f"{tuple(train_images.shape[1:])}, got {tuple(images.shape)}")
+    return float((_nearest_distances(x, train) < threshold).double().mean())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The metric set every comparison uses
+# --------------------------------------------------------------------------------------------------------------
+
+METRICS = ("fid", "kid_heldout", "pixel_fd", "copy_rate")
+LOWER_IS_BETTER = {"fid": True, "kid_heldout": True, "pixel_fd": True, "copy_rate": True}
+
+
+class SampleMetrics:
+    """FID plus three checks of another nature, against one data module's real splits:
+
+    * ``fid`` — the evaluator's FID against its (train) reference, the number the record store keeps;
+    * ``kid_heldout`` — KID (`kernel_distance`) of extractor features against the *val* split, which neither
+      the generator nor the FID reference saw, so it is unbiased and catches overfitting to train;
+    * ``pixel_fd`` — Fréchet distance in raw-pixel space (`pixel_features`) against the train split, which
+      does not depend on the extractor;
+    * ``copy_rate`` — fraction of samples closer to a training image than `copy_threshold` (memorisation).
+
+    All are lower-is-better. The constructor precomputes the val features, the train pixel statistics and
+    the copy threshold; `evaluator` must score against the same train images as `data_module`.
+    """
+
+    def __init__(self, evaluator: FIDEvaluator, data_module, *, copy_quantile: float = 0.05):
+        if not hasattr(data_module, "real_images"):
+            raise UserError(f"SampleMetrics needs a data module with real_images(split), got "
+                            f"{type(data_module).__name__}")
+        self.evaluator = evaluator
+        self.train = data_module.real_images("train")
+        val = data_module.real_images("val")
+        _check_images(self.train, "train images")
+        _check_images(val, "val images")
+        self._check_same_train_images(evaluator)
+        if val.shape[0] < 2:
+            raise UserError(f"the held-out KID needs at least 2 val images, the val split has {val.shape[0]}; "
+                            "set data.module.val_fraction higher")
+        self.val = val
+        self.val_features = self.features(val)
+        self.train_pixel_stats = gaussian_stats(pixel_features(self.train))
+        self.copy_quantile = float(copy_quantile)
+        self.copy_threshold = copy_threshold(self.train, self.copy_quantile)
+
+    def _check_same_train_images(self, evaluator: FIDEvaluator) -> None:
+        """fid and pixel_fd/copy_rate must refer to one train set, or their numbers do not go together."""
+        fp = evaluator.fingerprint
+        if (evaluator.split != "train" or fp.get("num_images") != self.train.shape[0]
+                or fp.get("images") != _images_hash(self.train)):
+            raise UserError(f"SampleMetrics needs an FIDEvaluator on the data module's train split (the "
+                            f"evaluator's reference is the {evaluator.split!r} split, {fp.get('num_images')} "
+                            f"images); build both from the same data module")
+
+    @torch.no_grad()
+    def features(self, images: Tensor) -> Tensor:
+        """Extractor features (N, D) float64 on the CPU, in batches of evaluator.batch_size on its device."""
+        ev = self.evaluator
+        return torch.cat([ev.extractor(batch.to(ev.device)).double().cpu()
+                          for batch in images.split(ev.batch_size)])
+
+    def score(self, images: Tensor, seed: int) -> dict[str, float]:
+        """All of `METRICS` for generated `images` (N >= 2, in [-1, 1]); `seed` is passed to evaluator.fid."""
+        fid = self.evaluator.fid(images, seed).value        # validates the images (shape, N >= 2, finite)
+        return {"fid": fid,
+                "kid_heldout": kernel_distance(self.features(images), self.val_features),
+                "pixel_fd": frechet_distance(*gaussian_stats(pixel_features(images)), *self.train_pixel_stats),
+                "copy_rate": copy_rate(images, self.train, self.copy_threshold)}
+
+    def noise_floor(self, n: int, seed: int = 0) -> dict[str, float]:
+        """What `score` gives real data at sample size n: the best a generator can hope for.
+
+        Two disjoint random sets of real train images, each of m = min(n, N_train // 2) images (returned as
+        `n_used`), drawn by `seed`. fid and pixel_fd: Fréchet distance between the two sets, in extractor and
+        pixel space (computed with `frechet_distance`, not against the evaluator's reference, which contains
+        both sets). kid_heldout: the first set against the val split. copy_rate: that of the real val images,
+        the reference rate (about `copy_quantile`).
+        """
+        m = min(int(n), self.train.shape[0] // 2)
+        if m < 2:
+            raise UserError(f"the noise floor needs n >= 2 and at least 4 train images, got n={n}, "
+                            f"{self.train.shape[0]} train images")
+        perm = torch.randperm(self.train.shape[0], generator=torch.Generator().manual_seed(int(seed)))
+        first, second = self.train[perm[:m]], self.train[perm[m:2 * m]]
+        feats1, feats2 = self.features(first), self.features(second)
+        return {"fid": frechet_distance(*gaussian_stats(feats1), *gaussian_stats(feats2)),
+                "kid_heldout": kernel_distance(feats1, self.val_features),
+                "pixel_fd": frechet_distance(*gaussian_stats(pixel_features(first)),
+                                             *gaussian_stats(pixel_features(second))),
+                "copy_rate": copy_rate(self.val, self.train, self.copy_threshold),
+                "n_used": m}

@@ -55,12 +55,17 @@ def sample(cfg: DictConfig) -> dict:
 
     fid = None
     if cfg.fid:
-        from oms_lightning.metrics import FIDEvaluator, default_extractor_for
+        from oms_lightning.metrics import FIDEvaluator, SampleMetrics, default_extractor_for
 
         datamodule = instantiate(cfg.data.module)
         evaluator = FIDEvaluator(default_extractor_for(str(cfg.data.name)), datamodule,
                                  cache_dir=Path(cfg.paths.checkpoints) / str(cfg.data.name), device=device)
-        fid = evaluator.fid(images, seed=int(cfg.seed)).to_dict()
+        metrics = SampleMetrics(evaluator, datamodule)
+        # The metrics every comparison uses, and the same metrics between two disjoint sets of real images (the
+        # noise floor): one seed gives no interval — compare samplers with search.py or oms_lightning.evaluation.
+        fid = {"value": None, "extractor": evaluator.extractor_name, "n": n, "seed": int(cfg.seed),
+               **metrics.score(images, int(cfg.seed)), "noise_floor": metrics.noise_floor(n, int(cfg.seed))}
+        fid["value"] = fid["fid"]
 
     summary = {"schedule": model_schedule.compact(), "nfe": model_schedule.nfe, "n": n, "seed": int(cfg.seed),
                "seconds": round(wall, 3), "images_per_second": round(n / wall, 2),
@@ -81,8 +86,10 @@ def write_outputs(out_dir: Path, images: torch.Tensor, model_schedule: ModelSche
 
 
 def report(out_dir: Path, s: dict) -> None:
-    fid = f", FID {s['fid']['value']:.3f} ({s['fid']['extractor']}, n={s['fid']['n']}, seed {s['seed']})" \
-        if s["fid"] else ""
+    f = s["fid"]
+    fid = (f", FID {f['value']:.3f} ({f['extractor']}, n={f['n']}, seed {s['seed']}), held-out KID "
+           f"{f['kid_heldout']:.4f}, pixel FD {f['pixel_fd']:.3f}, copy rate {f['copy_rate']:.3f}; noise floor "
+           f"(two real sets of {f['noise_floor']['n_used']}): FID {f['noise_floor']['fid']:.3f}") if f else ""
     print(f"\n{s['schedule']}\n{s['n']} images in {s['seconds']:.1f} s ({s['images_per_second']:.1f} img/s){fid}\n"
           f"cost {1000 * s['cost_seconds_per_batch']:.1f} ms per batch of {s['profile_batch_size']} "
           f"(profiled on {s['device']})\n"

@@ -25,6 +25,7 @@ The OMS-DPM reference code encodes a schedule as K triplets of integers (`to_slo
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -443,6 +444,15 @@ class ModelSchedule:
 
     def __str__(self) -> str:
         return self.compact()
+
+
+def schedule_key(schedule: ModelSchedule) -> str:
+    """The one identity of a schedule — used by the record store, the score caches and the evolution's
+    de-duplication: sha256 over its solver, times rounded to 1e-9 and members (not its meta)."""
+    canon = {"solver": schedule.solver,
+             "times": [round(float(t), 9) for t in schedule.times],
+             "members": [list(s.members) for s in schedule.steps]}
+    return hashlib.sha256(json.dumps(canon, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:24]
 
 
 # ---------------------------------------------------------------------- helpers

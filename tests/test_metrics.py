@@ -47,6 +47,21 @@ def test_classifier_reaches_held_out_accuracy(classifier, cache_dir):
     assert model(x).shape == (5, model.num_features) and model(x).dtype == torch.float64
 
 
+def test_features_are_pre_relu_with_no_dead_dimension(classifier, digits):
+    """forward taps the feature Linear before its ReLU: every one of the 128 dims varies on real digits,
+    some take negative values, and the logits are the head applied to exactly these features."""
+    model = classifier[0]
+    train = digits.real_images("train")
+    with torch.no_grad():
+        features = model(train)
+        logits = model.logits(train)
+    assert features.shape == (train.shape[0], 128) == (1617, model.num_features)
+    std = features.std(dim=0)
+    assert (std > 0).all(), f"{int((std == 0).sum())} dead feature dimensions"
+    assert (features < 0).any()
+    assert torch.allclose(logits, model.head(features.float()), atol=1e-5)
+
+
 def test_classifier_cache_is_reused_without_training(classifier, cache_dir, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("the cached classifier should have been loaded, not retrained")
@@ -59,19 +74,25 @@ def test_classifier_cache_is_reused_without_training(classifier, cache_dir, monk
     assert isinstance(feature_extractor("digits_classifier", cache_dir), DigitsClassifierExtractor)
 
 
-@pytest.mark.parametrize("content", ["garbage", "foreign", "wrong_weights"])
+@pytest.mark.parametrize("content", ["garbage", "foreign", "wrong_weights", "old_v1"])
 def test_bad_classifier_file_is_a_user_error(tmp_path, monkeypatch, content):
     path = tmp_path / "fid_classifier.pt"
     if content == "garbage":
         path.write_bytes(b"not a checkpoint at all")
     elif content == "foreign":
         torch.save({"state_dict": {}, "accuracy": 1.0}, path)
+    elif content == "old_v1":                        # post-ReLU features: its numbers are not comparable
+        state = {k: v.clone() for k, v in DigitsClassifierExtractor().state_dict().items()}
+        torch.save({"format": "oms-lightning/fid-classifier-v1", "state_dict": state, "accuracy": 0.97}, path)
     else:
         torch.save({"format": CLASSIFIER_FORMAT, "state_dict": {"x": torch.zeros(1)}, "accuracy": 1.0}, path)
     monkeypatch.setattr(metrics, "train_digits_classifier",
                         lambda *a, **k: pytest.fail("a bad cache file must not be silently replaced"))
-    with pytest.raises(UserError, match="delete"):
+    with pytest.raises(UserError, match="delete") as err:
         load_or_train_digits_classifier(tmp_path)
+    if content == "old_v1":
+        assert "older" in str(err.value) and "fid-classifier-v1" in str(err.value)
+        assert CLASSIFIER_FORMAT.endswith("-v2")
 
 
 def test_fid_of_real_images_is_small_and_zero_against_itself(evaluator, digits):
@@ -138,10 +159,21 @@ def test_reference_stats_are_cached_and_invalidated_by_fingerprint(classifier, d
 
     other = copy.deepcopy(model)                                                        # other weights
     with torch.no_grad():
-        other.body[-2].bias.add_(0.01)
+        other.body[-1].bias.add_(0.01)                   # the feature Linear layer
     changed = FIDEvaluator("digits_classifier", train[:1000], tmp_path, extractor=other)
     assert not changed.reference_from_cache
     assert not torch.equal(changed.ref_mean, fewer.ref_mean)
+
+    assert first.fingerprint["features"] == "pre_relu_128"
+
+    stale = torch.load(path, weights_only=True)                                          # a v1 cache
+    torch.save({**stale, "format": "oms-lightning/fid-reference-v1"}, path)
+    with pytest.warns(UserWarning, match="fid-reference-v1"):
+        assert not FIDEvaluator("digits_classifier", train[:1000], tmp_path, extractor=other).reference_from_cache
+    assert metrics.REFERENCE_FORMAT.endswith("-v2")
+    stale["fingerprint"] = {**stale["fingerprint"], "features": "post_relu_128"}        # other feature layer
+    torch.save(stale, path)
+    assert not FIDEvaluator("digits_classifier", train[:1000], tmp_path, extractor=other).reference_from_cache
 
     path.write_bytes(b"corrupt")                                                          # unreadable cache
     with pytest.warns(UserWarning, match="recomputing"):

@@ -98,6 +98,12 @@ def test_sample_py_model_and_schedule_json(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((out / "summary.json").read_text())["nfe"] == 4
 
+    r = run_sample(tmp_path, f"schedule={tmp_path / 'mixed.json'}", "fid=40")  # every comparison metric + floor
+    assert r.returncode == 0, r.stderr[-3000:]
+    fid = json.loads((out / "summary.json").read_text())["fid"]
+    assert fid["value"] == fid["fid"] > 0 and fid["n"] == 40 and {"kid_heldout", "pixel_fd", "copy_rate"} <= set(fid)
+    assert fid["noise_floor"]["n_used"] == 40 and "noise floor" in r.stdout
+
 
 @pytest.mark.parametrize("args, message", [
     (["model=tiny", "schedule=x.json"], "exactly one of"),

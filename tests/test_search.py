@@ -11,7 +11,9 @@ from conftest import ROOT, SMALL, TINY, write_member
 from oms_lightning.zoo import LatencyProfile, Zoo, device_description
 
 SUMMARY_KEYS = {"budget", "cost", "nfe", "fid", "baseline_fid", "baseline_cost_at_equal_fid", "kendall_tau",
-                "n_records"}
+                "n_records", "fid_mean", "fid_ci", "baseline_fid_mean", "baseline_fid_ci", "diff_ci", "verdict",
+                "heldout", "eval_seeds", "n_eval", "noise_floor", "wall_seconds", "cost_model_error", "fid_select",
+                "select_seed", "kendall_tau_neg_nfe", "kendall_tau_near_budget"}
 
 
 @pytest.fixture
@@ -30,7 +32,8 @@ def run_search(root, *args):
             "search.space.size=4", "search.dataset.n_random=16", "search.dataset.anchor_nfes=[2,4]",
             "search.dataset.n_samples=32", "search.dataset.batch_size=32", "search.predictor.epochs=3",
             "search.evolution.generations=5", "search.evolution.population=8", "search.evolution.children=8",
-            "search.rerank.n_samples=32", "search.rerank.top_k=2", "search.rerank.baseline_nfes=[2,4]",
+            "search.rerank.n_samples=32", "search.rerank.top_k=2", "search.evaluation.n=32",
+            "search.evaluation.seeds=[100,101]", "search.evaluation.timing_rounds=1",
             f"hydra.run.dir={root}/run", f"hydra.sweep.dir={root}/multi"]
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     flags = [a for a in args if a.startswith("-")]  # Hydra wants -m before the overrides
@@ -47,7 +50,8 @@ def test_search_py_end_to_end_then_multirun_reuses_the_cache(zoo_root):
     summary = json.loads((run / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary)
     assert summary["cost"] <= 60 and summary["n_records"] > 16 and -1 <= summary["kendall_tau"] <= 1
-    assert set(summary["winner_steps_single_member_fid"]) == {"small", "tiny"}
+    assert set(summary["winner_steps_single_member_fid_select"]) == {"small", "tiny"}
+    check_fresh_seed_protocol(zoo_root, summary)
     for name in ("schedule.json", "frontier.png", "winner.png"):
         assert (run / name).is_file(), name
     assert "| budget ms |" in r.stdout
@@ -66,6 +70,36 @@ def test_search_py_end_to_end_then_multirun_reuses_the_cache(zoo_root):
     rows = json.loads((zoo_root / "run" / "summary.json").read_text())
     assert [row["budget"] for row in rows] == [50, 80] and all(row["cost"] <= row["budget"] for row in rows)
     assert (zoo_root / "run" / "schedule_50ms.json").is_file() and "reusing predictor" in r.stdout
+
+
+def check_fresh_seed_protocol(root, summary):
+    """The reported FID is the mean over fresh evaluation seeds, not the number that selected the winner: recompute
+    the winner's per-seed FIDs from its schedule file and the interval and verdict from them."""
+    import numpy as np
+    from scipy import stats
+
+    from oms_lightning.data import DigitsDataModule
+    from oms_lightning.metrics import FIDEvaluator
+    from oms_lightning.sampling import generate
+    from oms_lightning.schedule import ModelSchedule
+
+    assert summary["eval_seeds"] == [100, 101] and summary["select_seed"] not in summary["eval_seeds"]
+    contenders = summary["comparison"]["contenders"]
+    per_seed = contenders["searched"]["fid"]["per_seed"]
+    winner = ModelSchedule.load(root / "run" / "schedule.json")
+    zoo = Zoo.load(root, "digits", winner.member_names)
+    evaluator = FIDEvaluator("digits_classifier", DigitsDataModule(batch_size=64), root / "digits")
+    again = [evaluator.fid(generate(zoo, winner, 32, seed=s), s).value for s in summary["eval_seeds"]]
+    assert np.allclose(per_seed, again, rtol=1e-4)
+    assert summary["fid"] == pytest.approx(np.mean(again), rel=1e-4)
+    diffs = np.subtract(per_seed, contenders["baseline"]["fid"]["per_seed"])
+    half = stats.t.ppf(0.975, 1) * diffs.std(ddof=1) / np.sqrt(2)
+    assert summary["diff_ci"] == pytest.approx([diffs.mean() - half, diffs.mean() + half], rel=1e-6)
+    expected = "tie" if summary["diff_ci"][0] <= 0 <= summary["diff_ci"][1] else (
+        "better" if summary["diff_ci"][1] < 0 else "worse")
+    assert summary["verdict"] == expected and summary["wins"] == (expected == "better")
+    assert summary["baselines_considered"] >= 2 * 6 * 4 - 8  # members × samplers × spacings (a few coincide)
+    assert summary["wall_seconds"]["searched"] > 0 and summary["noise_floor"]["n_used"] == 32
 
 
 def test_budget_below_the_cheapest_schedule_names_the_minimum(zoo_root):

@@ -28,20 +28,12 @@ from typing import Any
 
 from oms_lightning.errors import UserError
 from oms_lightning.io import atomic_write_text
-from oms_lightning.schedule import ModelSchedule
+from oms_lightning.schedule import ModelSchedule, schedule_key  # noqa: F401 - re-exported: the store's key
 
 log = logging.getLogger(__name__)
 
 FORMAT = "oms-lightning/schedule-fid-v1"
 RECORD_KEYS = ("schedule", "key", "cost", "nfe", "fid", "n", "extractor", "seed", "zoo", "settings", "seconds")
-
-
-def schedule_key(schedule: ModelSchedule) -> str:
-    """Stable id of a schedule: sha256 over its solver, times rounded to 1e-9 and members (not its meta)."""
-    canon = {"solver": schedule.solver,
-             "times": [round(float(t), 9) for t in schedule.times],
-             "members": [list(s.members) for s in schedule.steps]}
-    return hashlib.sha256(json.dumps(canon, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:24]
 
 
 def settings_fingerprint(settings: Mapping[str, Any]) -> str:
@@ -55,7 +47,8 @@ def fid_settings(evaluator, n: int, seed: int) -> dict:
     fp = dict(getattr(evaluator, "fingerprint", {}) or {})
     return {"n": int(n), "seed": int(seed), "extractor": evaluator.extractor_name,
             "split": getattr(evaluator, "split", None), "extractor_weights": fp.get("weights"),
-            "real_images": fp.get("images"), "num_real": fp.get("num_images")}
+            "real_images": fp.get("images"), "num_real": fp.get("num_images"),
+            "features": fp.get("features")}
 
 
 def _line_valid(line: bytes) -> bool:

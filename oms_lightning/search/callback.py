@@ -1,60 +1,37 @@
-"""SearchCallback: when the predictor's training ends, search schedules under the budget(s) with it, re-rank the
-best by true FID and report — so a search is one `Trainer.fit` of the predictor with this callback attached."""
+"""SearchCallback: when the predictor's training ends, run the evolution under every budget with the best
+predictor weights and keep the result — so a search is one `Trainer.fit` of the predictor with this callback
+attached. Re-ranking, evaluation and reporting happen afterwards, in the pipeline (`search/pipeline.py`)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from oms_lightning.search.evolution import SearchResult, evolve_frontier
 from oms_lightning.schedule import ModelSchedule
-
-
-@dataclass
-class BudgetOutcome:
-    """What the search found for one budget: the evolution's result and the true FIDs of its top-k."""
-
-    budget: float
-    result: SearchResult
-    reranked: list[dict] = field(default_factory=list)   # records (schedule, cost, fid, ...) of the top-k
-
-    @property
-    def winner(self) -> dict:
-        return min(self.reranked, key=lambda r: r["fid"])
+from oms_lightning.search.evolution import SearchResult, evolve_frontier
 
 
 class SearchCallback(Callback):
-    """Runs at `on_fit_end` with the best predictor weights (best held-out Kendall τ), or directly via `run`.
+    """Runs `evolve_frontier` at `on_fit_end` (best held-out checkpoint restored first), or directly via `search`.
 
-    space / cost_fn / budgets / evolution: what `evolve_frontier` needs; rerank_fn(schedules) → records with true
-    FIDs on fresh samples; report_fn(outcomes, logger) writes and logs the results (table, plots, artifact).
+    After either, `results` maps each budget to its SearchResult (population sorted by predicted score).
     """
 
-    def __init__(self, space, cost_fn: Callable[[ModelSchedule], float], budgets: Sequence[float],
-                 rerank_fn: Callable[[list[ModelSchedule]], list[dict]], top_k: int = 5, seed: int = 0,
-                 evolution: dict | None = None, report_fn: Callable | None = None):
+    def __init__(self, space, cost_fn: Callable[[ModelSchedule], float], budgets: Sequence[float], seed: int = 0,
+                 evolution: dict | None = None):
         self.space, self.cost_fn, self.budgets = space, cost_fn, [float(b) for b in budgets]
-        self.rerank_fn, self.top_k, self.seed = rerank_fn, top_k, seed
-        self.evolution, self.report_fn = dict(evolution or {}), report_fn
-        self.outcomes: list[BudgetOutcome] = []
+        self.seed, self.evolution = seed, dict(evolution or {})
+        self.results: dict[float, SearchResult] = {}
 
     def on_fit_end(self, trainer, pl_module) -> None:
         best = getattr(trainer.checkpoint_callback, "best_model_path", "")
         if best:
             pl_module.load_state_dict(torch.load(best, map_location=pl_module.device, weights_only=True)["state_dict"])
         if trainer.is_global_zero:
-            self.run(pl_module, trainer.logger)
+            self.search(pl_module)
 
-    def run(self, predictor, logger=None) -> list[BudgetOutcome]:
-        results = evolve_frontier(self.space, predictor.predict_scores, self.cost_fn, self.budgets, seed=self.seed,
-                                  **self.evolution)
-        self.outcomes = []
-        for budget in self.budgets:
-            result = results[budget]
-            top = [c.schedule for c in result.top(self.top_k)]
-            self.outcomes.append(BudgetOutcome(budget, result, self.rerank_fn(top)))
-        if self.report_fn is not None:
-            self.report_fn(self.outcomes, logger)
-        return self.outcomes
+    def search(self, predictor) -> dict[float, SearchResult]:
+        self.results = evolve_frontier(self.space, predictor.predict_scores, self.cost_fn, self.budgets,
+                                       seed=self.seed, **self.evolution)
+        return self.results

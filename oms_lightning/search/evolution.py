@@ -17,8 +17,8 @@ Pure numpy over a search space (SlotSpace / GridSpace genotypes: int arrays, 0 =
 * **Budget.** Children with cost > B are rejected (as released); children below lower_bound·B are *kept* — the
   lower bound only shapes the starts (cheap schedules are simply out-ranked when the predictor prefers more NFEs).
   Up to 10·`children` proposals are made per generation to collect `children` valid, new ones.
-* **De-duplication** by decoded schedule (ModelSchedule equality/hash): a child equal to any schedule proposed
-  earlier in the run is dropped, so a run never scores (or holds) one schedule twice.
+* **De-duplication** by decoded schedule (`schedule_key`, the identity the record store uses too): a child equal to
+  any schedule proposed earlier in the run is dropped, so a run never scores (or holds) one schedule twice.
 * **Batched scoring.** score_fn is called once for the initial population and at most once per generation, with
   every new child not already in the score cache (a `ScoreCache`, keyed by schedule, may be shared across runs).
 * **(μ + λ) truncation**: the next population is the best `population` of parents ∪ children (stable sort, so
@@ -38,7 +38,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from oms_lightning.errors import UserError
-from oms_lightning.schedule import ModelSchedule
+from oms_lightning.schedule import ModelSchedule, schedule_key
 
 ScoreFn = Callable[[list[ModelSchedule]], Any]
 CostFn = Callable[[ModelSchedule], float]
@@ -69,31 +69,33 @@ class SearchResult:
 
 
 class ScoreCache:
-    """schedule → score, so no schedule is scored twice (shareable across budgets); `calls` counts score_fn calls."""
+    """schedule_key → score, so no schedule is scored twice (shareable across budgets); `calls` counts score_fn
+    calls."""
 
     def __init__(self, score_fn: ScoreFn):
         self.score_fn = score_fn
-        self.scores: dict[ModelSchedule, float] = {}
+        self.scores: dict[str, float] = {}
         self.calls = 0
 
     def __contains__(self, schedule: ModelSchedule) -> bool:
-        return schedule in self.scores
+        return schedule_key(schedule) in self.scores
 
     def score(self, schedules: Sequence[ModelSchedule]) -> tuple[list[float], int]:
         """Scores of `schedules` (one batched score_fn call for the unknown ones); also how many were new."""
-        todo: dict[ModelSchedule, None] = {}
-        for s in schedules:
-            if s not in self.scores:
-                todo[s] = None
+        keys = [schedule_key(s) for s in schedules]
+        todo: dict[str, ModelSchedule] = {}
+        for k, s in zip(keys, schedules):
+            if k not in self.scores:
+                todo.setdefault(k, s)
         if todo:
-            batch = list(todo)
+            batch = list(todo.values())
             raw = np.asarray(self.score_fn(batch), dtype=float).reshape(-1)
             self.calls += 1
             if raw.shape[0] != len(batch):
                 raise UserError(f"score_fn returned {raw.shape[0]} scores for {len(batch)} schedules")
-            for s, v in zip(batch, raw.tolist()):
-                self.scores[s] = v if math.isfinite(v) else math.inf  # NaN / -inf never win
-        return [self.scores[s] for s in schedules], len(todo)
+            for k, v in zip(todo, raw.tolist()):
+                self.scores[k] = v if math.isfinite(v) else math.inf  # NaN / -inf never win
+        return [self.scores[k] for k in keys], len(todo)
 
 
 class _Evaluator:
@@ -102,7 +104,7 @@ class _Evaluator:
     def __init__(self, space: Any, cost_fn: CostFn):
         self.space, self.cost_fn = space, cost_fn
         self._decoded: dict[Any, ModelSchedule] = {}
-        self._costs: dict[ModelSchedule, float] = {}
+        self._costs: dict[str, float] = {}
         kind = type(space).__name__
         self._key = {"SlotSpace": _slot_key, "GridSpace": _grid_key}.get(kind, lambda g: (g.shape, g.tobytes()))
 
@@ -117,12 +119,13 @@ class _Evaluator:
         return s
 
     def cost(self, s: ModelSchedule) -> float:
-        c = self._costs.get(s)
+        key = schedule_key(s)
+        c = self._costs.get(key)
         if c is None:
             c = float(self.cost_fn(s))
             if math.isnan(c):
                 raise UserError(f"cost_fn returned NaN for {s.compact()}")
-            self._costs[s] = c
+            self._costs[key] = c
         return c
 
 
@@ -301,7 +304,7 @@ def evolve(space, score_fn: ScoreFn, cost_fn: CostFn, budget: float, *, populati
                        f"searching the whole space")
         lo = 0.0
 
-    seen: dict[ModelSchedule, None] = {}  # every schedule proposed in this run (insertion-ordered)
+    seen: dict[str, None] = {}  # schedule_key of every schedule proposed in this run (insertion-ordered)
     seen_keys: dict[Any, None] = {}  # their phenotype keys: duplicates are dropped before decoding
     pending: list[tuple[np.ndarray, ModelSchedule, float]] = []
 
@@ -313,9 +316,10 @@ def evolve(space, score_fn: ScoreFn, cost_fn: CostFn, budget: float, *, populati
         if c > B:
             return False
         seen_keys[key] = None
-        if s in seen:
+        identity = schedule_key(s)
+        if identity in seen:
             return False
-        seen[s] = None
+        seen[identity] = None
         pending.append((g, s, c))
         return True
 

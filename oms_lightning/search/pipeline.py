@@ -1,5 +1,6 @@
-"""`python search.py budget=B`: zoo → latency profile → schedule→FID store → predictor (+ SearchCallback) →
-schedule, frontier plot and summary.json. Every expensive stage is cached by zoo and settings, so a multirun
+"""`python search.py budget=B`: zoo → latency profile → schedule→FID store → predictor (+ SearchCallback running
+the evolution) → per budget: top-k re-ranked and the strongest single-member baseline chosen on a selection seed,
+both scored on fresh evaluation seeds by `oms_lightning.evaluation` → schedule, frontier plot and summary.json. Every expensive stage is cached by zoo and settings, so a multirun
 over budgets computes the store and the predictor once.
 """
 from __future__ import annotations
@@ -9,22 +10,22 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from oms_lightning.errors import UserError
 from oms_lightning.io import atomic_write_text
-from oms_lightning.metrics import FIDEvaluator, default_extractor_for
+from oms_lightning.evaluation import (Evaluation, check_fresh_seeds, compare, cost_at_equal_quality,
+                                     single_member_baselines)
+from oms_lightning.metrics import FIDEvaluator, SampleMetrics, default_extractor_for
 from oms_lightning.predictor.generate import generate_distributed, generate_records
-from oms_lightning.predictor.module import PredictorModule, fit_predictor
+from oms_lightning.predictor.module import PredictorModule, fit_predictor, rank_metrics_near
 from oms_lightning.predictor.records import RecordStore, fid_settings, settings_fingerprint
 from oms_lightning.schedule import ModelSchedule
 from oms_lightning.search.callback import SearchCallback
-from oms_lightning.search.report import print_table, report_outcomes
+from oms_lightning.search.report import print_details, print_table, report_outcomes
 from oms_lightning.search.space import make_space, random_schedules, single_member_anchors
-from oms_lightning.zoo import Zoo, load_or_profile, resolve_device, train_command
+from oms_lightning.zoo import Zoo, load_or_profile, resolve_device, time_schedules, train_command
 
 
 def log(msg: str) -> None:
@@ -105,7 +106,8 @@ def build_dataset(cfg: DictConfig, zoo: Zoo, space, evaluator, profile, cache: P
 
 
 def rerank_fn(cfg: DictConfig, zoo: Zoo, evaluator, profile, cache: Path):
-    """True FID on fresh samples (another seed than the dataset's), cached: baselines are computed once."""
+    """True FID on the *selection* seed (another seed than the dataset's), cached in a record store: used to pick
+    the winner among the top-k and the baseline among all single-member samplers — never to report them."""
     r = cfg.search.rerank
     store = store_for(cache, "rerank", zoo, fid_settings(evaluator, r.n_samples, r.seed))
 
@@ -116,20 +118,11 @@ def rerank_fn(cfg: DictConfig, zoo: Zoo, evaluator, profile, cache: Path):
     return rerank
 
 
-def baseline_schedules(cfg: DictConfig, zoo: Zoo) -> list[ModelSchedule]:
-    """Every member alone at every NFE of `rerank.baseline_nfes` (all orders the solver allows), not limited to the
-    search space's K steps: the single-model sampler a user would otherwise run, given every chance to win."""
-    nfes = list(cfg.search.rerank.baseline_nfes)
-    wide = make_space(cfg.search.space.kind, zoo.names, zoo.schedule, max(nfes))
-    return single_member_anchors(wide, nfes)
-
-
-def same_steps_single_member(outcome, zoo: Zoo, rerank) -> dict[str, float]:
-    """Ablation: the winner's steps and orders with one member at every NFE. It separates what mixing models
-    buys from what searching the step structure buys (OMS-DPM searches both)."""
-    winner = ModelSchedule.from_dict(outcome.winner["schedule"])
-    alone = [ModelSchedule.from_times_and_members(winner.times, [[m] * s.order for s in winner.steps])
-             for m in zoo.names]
+def same_steps_single_member(winner: ModelSchedule, zoo: Zoo, rerank) -> dict[str, float]:
+    """Ablation on the selection seed: the winner's steps and orders with one member at every NFE. It separates
+    what mixing models buys from what searching the step structure buys (OMS-DPM searches both)."""
+    alone = [ModelSchedule.from_times_and_members(winner.times, [[m] * s.order for s in winner.steps],
+                                                  solver=winner.solver) for m in zoo.names]
     return {m: r["fid"] for m, r in zip(zoo.names, rerank(alone))}
 
 
@@ -143,7 +136,8 @@ def predictor_key(records: list[dict], cfg: DictConfig, zoo: Zoo) -> str:
 
 
 def train_or_load_predictor(cfg, zoo, records, cache: Path, callback: SearchCallback, logger) -> dict:
-    """Train the predictor with the SearchCallback attached, or reuse the cached one and run the callback on it."""
+    """Train the predictor with the SearchCallback attached (the evolution runs when training ends), or reuse the
+    cached one and run the callback's search on it. Returns the predictor's metrics (τ on the test split)."""
     p = cfg.search.predictor
     key = predictor_key(records, cfg, zoo)
     ckpt, meta_path = cache / f"predictor-{key}.ckpt", cache / f"predictor-{key}.json"
@@ -154,8 +148,8 @@ def train_or_load_predictor(cfg, zoo, records, cache: Path, callback: SearchCall
         except Exception as e:  # noqa: BLE001 - a corrupt cache entry is rebuilt, never silently used
             log(f"cached predictor {ckpt} is unreadable ({type(e).__name__}); training a new one")
         else:
-            log(f"reusing predictor {ckpt} (held-out Kendall tau {metrics['kendall_tau']:.3f})")
-            callback.run(module.eval(), logger)
+            log(f"reusing predictor {ckpt} (test-split Kendall tau {metrics['kendall_tau']:.3f})")
+            callback.search(module.eval())
             return metrics
     log(f"training the predictor on {len(records)} records ({p.epochs} epochs)")
     module, metrics = fit_predictor(
@@ -163,31 +157,77 @@ def train_or_load_predictor(cfg, zoo, records, cache: Path, callback: SearchCall
         trainer_kwargs={"max_epochs": p.epochs, "callbacks": [callback], "logger": logger or False,
                         "default_root_dir": str(cache / f"predictor-{key}"), "accelerator": "cpu",
                         "log_every_n_steps": 1},
-        val_fraction=p.val_fraction, split_seed=p.split_seed, batch_size=p.batch_size, seed=cfg.seed,
-        loss=p.loss, margin=p.margin, fid_threshold=p.fid_threshold, lr=p.lr)
+        val_fraction=p.val_fraction, test_fraction=p.test_fraction, split_seed=p.split_seed,
+        batch_size=p.batch_size, seed=cfg.seed, loss=p.loss, margin=p.margin, fid_threshold=p.fid_threshold, lr=p.lr)
     best = metrics.pop("best_model_path")
     if best:
         Path(best).replace(ckpt)
     atomic_write_text(meta_path, json.dumps(metrics, indent=2) + "\n")
-    log(f"predictor held-out Kendall tau {metrics['kendall_tau']:.3f}, Spearman {metrics['spearman']:.3f}")
+    log(f"predictor Kendall tau on its test split {metrics['kendall_tau']:.3f} (selection split "
+        f"{metrics['kendall_tau_val']:.3f}; ranking by NFE alone {metrics['test']['kendall_tau_neg_nfe']:.3f})")
     return metrics
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+def choose_baseline(cfg: DictConfig, zoo: Zoo, profile, budget: float, rerank) -> tuple[ModelSchedule, list[dict]]:
+    """The strongest single-member sampler within the budget, chosen on the selection seed: every member × solver
+    × spacing at the NFEs `evaluation.baseline_nfes` allows. Returns (the chosen schedule, every candidate's record)."""
+    candidates = single_member_baselines(zoo.names, zoo.schedule, profile.latency, budget,
+                                         nfes=cfg.search.evaluation.baseline_nfes)
+    log(f"budget {1000 * budget:.0f} ms: choosing the baseline among {len(candidates)} single-member samplers "
+        f"(selection seed {cfg.search.rerank.seed}, cached)")
+    records = rerank(candidates)
+    i = min(range(len(records)), key=lambda j: records[j]["fid"])
+    return candidates[i], records
+
+
+def evaluate_budget(cfg: DictConfig, zoo: Zoo, profile, result, rerank, evaluation: Evaluation,
+                    noise_floor: dict, predictor_metrics: dict) -> dict:
+    """One budget, in order: re-rank the top-k on the selection seed, choose the baseline the same way, score both
+    on fresh seeds (paired intervals, verdicts), cost at equal quality, wall time, predictor τ near the budget."""
+    budget = result.budget
+    top = [c.schedule for c in result.top(cfg.search.rerank.top_k)]
+    reranked = rerank(top)
+    w = min(range(len(reranked)), key=lambda j: reranked[j]["fid"])
+    winner = top[w]
+    baseline, baseline_records = choose_baseline(cfg, zoo, profile, budget, rerank)
+    comparison = compare(evaluation, {"searched": winner, "baseline": baseline}, reference="baseline",
+                         noise_floor=noise_floor)
+    equal = cost_at_equal_quality(evaluation, baseline, evaluation.mean(winner), profile.latency[baseline.meta["member"]],
+                                  max_cost=cfg.search.evaluation.equal_quality_max_budgets * budget,
+                                  known_nfe=baseline.nfe)
+    walls = time_schedules(zoo, [winner, baseline], profile.batch_size, rounds=cfg.search.evaluation.timing_rounds)
+    log(f"budget {1000 * budget:.0f} ms: timing winner and baseline, interleaved")
+    test = predictor_metrics.get("test_predictions")
+    near = rank_metrics_near(test["score"], test["fid"], test["cost"], budget) if test else None
+    return {"budget": budget, "result": result, "reranked": reranked, "winner": winner, "winner_record": reranked[w],
+            "baseline": baseline, "baseline_records": baseline_records,
+            "costs": {"searched": profile.cost(winner), "baseline": profile.cost(baseline)},
+            "comparison": comparison, "equal": equal, "walls": walls, "tau_near_budget": near,
+            "same_steps": same_steps_single_member(winner, zoo, rerank)}
 
 
 # ----------------------------------------------------------------------------------------------- the job
 def run(cfg: DictConfig) -> list[dict]:
+    """The search as a straight line: zoo → profile → dataset → predictor + evolution → per budget re-rank,
+    baseline, fresh-seed evaluation → report."""
     started = time.perf_counter()
     device = resolve_device(str(cfg.device))
     ensure_zoo(cfg)
     zoo = Zoo.load(cfg.paths.checkpoints, str(cfg.data.name), names=list(cfg.zoo.members), device=device)
     cache = Path(cfg.paths.cache)
     profile = load_or_profile(zoo, cache / "latency.json", batch_size=cfg.profile.batch_size, device=device,
-                              max_age_hours=cfg.profile.max_age_hours)
+                              max_age_hours=cfg.profile.max_age_hours, max_spread=cfg.profile.max_spread)
     budgets = resolve_budgets(cfg, profile.latency)
+    seeds = check_fresh_seeds(cfg.search.evaluation.seeds, {"the schedule→FID dataset": cfg.search.dataset.sample_seed,
+                                                            "the re-rank and baseline choice": cfg.search.rerank.seed})
     log(f"zoo {list(zoo.names)}; latency per batch of {profile.batch_size} on {profile.device_name}: "
-        + ", ".join(f"{n} {1000 * v:.1f} ms" for n, v in profile.latency.items())
+        + ", ".join(f"{n} {1000 * v:.1f} ms (spread {100 * profile.spread.get(n, 0):.0f} %)"
+                    for n, v in profile.latency.items())
         + f"; budget(s) {', '.join(f'{1000 * b:.1f}' for b in budgets)} ms")
 
-    evaluator = FIDEvaluator(default_extractor_for(str(cfg.data.name)), instantiate(cfg.data.module),
+    datamodule = instantiate(cfg.data.module)
+    evaluator = FIDEvaluator(default_extractor_for(str(cfg.data.name)), datamodule,
                              cache_dir=Path(cfg.paths.checkpoints) / str(cfg.data.name), device=device)
     space = make_space(cfg.search.space.kind, zoo.names, zoo.schedule, cfg.search.space.size)
     records, store = build_dataset(cfg, zoo, space, evaluator, profile, cache)
@@ -196,43 +236,34 @@ def run(cfg: DictConfig) -> list[dict]:
 
     logger = make_logger(cfg.logger, name=f"search-{cfg.data.name}-{'-'.join(f'{1000 * b:.0f}' for b in budgets)}ms",
                          group=f"search-{cfg.data.name}", config=OmegaConf.to_container(cfg, resolve=True))
-    run_dir = Path(cfg.paths.run_dir)
-    rerank = rerank_fn(cfg, zoo, evaluator, profile, cache)
-    baselines = baseline_schedules(cfg, zoo)
-    summaries: list[dict] = []
-
-    def report(outcomes, trainer_logger):
-        log("true FID of the single-member baselines (cached after the first run)")
-        base = rerank(baselines)
-        rows = report_outcomes(outcomes, base, zoo, run_dir, store_size=len(store), logger=trainer_logger,
-                               seed=cfg.search.rerank.seed)
-        for row, outcome in zip(rows, outcomes):
-            row["winner_steps_single_member_fid"] = same_steps_single_member(outcome, zoo, rerank)
-        summaries.extend(rows)
-
-    callback = SearchCallback(space, profile.cost, budgets, rerank, top_k=cfg.search.rerank.top_k, seed=cfg.seed,
+    callback = SearchCallback(space, profile.cost, budgets, seed=cfg.seed,
                               evolution={**OmegaConf.to_container(cfg.search.evolution, resolve=True),
-                                         "null_prob": cfg.search.dataset.null_prob},
-                              report_fn=report)
+                                         "null_prob": cfg.search.dataset.null_prob})
     predictor_metrics = train_or_load_predictor(cfg, zoo, records, cache, callback, logger)
+
+    e = cfg.search.evaluation
+    sample_metrics = SampleMetrics(evaluator, datamodule)
+    evaluation = Evaluation(zoo, sample_metrics, seeds, int(e.n), cfg.search.dataset.batch_size, progress=log)
+    noise_floor = sample_metrics.noise_floor(int(e.n), seed=seeds[0])
+    rerank = rerank_fn(cfg, zoo, evaluator, profile, cache)
+    outcomes = [evaluate_budget(cfg, zoo, profile, callback.results[b], rerank, evaluation, noise_floor,
+                                predictor_metrics) for b in budgets]
+
+    run_dir = Path(cfg.paths.run_dir)
+    summaries = report_outcomes(outcomes, zoo, profile, run_dir, store_size=len(store), logger=logger,
+                                predictor_metrics=predictor_metrics, settings={
+                                    "select_seed": int(cfg.search.rerank.seed), "n_select": int(cfg.search.rerank.n_samples),
+                                    "eval_seeds": seeds, "n_eval": int(e.n)})
     for s in summaries:
-        s["kendall_tau"] = predictor_metrics["kendall_tau"]
-        s["wall_seconds"] = round(time.perf_counter() - started, 1)
-    if summaries:
-        atomic_write_text(run_dir / "summary.json", json.dumps(summaries[0] if len(summaries) == 1 else summaries,
-                                                                indent=2) + "\n")
-        if logger:
-            logger.experiment.summary.update({f"search/{k}": v for k, v in summaries[0].items()
-                                              if isinstance(v, (int, float, str)) or v is None})
-            logger.experiment.save(str(run_dir / "summary.json"), base_path=str(run_dir), policy="now")
+        s["wall_seconds_total"] = round(time.perf_counter() - started, 1)
+    atomic_write_text(run_dir / "summary.json", json.dumps(summaries[0] if len(summaries) == 1 else summaries,
+                                                            indent=2) + "\n")
+    if logger:
+        logger.experiment.summary.update({f"search/{k}": v for k, v in summaries[0].items()
+                                          if isinstance(v, (int, float, str)) or v is None})
+        logger.experiment.save(str(run_dir / "summary.json"), base_path=str(run_dir), policy="now")
     print_table(summaries)
-    for row in summaries:
-        log(f"budget {row['budget']:.0f} ms, the winner's steps with one member everywhere: "
-            + ", ".join(f"{m} FID {f:.2f}" for m, f in row["winner_steps_single_member_fid"].items()))
-        if row["budget_note"]:
-            log(f"note for budget {row['budget']:.0f} ms: {row['budget_note']}")
-    log(f"predictor held-out Kendall tau {predictor_metrics['kendall_tau']:.3f} on {len(records)} records; "
-        f"done in {time.perf_counter() - started:.0f} s")
-    log(f"results: {run_dir / 'summary.json'}, {run_dir / 'schedule.json'}, {run_dir / 'frontier.png'}, "
-        f"{run_dir / 'winner.png'}")
+    print_details(summaries)
+    log(f"done in {time.perf_counter() - started:.0f} s; results: {run_dir / 'summary.json'}, "
+        f"{run_dir / 'schedule.json'}, {run_dir / 'frontier.png'}, {run_dir / 'winner.png'}")
     return summaries

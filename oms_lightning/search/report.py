@@ -1,16 +1,16 @@
-"""Search results: the printed table, schedule.json, frontier.png, the winner's grid, W&B logging — and the
-report command that draws FID against budget over many runs:
+"""Search results: summary rows, the printed table, schedule.json, frontier.png, the winner's grid, W&B logging —
+and the report command that draws FID against budget over many runs:
 
     python -m oms_lightning.search.report outputs/search multirun/search outputs/wandb   [--out frontier.png]
 
 It reads every summary.json below the given folders (local runs, and offline W&B runs, whose files/ folder holds
-the same summary.json).
+the same summary.json). Reported FIDs are fresh-seed means with 95 % intervals (`oms_lightning.evaluation`);
+the selection-seed numbers that chose the winner and the baseline are kept beside them, labelled as such.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import matplotlib
@@ -22,58 +22,139 @@ from oms_lightning.images import save_grid  # noqa: E402
 from oms_lightning.io import atomic_path, atomic_write_text  # noqa: E402
 from oms_lightning.sampling import generate  # noqa: E402
 from oms_lightning.schedule import ModelSchedule  # noqa: E402
+from oms_lightning.zoo import cost_model_error  # noqa: E402
 
 
 def ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(1000 * seconds, 3)
 
 
-def members_of(record: dict) -> set[str]:
-    return {m for step in record["schedule"]["steps"] for m in step["members"]}
+def md(text) -> str:
+    """A markdown table cell: schedules contain `|`, which would split the cell."""
+    return str(text).replace("|", "\\|")
 
 
-def best_within(records: list[dict], budget: float) -> dict | None:
-    fitting = [r for r in records if r["cost"] <= budget * (1 + 1e-9)]
-    return min(fitting, key=lambda r: r["fid"]) if fitting else None
+def _rounded(x, digits: int = 4):
+    return None if x is None else round(float(x), digits)
 
 
-def cheapest_reaching(records: list[dict], fid: float) -> dict | None:
-    reaching = [r for r in records if r["fid"] <= fid]
-    return min(reaching, key=lambda r: r["cost"]) if reaching else None
+# ----------------------------------------------------------------------------------------------- summary rows
+def summarise(o: dict, profile, store_size: int, predictor_metrics: dict, settings: dict) -> dict:
+    """One budget's summary.json row: fresh-seed means, intervals and the verdict, beside the selection numbers."""
+    c = o["comparison"]["contenders"]
+    win, base = c["searched"], c["baseline"]
+    wall_w, wall_b = o["walls"]
+    cost_w, cost_b = o["costs"]["searched"], o["costs"]["baseline"]
+    test = predictor_metrics.get("test") or {}
+    return {
+        "budget": ms(o["budget"]), "schedule": o["winner"].compact(), "cost": ms(cost_w), "nfe": o["winner"].nfe,
+        "fid": win["fid"]["mean"], "fid_mean": win["fid"]["mean"], "fid_ci": win["fid"]["ci"],
+        "fid_select": o["winner_record"]["fid"],
+        "baseline_schedule": o["baseline"].compact(), "baseline_sampler": dict(o["baseline"].meta),
+        "baseline_cost": ms(cost_b), "baseline_fid": base["fid"]["mean"], "baseline_fid_mean": base["fid"]["mean"],
+        "baseline_fid_ci": base["fid"]["ci"], "baseline_fid_select": min(r["fid"] for r in o["baseline_records"]),
+        "baselines_considered": len(o["baseline_records"]),
+        "diff": win["fid"]["diff"], "diff_ci": win["fid"]["diff_ci"], "verdict": win["fid"]["verdict"],
+        "wins": win["fid"]["verdict"] == "better",
+        "heldout": {"metric": "kid_heldout (KID against the validation split)",
+                    "fid_mean": win["kid_heldout"]["mean"], "fid_ci": win["kid_heldout"]["ci"],
+                    "baseline_mean": base["kid_heldout"]["mean"], "baseline_ci": base["kid_heldout"]["ci"],
+                    "diff_ci": win["kid_heldout"]["diff_ci"], "verdict": win["kid_heldout"]["verdict"]},
+        "second_metric": {"metric": "pixel_fd (Fréchet distance in pixel space)",
+                          "mean": win["pixel_fd"]["mean"], "baseline_mean": base["pixel_fd"]["mean"],
+                          "diff_ci": win["pixel_fd"]["diff_ci"], "verdict": win["pixel_fd"]["verdict"]},
+        "copy_rate": {"searched": win["copy_rate"]["mean"], "baseline": base["copy_rate"]["mean"],
+                      "real_heldout": o["comparison"]["noise_floor"].get("copy_rate")},
+        "disagreements": o["comparison"]["disagreements"]["searched"],
+        "comparison": o["comparison"], **settings, "noise_floor": o["comparison"]["noise_floor"],
+        "baseline_cost_at_equal_fid": ms(o["equal"]["cost"]) if o["equal"] else None,
+        "equal_fid_baseline": o["equal"],
+        "wall_seconds": {"searched": wall_w["wall_seconds"], "baseline": wall_b["wall_seconds"]},
+        "wall_spread": {"searched": wall_w["wall_spread"], "baseline": wall_b["wall_spread"]},
+        "cost_model_error": {"searched": _rounded(cost_model_error(cost_w, wall_w["wall_seconds"])),
+                             "baseline": _rounded(cost_model_error(cost_b, wall_b["wall_seconds"]))},
+        "kendall_tau": predictor_metrics["kendall_tau"], "kendall_tau_val": predictor_metrics.get("kendall_tau_val"),
+        "kendall_tau_neg_nfe": test.get("kendall_tau_neg_nfe"), "kendall_tau_neg_cost": test.get("kendall_tau_neg_cost"),
+        "kendall_tau_near_budget": o["tau_near_budget"],
+        "winner_steps_single_member_fid_select": o["same_steps"],
+        "n_records": store_size, "extractor": o["winner_record"]["extractor"],
+        "budget_note": o["result"].budget_note, "schedules_scored": o["result"].evaluated,
+        "latency_ms": {k: ms(v) for k, v in profile.latency.items()}, "latency_spread": dict(profile.spread),
+    }
 
 
-def summarise(outcome, baselines: list[dict], store_size: int, seed: int) -> dict:
-    w = outcome.winner
-    base = best_within(baselines, outcome.budget)
-    equal = cheapest_reaching(baselines, w["fid"])
-    return {"budget": ms(outcome.budget), "schedule": ModelSchedule.from_dict(w["schedule"]).compact(),
-            "cost": ms(w["cost"]), "nfe": w["nfe"], "fid": w["fid"],
-            "baseline_fid": base["fid"] if base else None,
-            "baseline_schedule": ModelSchedule.from_dict(base["schedule"]).compact() if base else None,
-            "baseline_cost": ms(base["cost"]) if base else None,
-            "baseline_cost_at_equal_fid": ms(equal["cost"]) if equal else None,
-            "wins": base is None or w["fid"] < base["fid"],
-            "kendall_tau": None, "n_records": store_size, "fid_samples": w["n"], "fid_seed": seed,
-            "extractor": w["extractor"], "budget_note": outcome.result.budget_note,
-            "schedules_scored": outcome.result.evaluated}
+def _pm(mean: float, ci) -> str:
+    return f"{mean:.2f} ± {(ci[1] - ci[0]) / 2:.2f}"
 
 
-def frontier_plot(path: Path, baselines: list[dict], outcomes, title: str) -> Path:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for member in sorted({m for r in baselines for m in members_of(r)}):
-        pts = sorted((r["cost"], r["fid"]) for r in baselines if members_of(r) == {member})
-        envelope, best = [], math.inf
-        for c, f in pts:  # best FID reachable at cost ≤ c
+def print_table(rows: list[dict]) -> None:
+    head = ("budget ms", "searched schedule", "cost ms", "FID", "best single sampler", "cost ms", "FID",
+            "difference [95 % CI]", "verdict", "single cost @ equal FID")
+    print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for s in rows:
+        eq = s["baseline_cost_at_equal_fid"]
+        lo, hi = s["diff_ci"]
+        print(f"| {s['budget']:.0f} | {md(s['schedule'])} | {s['cost']:.0f} | {_pm(s['fid_mean'], s['fid_ci'])} | "
+              f"{md(s['baseline_schedule'])} | {s['baseline_cost']:.0f} | "
+              f"{_pm(s['baseline_fid_mean'], s['baseline_fid_ci'])} | {s['diff']:+.2f} [{lo:+.2f}, {hi:+.2f}] | "
+              f"**{s['verdict']}** | {'not reached' if eq is None else f'{eq:.0f}'} |")
+
+
+def print_details(rows: list[dict]) -> None:
+    for s in rows:
+        nf = s["noise_floor"]
+        print(f"\nbudget {s['budget']:.0f} ms — fresh seeds {s['eval_seeds']} × {s['n_eval']} samples "
+              f"(selection seed {s['select_seed']} × {s['n_select']}: searched {s['fid_select']:.2f}, "
+              f"baseline {s['baseline_fid_select']:.2f} among {s['baselines_considered']} single-member samplers)")
+        print(f"  noise floor (two disjoint real sets of {nf.get('n_used')}): FID {nf.get('fid', float('nan')):.2f}, "
+              f"KID {nf.get('kid_heldout', float('nan')):.4f}, pixel FD {nf.get('pixel_fd', float('nan')):.3f}")
+        h, p = s["heldout"], s["second_metric"]
+        print(f"  held-out KID: searched {h['fid_mean']:.4f}, baseline {h['baseline_mean']:.4f} → {h['verdict']}; "
+              f"pixel FD: {p['mean']:.3f} vs {p['baseline_mean']:.3f} → {p['verdict']}; copy rate "
+              f"{s['copy_rate']['searched']:.3f} / {s['copy_rate']['baseline']:.3f} "
+              f"(real held-out {s['copy_rate']['real_heldout']:.3f})")
+        for flag in s["disagreements"]:
+            print(f"  ! metrics disagree: {flag}")
+        w, e = s["wall_seconds"], s["cost_model_error"]
+        print(f"  wall time per batch: searched {1000 * w['searched']:.0f} ms (cost model {s['cost']:.0f}, "
+              f"error {100 * e['searched']:+.0f} %), baseline {1000 * w['baseline']:.0f} ms (cost model "
+              f"{s['baseline_cost']:.0f}, error {100 * e['baseline']:+.0f} %)")
+        near = s["kendall_tau_near_budget"] or {}
+        print(f"  predictor Kendall tau on its test split {s['kendall_tau']:.3f} (ranking by NFE alone "
+              f"{_fmt(s['kendall_tau_neg_nfe'])}; within ±10 % of this budget {_fmt(near.get('kendall_tau'))} "
+              f"on {near.get('n', 0)} schedules)")
+        if s["budget_note"]:
+            print(f"  note: {s['budget_note']}")
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None or x != x else f"{x:.3f}"
+
+
+# ----------------------------------------------------------------------------------------------- files
+def frontier_plot(path: Path, outcomes: list[dict], title: str) -> Path:
+    """Per member, the best selection-seed FID of any of its samplers at cost ≤ c (steps); the searched schedule and
+    the chosen baseline with their fresh-seed means and 95 % intervals."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    records = {r["key"]: r for o in outcomes for r in o["baseline_records"]}.values()
+    for member in sorted({r["schedule"]["steps"][0]["members"][0] for r in records}):
+        pts = sorted((r["cost"], r["fid"]) for r in records if r["schedule"]["steps"][0]["members"][0] == member)
+        envelope, best = [], float("inf")
+        for c, f in pts:
             best = min(best, f)
             envelope.append((1000 * c, best))
-        ax.step(*zip(*envelope), where="post", label=f"{member} alone (best order)")
-    for o in outcomes:
-        ax.scatter([1000 * r["cost"] for r in o.reranked], [r["fid"] for r in o.reranked], marker="x", color="grey")
-        ax.scatter([1000 * o.winner["cost"]], [o.winner["fid"]], marker="*", s=200, color="red", zorder=5)
-        ax.axvline(1000 * o.budget, linestyle=":", color="red")
-    ax.scatter([], [], marker="*", color="red", label="searched schedule (budget dotted)")
+        ax.step(*zip(*envelope), where="post", alpha=0.6, label=f"{member} alone, best sampler (selection seed)")
+    for i, o in enumerate(outcomes):
+        c = o["comparison"]["contenders"]
+        for name, style in (("searched", "r*"), ("baseline", "ks")):
+            fid = c[name]["fid"]
+            x = 1000 * o["costs"][name]
+            ax.errorbar([x], [fid["mean"]], yerr=[[fid["mean"] - fid["ci"][0]], [fid["ci"][1] - fid["mean"]]],
+                        fmt=style, ms=10 if name == "searched" else 6, capsize=4, zorder=5,
+                        label=(f"{name} (fresh seeds, 95 % CI)" if i == 0 else None))
+        ax.axvline(1000 * o["budget"], linestyle=":", color="red")
     ax.set(xlabel="cost (ms per batch, profiled)", ylabel="FID", yscale="log", title=title)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
@@ -81,32 +162,23 @@ def frontier_plot(path: Path, baselines: list[dict], outcomes, title: str) -> Pa
     return path
 
 
-def print_table(rows: list[dict]) -> None:
-    head = ("budget ms", "schedule", "cost ms", "NFE", "FID", "best single FID", "single cost @ equal FID")
-    print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
-    for s in rows:
-        eq = s["baseline_cost_at_equal_fid"]
-        base = "—" if s["baseline_fid"] is None else f"{s['baseline_fid']:.2f} ({s['baseline_schedule']})"
-        print(f"| {s['budget']:.0f} | {s['schedule']} | {s['cost']:.0f} | {s['nfe']} | {s['fid']:.2f} | {base} | "
-              f"{'not reached' if eq is None else f'{eq:.0f}'} |")
+def save_winner(o: dict, row: dict, zoo, path: Path) -> Path:
+    return o["winner"].with_meta(cost_ms=row["cost"], fid_mean=row["fid_mean"], fid_ci=row["fid_ci"],
+                                 eval_seeds=row["eval_seeds"], n_eval=row["n_eval"], verdict=row["verdict"],
+                                 budget_ms=row["budget"], data=zoo.data_name, zoo=zoo.fingerprint()).save(path)
 
 
-def save_winner(outcome, zoo, path: Path) -> Path:
-    w = outcome.winner
-    return ModelSchedule.from_dict(w["schedule"]).with_meta(
-        cost_ms=ms(w["cost"]), fid=w["fid"], fid_samples=w["n"], budget_ms=ms(outcome.budget), data=zoo.data_name,
-        zoo=zoo.fingerprint()).save(path)
-
-
-def report_outcomes(outcomes, baselines: list[dict], zoo, run_dir: Path, store_size: int, logger, seed: int) -> list[dict]:
-    """Write schedule.json (schedule_<budget>ms.json for several budgets), frontier.png and winner.png (the
-    first budget's samples), log them to W&B, and return one summary per budget."""
+def report_outcomes(outcomes: list[dict], zoo, profile, run_dir: Path, store_size: int, logger,
+                    predictor_metrics: dict, settings: dict) -> list[dict]:
+    """Write schedule.json (schedule_<budget>ms.json for several budgets), frontier.png and winner.png (the first
+    budget's samples), log them to W&B, and return one summary row per budget."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    rows = [summarise(o, baselines, store_size, seed) for o in outcomes]
-    names = ["schedule.json"] if len(outcomes) == 1 else [f"schedule_{ms(o.budget):.0f}ms.json" for o in outcomes]
-    schedule_path = [save_winner(o, zoo, run_dir / name) for o, name in zip(outcomes, names)][0]
-    plot = frontier_plot(run_dir / "frontier.png", baselines, outcomes, f"{zoo.data_name}: searched vs single members")
-    grid = save_grid(generate(zoo, ModelSchedule.load(schedule_path), 64, seed=seed), run_dir / "winner.png")
+    rows = [summarise(o, profile, store_size, predictor_metrics, settings) for o in outcomes]
+    names = ["schedule.json"] if len(outcomes) == 1 else [f"schedule_{ms(o['budget']):.0f}ms.json" for o in outcomes]
+    schedule_path = [save_winner(o, row, zoo, run_dir / name) for o, row, name in zip(outcomes, rows, names)][0]
+    plot = frontier_plot(run_dir / "frontier.png", outcomes, f"{zoo.data_name}: searched vs single-member samplers")
+    grid = save_grid(generate(zoo, ModelSchedule.load(schedule_path), 64, seed=settings["eval_seeds"][0]),
+                     run_dir / "winner.png")
     if logger:
         _log_wandb(logger, outcomes, rows, schedule_path, plot, grid)
     return rows
@@ -115,13 +187,14 @@ def report_outcomes(outcomes, baselines: list[dict], zoo, run_dir: Path, store_s
 def _log_wandb(logger, outcomes, rows, schedule_path: Path, plot: Path, grid: Path) -> None:
     import wandb
 
-    population = [[o.budget * 1000, c.schedule.compact(), c.cost * 1000, c.schedule.nfe, c.score]
-                  for o in outcomes for c in o.result.population]
+    population = [[o["budget"] * 1000, c.schedule.compact(), c.cost * 1000, c.schedule.nfe, c.score]
+                  for o in outcomes for c in o["result"].population]
     logger.log_table("search/population", columns=["budget_ms", "schedule", "cost_ms", "nfe", "predicted_score"],
                      data=population)
     logger.log_image("search/frontier", images=[str(plot)])
     logger.log_image("search/winner_samples", images=[str(grid)])
-    artifact = wandb.Artifact("schedule", type="model-schedule", metadata=rows[0])
+    artifact = wandb.Artifact("schedule", type="model-schedule",
+                              metadata={k: v for k, v in rows[0].items() if k != "comparison"})
     artifact.add_file(str(schedule_path))
     logger.experiment.log_artifact(artifact)
 
@@ -133,7 +206,7 @@ def collect(folders: list[Path]) -> list[dict]:
         for f in sorted(Path(folder).rglob("summary.json")):
             data = json.loads(f.read_text())
             for row in data if isinstance(data, list) else [data]:
-                if "budget" in row and "fid" in row:
+                if "budget" in row and "fid_ci" in row:
                     rows.append({**row, "source": str(f)})
     return rows
 
@@ -141,9 +214,14 @@ def collect(folders: list[Path]) -> list[dict]:
 def budget_plot(rows: list[dict], out: Path) -> Path:
     rows = sorted({r["budget"]: r for r in rows}.values(), key=lambda r: r["budget"])  # one run per budget
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot([r["budget"] for r in rows], [r["fid"] for r in rows], "o-", color="red", label="searched schedule")
-    ax.plot([r["budget"] for r in rows if r["baseline_fid"] is not None],
-            [r["baseline_fid"] for r in rows if r["baseline_fid"] is not None], "s--", label="best single member")
+    for key, ci, fmt, label in (("fid_mean", "fid_ci", "o-", "searched schedule"),
+                                ("baseline_fid_mean", "baseline_fid_ci", "s--", "best single-member sampler")):
+        xs = [r["budget"] for r in rows]
+        ys = [r[key] for r in rows]
+        err = [[y - r[ci][0] for y, r in zip(ys, rows)], [r[ci][1] - y for y, r in zip(ys, rows)]]
+        ax.errorbar(xs, ys, yerr=err, fmt=fmt, capsize=4, label=f"{label} (fresh seeds, 95 % CI)")
+    for r in rows:
+        ax.annotate(r["verdict"], (r["budget"], r["fid_mean"]), textcoords="offset points", xytext=(4, 6), fontsize=8)
     ax.set(xlabel="budget (ms per batch)", ylabel="FID", yscale="log", title="FID vs budget")
     ax.legend()
     fig.tight_layout()
@@ -160,7 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     rows = collect(args.folders)
     if not rows:
-        raise SystemExit(f"error: no summary.json under {', '.join(map(str, args.folders))}; run search.py first")
+        raise SystemExit(f"error: no summary.json with fresh-seed results under {', '.join(map(str, args.folders))}; "
+                         f"run search.py first")
     print_table(sorted(rows, key=lambda r: r["budget"]))
     atomic_write_text(args.out.with_suffix(".json"), json.dumps(rows, indent=2) + "\n")
     print(f"\nfrontier: {budget_plot(rows, args.out)}\ntable:    {args.out.with_suffix('.json')}")

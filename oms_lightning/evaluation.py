@@ -1,0 +1,253 @@
+"""The one place that declares a winner: paired comparisons on fresh seeds, with intervals and a verdict.
+
+Every claim "sampler A beats sampler B" in this project goes through `compare`:
+
+* each contender generates `n` images for each evaluation seed from the *same* per-sample noise (image i of
+  seed s starts from noise (s, i) whatever the contender), and each set is scored by `SampleMetrics`: FID against
+  the training split, KID against the held-out validation split, a pixel-space Fréchet distance (a second metric
+  of another nature) and the copy rate (memorisation check);
+* per metric, the contender's mean over seeds comes with a 95 % t-interval, and its **paired** difference to the
+  reference contender (same seed, same noise) with a 95 % t-interval over seeds (Student's t with
+  len(seeds) − 1 degrees of freedom: FIDs of one seed are one draw each, so seeds are the independent units);
+* the verdict per metric is `better` (interval entirely below 0 for a lower-is-better metric), `worse` (entirely
+  above) or `tie` (it contains 0). Metrics whose verdicts point in opposite directions are flagged, never hidden;
+* a noise floor — the same metrics between two disjoint sets of real images — is printed next to every
+  comparison, so a reader sees how large a difference chance alone makes.
+
+The strongest single-model baselines are built here too (`single_member_baselines`): every member with every
+solver, every spacing and every NFE whose cost fits the budget (or the largest ones only, for quick runs), and
+`cost_at_equal_quality` finds the cheapest NFE of the chosen baseline's sampler that reaches a target quality on
+the evaluation seeds, by bisection over NFE (no coarse grid).
+
+Seeds used to *select* anything (the top-k re-rank, the baseline choice) must never be evaluation seeds:
+`check_fresh_seeds` refuses an overlap, because the minimum of noisy numbers is optimistic.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+from scipy import stats
+
+from oms_lightning.diffusion.noise_schedule import VPSchedule
+from oms_lightning.diffusion.spacing import SPACINGS, default_t_end, timesteps
+from oms_lightning.errors import UserError
+from oms_lightning.metrics import LOWER_IS_BETTER, METRICS
+from oms_lightning.predictor.records import schedule_key
+from oms_lightning.sampling import generate
+from oms_lightning.schedule import ModelSchedule
+
+PRIMARY = "fid"
+CONFIDENCE = 0.95
+VERDICTS = ("better", "tie", "worse")
+
+# Every single-member sampler of the project as (solver, NFEs per step of singlestep DPM-Solver). DPM-Solver-1 is
+# left out: it is DDIM to 1e-12 (tests/test_solvers.py), so it would only double DDIM's work.
+SAMPLERS: tuple[tuple[str, int | None], ...] = (
+    ("ddim", None), ("dpm_solver", 2), ("dpm_solver", 3), ("dpm_solver++", None), ("dpm_solver++3m", None),
+    ("heun", None))
+
+
+# ----------------------------------------------------------------------------------------------- statistics
+def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+    """(mean, low, high): Student-t interval of the mean over independent values (one per seed)."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size < 2:
+        raise UserError(f"an interval needs at least 2 seeds, got {v.size}; set evaluation.seeds to >= 2 seeds")
+    mean = float(v.mean())
+    half = float(stats.t.ppf(0.5 + confidence / 2, df=v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
+    return mean, mean - half, mean + half
+
+
+def verdict(low: float, high: float, lower_is_better: bool = True) -> str:
+    """`better` / `worse` when the interval of (contender − reference) excludes 0, else `tie`."""
+    if low <= 0.0 <= high:
+        return "tie"
+    below = high < 0.0
+    return "better" if below == lower_is_better else "worse"
+
+
+def check_fresh_seeds(eval_seeds: Iterable[int], used: Mapping[str, int]) -> list[int]:
+    """The evaluation seeds as ints; UserError if one of them also served to build or select something."""
+    seeds = [int(s) for s in eval_seeds]
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"evaluation seeds must be distinct, got {seeds}")
+    clash = {what: s for what, s in used.items() if s in seeds}
+    if clash:
+        raise UserError(f"evaluation seeds {seeds} overlap the seed(s) used for {', '.join(clash)} "
+                        f"({clash}); choose fresh evaluation seeds (a number chosen as the best on one seed is "
+                        f"optimistic on that seed)")
+    return seeds
+
+
+# ----------------------------------------------------------------------------------------------- scoring
+@dataclass
+class Evaluation:
+    """Scores schedules on the evaluation seeds (memoised by schedule identity): metric → one value per seed."""
+
+    zoo: object
+    metrics: object                       # SampleMetrics
+    seeds: list[int]
+    n: int
+    batch_size: int = 256
+    progress: Callable[[str], None] | None = None
+    _cache: dict[str, dict[str, list[float]]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if len(self.seeds) < 2:
+            raise UserError(f"evaluation needs at least 2 seeds for an interval, got {self.seeds}")
+        if int(self.n) < 2:
+            raise UserError(f"evaluation needs at least 2 samples per seed, got n={self.n}")
+
+    def score(self, schedule: ModelSchedule) -> dict[str, list[float]]:
+        key = schedule_key(schedule)
+        if key not in self._cache:
+            if self.progress:
+                self.progress(f"evaluating {schedule.compact()} on seeds {self.seeds} × {self.n} samples")
+            per_seed = [self.metrics.score(generate(self.zoo, schedule, self.n, seed=s, batch_size=self.batch_size), s)
+                        for s in self.seeds]
+            self._cache[key] = {m: [float(r[m]) for r in per_seed] for m in METRICS}
+        return self._cache[key]
+
+    def mean(self, schedule: ModelSchedule, metric: str = PRIMARY) -> float:
+        return float(np.mean(self.score(schedule)[metric]))
+
+
+def summarise_contender(values: Mapping[str, Sequence[float]], reference: Mapping[str, Sequence[float]] | None,
+                        confidence: float = CONFIDENCE) -> dict:
+    """Per metric: per-seed values, mean and interval; against a reference also the paired difference and verdict."""
+    out = {}
+    for m in METRICS:
+        mean, lo, hi = t_interval(values[m], confidence)
+        row = {"per_seed": list(values[m]), "mean": mean, "ci": [lo, hi]}
+        if reference is not None:
+            d_mean, d_lo, d_hi = t_interval(np.subtract(values[m], reference[m]), confidence)
+            row.update(diff=d_mean, diff_ci=[d_lo, d_hi], verdict=verdict(d_lo, d_hi, LOWER_IS_BETTER[m]))
+        out[m] = row
+    return out
+
+
+def disagreements(summary: Mapping[str, dict]) -> list[str]:
+    """Metrics whose verdict is the opposite of the primary metric's (better vs worse), or decided where it ties."""
+    primary = summary[PRIMARY].get("verdict")
+    flagged = []
+    for m, row in summary.items():
+        v = row.get("verdict")
+        if m == PRIMARY or v is None or m == "copy_rate":
+            continue
+        if {primary, v} == {"better", "worse"} or (primary == "tie" and v != "tie"):
+            flagged.append(f"{m} says {v} where {PRIMARY} says {primary}")
+    return flagged
+
+
+def compare(evaluation: Evaluation, contenders: Mapping[str, ModelSchedule], reference: str,
+            noise_floor: Mapping[str, float] | None = None, confidence: float = CONFIDENCE) -> dict:
+    """Score every contender on the same seeds and noise; each non-reference one gets paired intervals and verdicts.
+
+    Returns {"seeds", "n", "reference", "noise_floor", "contenders": {name: {metric: {...}}}, "disagreements":
+    {name: [...]}}. The verdict of contender X reads "X is better / worse than the reference, or ties".
+    """
+    if reference not in contenders:
+        raise UserError(f"reference contender {reference!r} is not among {sorted(contenders)}")
+    ref_values = evaluation.score(contenders[reference])
+    rows, flags = {}, {}
+    for name, schedule in contenders.items():
+        is_ref = name == reference
+        rows[name] = summarise_contender(evaluation.score(schedule), None if is_ref else ref_values, confidence)
+        if not is_ref:
+            flags[name] = disagreements(rows[name])
+    return {"seeds": list(evaluation.seeds), "n": int(evaluation.n), "reference": reference,
+            "confidence": confidence, "noise_floor": dict(noise_floor or {}), "contenders": rows,
+            "disagreements": flags}
+
+
+# ----------------------------------------------------------------------------------------------- baselines
+def single_member_sampler(member: str, solver: str, order: int | None, spacing: str, nfe: int,
+                          noise: VPSchedule) -> ModelSchedule | None:
+    """One member with one sampler at exactly `nfe` NFEs, or None if the sampler cannot make that many.
+
+    Singlestep DPM-Solver-k reaches any NFE as DPM-Solver's "fast" variant does: ⌊nfe/k⌋ steps of order k and
+    one last, lower-order step for the remainder. Heun takes 2 NFEs per step (even NFEs only).
+    """
+    if solver == "heun":
+        if nfe % 2:
+            return None
+        steps, orders = nfe // 2, 2
+    elif solver == "dpm_solver":
+        orders = [order] * (nfe // order) + ([nfe % order] if nfe % order else [])
+        steps = len(orders)
+    else:
+        steps, orders = nfe, None
+    times = timesteps(spacing, steps, noise, t_end=default_t_end(nfe)).tolist()
+    label = solver if order is None else f"{solver}-{order}"
+    return ModelSchedule.single(member, times, solver=solver, orders=orders,
+                                meta={"member": member, "sampler": label, "solver": solver, "order": order,
+                                      "spacing": spacing, "nfe": nfe})
+
+
+def fitting_nfes(latency: float, budget: float, nfes: str | int) -> list[int]:
+    """NFEs whose cost (nfe × latency) fits the budget: "all", "largest", or the k largest (an int)."""
+    most = int(math.floor(budget / latency * (1 + 1e-9)))
+    every = list(range(1, most + 1))
+    if nfes == "all":
+        return every
+    k = 1 if nfes == "largest" else int(nfes)
+    if k < 1:
+        raise UserError(f"evaluation.baseline_nfes must be 'all', 'largest' or a positive integer, got {nfes!r}")
+    return every[-k:]
+
+
+def single_member_baselines(members: Sequence[str], noise: VPSchedule, latency: Mapping[str, float], budget: float,
+                            nfes: str | int = "all", spacings: Sequence[str] = SPACINGS,
+                            samplers: Sequence[tuple[str, int | None]] = SAMPLERS) -> list[ModelSchedule]:
+    """Every member × sampler × spacing at the NFEs of `fitting_nfes` (samplers that cannot make an NFE — Heun at an
+    odd one — take the next one down). Each schedule's meta names its member, sampler, spacing and NFE."""
+    out: dict[str, ModelSchedule] = {}
+    for member in members:
+        wanted = fitting_nfes(latency[member], budget, nfes)
+        for solver, order in samplers:
+            for spacing in spacings:
+                for nfe in wanted:
+                    s = single_member_sampler(member, solver, order, spacing, nfe, noise)
+                    if s is None and nfe > 1:
+                        s = single_member_sampler(member, solver, order, spacing, nfe - 1, noise)
+                    if s is not None:
+                        out.setdefault(schedule_key(s), s)
+    return list(out.values())
+
+
+def cost_at_equal_quality(evaluation: Evaluation, family: ModelSchedule, target: float, latency: float,
+                          max_cost: float, known_nfe: int | None = None) -> dict | None:
+    """Cheapest NFE of `family`'s sampler (member, solver, spacing as in its meta) whose mean FID over the
+    evaluation seeds is ≤ target, searched by bisection over NFE up to max_cost. Assumes quality improves with
+    NFE along one sampler (true in the measured range; a non-monotone dip could be missed). None if even the
+    largest NFE within max_cost does not reach the target."""
+    m = family.meta
+    noise = evaluation.zoo.schedule
+
+    def at(nfe: int) -> ModelSchedule:
+        s = single_member_sampler(m["member"], m["solver"], m["order"], m["spacing"], nfe, noise)
+        return s if s is not None else single_member_sampler(m["member"], m["solver"], m["order"], m["spacing"],
+                                                             nfe + 1, noise)
+
+    step = 2 if m["solver"] == "heun" else 1
+    lo, hi = step, int(math.floor(max_cost / latency * (1 + 1e-9)))
+    hi -= hi % step
+    if hi < lo or evaluation.mean(at(hi)) > target:
+        return None
+    if known_nfe is not None and lo <= known_nfe < hi:
+        if evaluation.mean(at(known_nfe)) <= target:
+            hi = known_nfe
+        else:
+            lo = known_nfe + step
+    while lo < hi:  # invariant: at(hi) reaches the target
+        mid = lo + ((hi - lo) // (2 * step)) * step
+        if evaluation.mean(at(mid)) <= target:
+            hi = mid
+        else:
+            lo = mid + step
+    best = at(hi)
+    return {"nfe": best.nfe, "cost": best.nfe * latency, "fid_mean": evaluation.mean(best),
+            "schedule": best.compact(), "sampler": m["sampler"], "member": m["member"], "spacing": m["spacing"]}
