@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from oms_lightning.diffusion.seeding import per_sample_noise  # noqa: E402
+from oms_lightning.diffusion.solvers import get_solver  # noqa: E402
 from oms_lightning.sampling import generate, single_member_schedule, solve  # noqa: E402
 from oms_lightning.search.space import SlotSpace  # noqa: E402
 from oms_lightning.zoo import Zoo, device_description, profile_latency  # noqa: E402
@@ -89,7 +90,7 @@ def main(args) -> None:
     overheads = []
     for solver, order in [("ddim", 1), ("dpm_solver", 2), ("dpm_solver", 3), ("dpm_solver++", 1), ("heun", 1)]:
         for nfe in args.nfes:
-            per_step = order if solver == "dpm_solver" else (2 if solver == "heun" else 1)
+            per_step = get_solver(solver).uniform_nfe_per_step(order)
             if nfe % per_step:
                 continue
             s = single_member_schedule(member, solver, nfe // per_step, zoo.schedule, order=order)
@@ -103,8 +104,9 @@ def main(args) -> None:
     print(f"\nsolver overhead: median {statistics.median(overheads):.3f}, max {max(overheads):.3f}")
 
     profile = profile_latency(zoo, args.batch, warmup=3, repeats=args.profile_repeats)
-    print("\n## cost model\nprofiled latency per batch: "
-          + ", ".join(f"{n} {1000 * v:.2f} ms" for n, v in profile.latency.items()))
+    print("\n## cost model\nprofiled latency per batch (interleaved rounds; spread = (p90-p10)/median across "
+          "rounds): " + ", ".join(f"{n} {1000 * v:.2f} ms (spread {100 * profile.spread.get(n, 0):.1f} %)"
+                                  for n, v in profile.latency.items()))
     space = SlotSpace(zoo.names, args.max_steps, zoo.schedule)
     rng = np.random.default_rng(args.seed)
     errors = []

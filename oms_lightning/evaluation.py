@@ -32,6 +32,7 @@ import numpy as np
 from scipy import stats
 
 from oms_lightning.diffusion.noise_schedule import VPSchedule
+from oms_lightning.diffusion.solvers import SOLVER_REGISTRY
 from oms_lightning.diffusion.spacing import SPACINGS, default_t_end, timesteps
 from oms_lightning.errors import UserError
 from oms_lightning.metrics import LOWER_IS_BETTER, METRICS
@@ -43,11 +44,18 @@ PRIMARY = "fid"
 CONFIDENCE = 0.95
 VERDICTS = ("better", "tie", "worse")
 
-# Every single-member sampler of the project as (solver, NFEs per step of singlestep DPM-Solver). DPM-Solver-1 is
-# left out: it is DDIM to 1e-12 (tests/test_solvers.py), so it would only double DDIM's work.
-SAMPLERS: tuple[tuple[str, int | None], ...] = (
-    ("ddim", None), ("dpm_solver", 2), ("dpm_solver", 3), ("dpm_solver++", None), ("dpm_solver++3m", None),
-    ("heun", None))
+def _samplers() -> tuple[tuple[str, int | None], ...]:
+    """Every single-member sampler of the solver registry as (solver, NFEs per step or None for a fixed count).
+    A solver with a variable count (singlestep DPM-Solver) gets one sampler per count ≥ 2: its count 1 is DDIM to
+    1e-12 (tests/test_solvers.py), so it would only double DDIM's work."""
+    out = []
+    for name in sorted(SOLVER_REGISTRY):
+        lo, hi = SOLVER_REGISTRY[name].nfe_per_step
+        out += [(name, k) for k in range(max(lo, 2), hi + 1)] if lo < hi else [(name, None)]
+    return tuple(out)
+
+
+SAMPLERS: tuple[tuple[str, int | None], ...] = _samplers()
 
 
 # ----------------------------------------------------------------------------------------------- statistics
@@ -85,7 +93,12 @@ def check_fresh_seeds(eval_seeds: Iterable[int], used: Mapping[str, int]) -> lis
 # ----------------------------------------------------------------------------------------------- scoring
 @dataclass
 class Evaluation:
-    """Scores schedules on the evaluation seeds (memoised by schedule identity): metric → one value per seed."""
+    """Scores schedules on the evaluation seeds: metric → one value per seed, memoised by schedule identity.
+
+    With `store(seed)` → a RecordStore (bound to the zoo and to the metric settings of that seed and n), every
+    (schedule, seed) score is appended as soon as it is measured, so an interrupted or repeated run re-scores
+    nothing it already has.
+    """
 
     zoo: object
     metrics: object                       # SampleMetrics
@@ -93,7 +106,9 @@ class Evaluation:
     n: int
     batch_size: int = 256
     progress: Callable[[str], None] | None = None
+    store: Callable[[int], object] | None = None
     _cache: dict[str, dict[str, list[float]]] = field(default_factory=dict, repr=False)
+    _stored: dict[int, tuple[object, dict]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         if len(self.seeds) < 2:
@@ -101,13 +116,28 @@ class Evaluation:
         if int(self.n) < 2:
             raise UserError(f"evaluation needs at least 2 samples per seed, got n={self.n}")
 
+    def _score_seed(self, schedule: ModelSchedule, key: str, seed: int) -> dict:
+        if self.store is not None and seed not in self._stored:
+            st = self.store(seed)
+            self._stored[seed] = (st, {r["key"]: r for r in st.records()})
+        st, done = self._stored.get(seed, (None, {}))
+        if key in done and all(m in done[key].get("metrics", {}) for m in METRICS):
+            return done[key]["metrics"]
+        images = generate(self.zoo, schedule, self.n, seed=seed, batch_size=self.batch_size)
+        scores = {m: float(v) for m, v in self.metrics.score(images, seed).items() if m in METRICS}
+        if st is not None:
+            record = {"schedule": schedule.to_dict(), "key": key, "nfe": schedule.nfe, "fid": scores["fid"],
+                      "n": int(self.n), "seed": int(seed), "metrics": scores}
+            st.append(record)
+            done[key] = record
+        return scores
+
     def score(self, schedule: ModelSchedule) -> dict[str, list[float]]:
         key = schedule_key(schedule)
         if key not in self._cache:
             if self.progress:
                 self.progress(f"evaluating {schedule.compact()} on seeds {self.seeds} × {self.n} samples")
-            per_seed = [self.metrics.score(generate(self.zoo, schedule, self.n, seed=s, batch_size=self.batch_size), s)
-                        for s in self.seeds]
+            per_seed = [self._score_seed(schedule, key, s) for s in self.seeds]
             self._cache[key] = {m: [float(r[m]) for r in per_seed] for m in METRICS}
         return self._cache[key]
 

@@ -8,46 +8,36 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from oms_lightning.diffusion import solvers
 from oms_lightning.diffusion.noise_schedule import VPSchedule
 from oms_lightning.diffusion.seeding import per_sample_noise
+from oms_lightning.diffusion.solvers import get_solver
 from oms_lightning.diffusion.spacing import SPACINGS, default_t_end, timesteps
 from oms_lightning.errors import UserError
-from oms_lightning.schedule import SOLVER_NFES, ModelSchedule
+from oms_lightning.schedule import ModelSchedule
 
 
 def solve(model_schedule: ModelSchedule, denoisers: Sequence[Callable], x: Tensor, noise: VPSchedule) -> Tensor:
     """Integrate from x at the schedule's first time to its last, NFE j using denoisers[j]."""
     ts = torch.tensor(model_schedule.times, dtype=torch.float64)
-    kind = model_schedule.solver
-    if kind == "dpm_solver":
-        return solvers.dpm_solver(denoisers, x, ts, model_schedule.orders, noise)
-    if kind in ("dpm_solver++", "dpm_solver++3m"):
-        return solvers.dpm_solver_pp(denoisers, x, ts, noise, order=3 if kind.endswith("3m") else 2)
-    if kind == "ddim":
-        return solvers.ddim(denoisers, x, ts, noise)
-    if kind == "heun":
-        return solvers.heun(denoisers, x, ts, noise)
-    raise UserError(f"unknown solver {kind!r}; choose one of {sorted(SOLVER_NFES)}")
+    return get_solver(model_schedule.solver).run(denoisers, x, ts, noise, model_schedule.orders)
 
 
-def single_member_schedule(member: str, solver: str, steps: int, noise: VPSchedule, order: int = 1,
+def single_member_schedule(member: str, solver: str, steps: int, noise: VPSchedule, order: int | None = None,
                            spacing: str = "logsnr_uniform", t_end: float | None = None) -> ModelSchedule:
     """The ordinary sampler as a schedule: one member everywhere, `steps` steps of a standard spacing.
 
-    `order` is the NFEs per step of singlestep DPM-Solver (1–3); multistep/DDIM steps take 1 NFE, Heun 2.
+    `order` is the NFEs per step of a variable-order solver (singlestep DPM-Solver, 1–3; default 1); the other
+    solvers ignore it and take their registry NFEs per step (multistep/DDIM 1, Heun 2).
     """
-    if solver not in SOLVER_NFES:
-        raise UserError(f"unknown solver {solver!r}; choose one of {sorted(SOLVER_NFES)}")
+    spec = get_solver(solver)
     if spacing not in SPACINGS:
         raise UserError(f"unknown spacing {spacing!r}; choose one of {list(SPACINGS)}")
     if not isinstance(steps, int) or steps < 1:
         raise UserError(f"steps must be a positive integer, got {steps!r}")
-    nfe_per_step = order if solver == "dpm_solver" else SOLVER_NFES[solver][0]
+    nfe_per_step = spec.uniform_nfe_per_step(order)
     t_end = default_t_end(steps * nfe_per_step) if t_end is None else t_end
     times = timesteps(spacing, steps, noise, t_end=t_end).tolist()
-    return ModelSchedule.single(member, times, solver=solver, orders=nfe_per_step if solver == "dpm_solver" else None,
-                                meta={"spacing": spacing})
+    return ModelSchedule.single(member, times, solver=solver, orders=nfe_per_step, meta={"spacing": spacing})
 
 
 @torch.inference_mode()

@@ -5,13 +5,9 @@ A `ModelSchedule` is K solver steps from noisy to clean. Step k covers the time 
 NFE j of that step, so the step's order is `len(members)`. Consecutive steps are contiguous (step k's
 t_end is step k+1's t_start), and every time lies in (0, 1] (continuous VP time).
 
-Solvers and how many NFEs a step may have:
-
-    dpm_solver    singlestep DPM-Solver, order 1-3 per step, so 1-3 NFEs (each may use another member)
-    dpm_solver++  multistep DPM-Solver++ 2M, exactly 1 NFE per step (the order comes from the history)
-    dpm_solver++3m  multistep DPM-Solver++ 3M, likewise
-    ddim          exactly 1 NFE per step
-    heun          EDM's Heun step, exactly 2 NFEs per step
+The solver names and how many NFEs a step may have come from `SOLVER_REGISTRY`
+(`oms_lightning.diffusion.solvers`): singlestep dpm_solver 1-3 per step (each NFE may use another member),
+multistep dpm_solver++ / dpm_solver++3m and ddim exactly 1, EDM's heun exactly 2.
 
 Steps are numbered from 0 (the noisy end) in messages. Member names are only checked against a zoo in
 `validate(known_members=...)`; construction checks everything else.
@@ -34,18 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .diffusion.solvers import SolverError, SolverSpec, get_solver
 from .errors import UserError
 
 FORMAT = "oms-lightning/model-schedule-v1"
 
-# solver -> (fewest, most) NFEs per step
-SOLVER_NFES: dict[str, tuple[int, int]] = {
-    "dpm_solver": (1, 3),
-    "dpm_solver++": (1, 1),      # multistep 2M
-    "dpm_solver++3m": (1, 1),    # multistep 3M
-    "ddim": (1, 1),
-    "heun": (2, 2),
-}
 SLOTS_PER_STEP = 3
 _TIME_TOL = 1e-12
 
@@ -54,11 +43,12 @@ class ScheduleError(UserError, ValueError):
     """An invalid model schedule or schedule file; the message says which step / value / file is wrong."""
 
 
-def _solver_rule(solver: str) -> str:
-    lo, hi = SOLVER_NFES[solver]
-    if lo == hi:
-        return f"{solver} needs exactly {lo} NFE{'s' if lo > 1 else ''} per step"
-    return f"{solver} allows {lo}–{hi} NFEs per step"
+def _solver(name: Any) -> SolverSpec:
+    """The registry entry, as a ScheduleError so that schedule callers catch one exception type."""
+    try:
+        return get_solver(name)
+    except SolverError as e:
+        raise ScheduleError(str(e)) from None
 
 
 def _as_time(value: Any, what: str) -> float:
@@ -157,13 +147,14 @@ class ModelSchedule:
                orders: int | Sequence[int] | None = None, meta: Mapping | None = None) -> "ModelSchedule":
         """One member at every NFE over the K+1 `times`.
 
-        `orders` (an int for every step, or one per step) is the NFEs per step. Default: 2 for heun, 1 otherwise
-        (dpm_solver with order 1 is DDIM; pass e.g. orders=3 for DPM-Solver-3).
+        `orders` (an int for every step, or one per step) is the NFEs per step. Default: the solver's
+        `default_nfe_per_step` in the registry (heun 2, the others 1; dpm_solver with order 1 is DDIM, pass e.g.
+        orders=3 for DPM-Solver-3).
         """
         times = _as_list(times, "times")
         n_steps = len(times) - 1
         if orders is None:
-            orders = 2 if solver == "heun" else 1
+            orders = _solver(solver).default_nfe_per_step
         if isinstance(orders, int) and not isinstance(orders, bool):
             orders = [orders] * max(n_steps, 0)
         orders = _as_list(orders, "orders")
@@ -219,13 +210,12 @@ class ModelSchedule:
     def _check_structure(self, t_min: float = 0.0) -> None:
         if not self.steps:
             raise ScheduleError("empty schedule: a model schedule needs at least one step")
-        if not isinstance(self.solver, str) or self.solver not in SOLVER_NFES:
-            raise ScheduleError(f"unknown solver {self.solver!r}; choose one of: {', '.join(sorted(SOLVER_NFES))}")
-        lo, hi = SOLVER_NFES[self.solver]
+        spec = _solver(self.solver)
+        lo, hi = spec.nfe_per_step
         for k, s in enumerate(self.steps):
             n = len(s.members)
             if not lo <= n <= hi:
-                raise ScheduleError(f"step {k} has {n} member{'' if n == 1 else 's'}; {_solver_rule(self.solver)}")
+                raise ScheduleError(f"step {k} has {n} member{'' if n == 1 else 's'}; {spec.rule}")
             for name in ("t_start", "t_end"):
                 t = getattr(s, name)
                 if not math.isfinite(t):

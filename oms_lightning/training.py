@@ -16,9 +16,26 @@ from torch import Tensor
 from oms_lightning.diffusion.denoiser import EpsDenoiser
 from oms_lightning.diffusion.noise_schedule import VPSchedule
 from oms_lightning.diffusion.seeding import per_sample_noise
-from oms_lightning.diffusion.solvers import dpm_solver_pp
+from oms_lightning.diffusion.solvers import SolverError, get_solver
 from oms_lightning.diffusion.spacing import timesteps
+from oms_lightning.errors import UserError
 from oms_lightning.nets import UNet
+
+# `sampling` of configs/train.yaml; a checkpoint's saved hparams may predate a key (e.g. order).
+DEFAULT_SAMPLING = {"solver": "dpm_solver++", "steps": 20, "order": None, "grid_size": 64, "seed": 0}
+
+
+def check_sampling(sampling: dict) -> int:
+    """NFEs per step of the sample grids; UserError at construction (not at the first validation) for a
+    solver the registry does not know or an order it cannot take."""
+    try:
+        spec = get_solver(sampling["solver"])
+    except SolverError as e:
+        raise UserError(f"invalid value sampling.solver={sampling['solver']!r}: {e}") from None
+    try:
+        return spec.uniform_nfe_per_step(sampling["order"])
+    except SolverError as e:
+        raise UserError(f"invalid value sampling.order={sampling['order']!r}: {e}") from None
 
 
 class DiffusionModule(L.LightningModule):
@@ -33,7 +50,8 @@ class DiffusionModule(L.LightningModule):
         self.save_hyperparameters()
         self.net = UNet(image_channels=data["channels"], image_size=data["image_size"], **net)
         self.schedule = VPSchedule.from_dict(noise)
-        self.sampling = sampling or {"solver": "dpm_solver++", "steps": 20, "grid_size": 64, "seed": 0}
+        self.sampling = {**DEFAULT_SAMPLING, **(sampling or {})}
+        self.sample_nfe_per_step = check_sampling(self.sampling)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if compile:
             self.net.compile()  # in place: state_dict keys stay those of the plain network
@@ -84,15 +102,18 @@ class DiffusionModule(L.LightningModule):
     # --- sampling (uses whatever weights are loaded: EMA during validation and after fit) ---
     @torch.no_grad()
     def sample(self, n: int, steps: int | None = None, seed: int | None = None) -> Tensor:
-        """n images in [-1, 1] with DPM-Solver++(2M) on logSNR-uniform steps; sample i always has the same noise."""
+        """n images in [-1, 1] with `sampling.solver` (registry name) on logSNR-uniform steps; sample i always
+        has the same noise."""
         steps = steps or self.sampling["steps"]
+        solver = get_solver(self.sampling["solver"])
         seed = self.sampling["seed"] if seed is None else seed
         x = per_sample_noise(self.image_shape, range(n), seed, dtype=torch.float32, device=self.device)
         ts = timesteps("logsnr_uniform", steps, self.schedule)
         was_training = self.net.training
         self.net.eval()
         try:
-            x0 = dpm_solver_pp(EpsDenoiser(self.net, self.schedule), x, ts, self.schedule, order=2)
+            x0 = solver.run(EpsDenoiser(self.net, self.schedule), x, ts, self.schedule,
+                            [self.sample_nfe_per_step] * steps)
         finally:
             self.net.train(was_training)
         return x0.clamp(-1, 1)

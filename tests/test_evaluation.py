@@ -143,3 +143,28 @@ def test_cost_at_equal_quality_keeps_heun_on_even_nfes():
     family = single_member_sampler("m", "heun", None, "karras", 4, NOISE)
     out = cost_at_equal_quality(FakeEvaluation(_decreasing), family, target=100.0 / 9, latency=0.01, max_cost=0.4)
     assert out["nfe"] == 10
+
+
+def test_scores_are_stored_per_seed_and_never_measured_twice(tmp_path):
+    from conftest import TINY, write_member
+    from oms_lightning.predictor.records import RecordStore
+    from oms_lightning.zoo import Zoo
+
+    write_member(tmp_path, "a", TINY)
+    zoo = Zoo.load(tmp_path, "digits", ["a"])
+
+    class CountingMetrics:
+        calls = 0
+
+        def score(self, images, seed):
+            CountingMetrics.calls += 1
+            return {m: float(images.mean()) + seed for m in METRICS}
+
+    def store(seed):
+        return RecordStore(tmp_path / f"eval{seed}.jsonl", zoo.fingerprint(), {"n": 4, "seed": seed})
+
+    s = single_member_sampler("a", "ddim", None, "karras", 3, NOISE)
+    first = Evaluation(zoo, CountingMetrics(), [5, 6], 4, store=store).score(s)
+    assert CountingMetrics.calls == 2 and first["fid"][1] - first["fid"][0] == pytest.approx(1.0, abs=0.5)
+    again = Evaluation(zoo, CountingMetrics(), [5, 6, 7], 4, store=store).score(s)  # a new process, one seed more
+    assert CountingMetrics.calls == 3 and again["fid"][:2] == first["fid"]

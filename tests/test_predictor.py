@@ -9,12 +9,13 @@ import torch
 from scipy import stats
 
 from oms_lightning.diffusion.noise_schedule import VPSchedule
+from oms_lightning.diffusion.solvers import SOLVER_REGISTRY
 from oms_lightning.errors import UserError
 from oms_lightning.predictor.encoding import LAMBDA_SCALE, EncodedSchedules, ScheduleEncoder
 from oms_lightning.predictor.module import (PredictorModule, ScheduleFIDDataModule, fit_predictor,
                                             pairwise_hinge_loss, rank_metrics, rank_metrics_near,
                                             standardised_mse_loss)
-from oms_lightning.schedule import SOLVER_NFES, ModelSchedule
+from oms_lightning.schedule import ModelSchedule
 from oms_lightning.search.space import SlotSpace, random_schedules
 
 MEMBERS = ["a", "b", "c"]
@@ -71,7 +72,7 @@ def test_encoding_of_a_hand_made_schedule():
     torch.testing.assert_close(enc.lambdas[0, :3], expected)
     assert enc.lambdas[0, 3:].abs().sum() == 0
     assert -0.6 < float(enc.lambdas.min()) and float(enc.lambdas.max()) < 0.7  # roughly unit range
-    solvers = sorted(SOLVER_NFES)
+    solvers = sorted(SOLVER_REGISTRY)
     assert enc.solver_ids.tolist() == [solvers.index("dpm_solver")]
 
     heun = ModelSchedule.from_times_and_members([1.0, 0.3, 0.01], [["c", "a"], ["b", "b"]], solver="heun")

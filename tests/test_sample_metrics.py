@@ -219,3 +219,14 @@ def test_sample_metrics_needs_the_evaluator_of_the_same_train_split(evaluator, d
         SampleMetrics(evaluator, object())
     with pytest.raises(UserError, match="n >= 2"):
         SampleMetrics(evaluator, digits).noise_floor(1)
+
+
+def test_copy_threshold_on_a_query_subset_still_skips_only_itself():
+    """Queries drawn from a large set skip their own row, not another one: a set holding every image twice has
+    distance 0 to the twin, so its threshold is 0 with or without subsampling."""
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.rand(300, 1, 8, 8, generator=g) * 2 - 1
+    twice = torch.cat([imgs, imgs])
+    assert copy_threshold(twice, 0.5, max_queries=50) == 0.0
+    full, sub = copy_threshold(imgs, 0.5), copy_threshold(imgs, 0.5, max_queries=150)
+    assert sub > 0 and abs(sub - full) / full < 0.1

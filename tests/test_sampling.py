@@ -13,7 +13,7 @@ from conftest import ROOT, SMALL, TINY, write_member
 from oms_lightning.diffusion import solvers
 from oms_lightning.diffusion.seeding import per_sample_noise
 from oms_lightning.errors import UserError
-from oms_lightning.sampling import generate, single_member_schedule
+from oms_lightning.sampling import generate, single_member_schedule, solve
 from oms_lightning.schedule import ModelSchedule
 from oms_lightning.zoo import Zoo
 
@@ -64,11 +64,34 @@ def test_unknown_member_in_schedule_is_refused(zoo):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"solver": "euler"}, "unknown solver"), ({"spacing": "cubic"}, "unknown spacing"), ({"steps": 0}, "steps")])
+    ({"solver": "euler"}, "unknown solver"), ({"spacing": "cubic"}, "unknown spacing"), ({"steps": 0}, "steps"),
+    ({"solver": "dpm_solver_pp"}, r"did you mean 'dpm_solver\+\+'"),
+    ({"solver": "dpm_solver", "order": 4}, "dpm_solver allows 1–3 NFEs per step")])
 def test_bad_sampler_settings(zoo, kwargs, message):
     args = {"member": "a", "solver": "ddim", "steps": 3, "noise": zoo.schedule, **kwargs}
     with pytest.raises(UserError, match=message):
         single_member_schedule(**args)
+
+
+@pytest.mark.parametrize("name", sorted(solvers.SOLVER_REGISTRY))
+def test_single_member_schedule_takes_nfes_per_step_from_the_registry(zoo, name):
+    spec = solvers.get_solver(name)
+    plain = single_member_schedule("a", name, 3, zoo.schedule)
+    assert plain.solver == name and plain.orders == [spec.default_nfe_per_step] * 3
+    # sample.py passes its `order` whatever the solver: only a variable-order solver takes it
+    third = single_member_schedule("a", name, 3, zoo.schedule, order=3)
+    assert third.orders == [3 if spec.variable_order else spec.default_nfe_per_step] * 3
+
+
+def test_solve_is_the_registry_run(zoo):
+    """solve() hands the schedule's times and orders to the registry entry, NFE j to denoisers[j]."""
+    times = single_member_schedule("a", "dpm_solver", 3, zoo.schedule, order=2).times
+    s = ModelSchedule.from_times_and_members(times, [["a", "b"], ["b"], ["a", "a", "b"]])
+    ds = zoo.denoisers_for(s)
+    x = per_sample_noise(zoo.image_shape, range(2), seed=0)
+    with torch.inference_mode():
+        want = solvers.get_solver("dpm_solver").run(ds, x, times, zoo.schedule, [2, 1, 3])
+        assert torch.equal(solve(s, ds, x, zoo.schedule), want)
 
 
 # ---------------------------------------------------------------------- sample.py

@@ -2,9 +2,11 @@
 import json
 import math
 import random
+import re
 
 import pytest
 
+from oms_lightning.diffusion.solvers import SOLVER_REGISTRY
 from oms_lightning.errors import UserError
 from oms_lightning.schedule import FORMAT, ModelSchedule, ScheduleError, Step
 
@@ -61,6 +63,27 @@ def test_single_and_orders():
         ModelSchedule.single("tiny", [1.0, 0.5, 0.1], orders=[2])
     with pytest.raises(ScheduleError, match="step 0 has 2 members; ddim needs exactly 1 NFE per step"):
         ModelSchedule.single("tiny", [1.0, 0.5, 0.1], solver="ddim", orders=2)
+    with pytest.raises(ScheduleError, match="unknown solver 'euler'"):
+        ModelSchedule.single("tiny", [1.0, 0.5, 0.1], solver="euler")
+
+
+@pytest.mark.parametrize("name", sorted(SOLVER_REGISTRY))
+def test_single_takes_its_default_from_the_registry(name):
+    spec = SOLVER_REGISTRY[name]
+    s = ModelSchedule.single("tiny", [1.0, 0.5, 0.1], solver=name)
+    assert s.orders == [spec.default_nfe_per_step] * 2
+    lo, hi = spec.nfe_per_step                       # validation follows nfe_per_step at both ends
+    for n in (lo - 1, hi + 1):
+        with pytest.raises(ScheduleError, match=f"step 0 has {n} member.*{re.escape(spec.rule)}"):
+            ModelSchedule.from_times_and_members([1.0, 0.5], [["tiny"] * n], solver=name)
+
+
+def test_retired_solver_spelling_is_refused():
+    with pytest.raises(ScheduleError, match=r"unknown solver 'dpm_solver_pp'.*did you mean 'dpm_solver\+\+'"):
+        ModelSchedule.single("tiny", [1.0, 0.5], solver="dpm_solver_pp")
+    d = ModelSchedule.single("tiny", [1.0, 0.5], solver="dpm_solver++").to_dict()
+    with pytest.raises(ScheduleError, match="unknown solver 'dpm_solver_pp'"):
+        ModelSchedule.from_dict({**d, "solver": "dpm_solver_pp"})
 
 
 def test_compact_collapses_repeats():

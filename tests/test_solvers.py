@@ -6,9 +6,10 @@ import torch
 from oms_lightning.diffusion.denoiser import EpsDenoiser, GaussianDenoiser, eps_from_x0, x0_from_eps
 from oms_lightning.diffusion.noise_schedule import VPSchedule
 from oms_lightning.diffusion.seeding import SampleNoise, per_sample_noise
-from oms_lightning.diffusion.solvers import (ddim, dpm_solver, dpm_solver_pp, heun, nfe_of, per_nfe,
-                                             snap_times)
+from oms_lightning.diffusion.solvers import (DPM_INNER_R, SOLVER_REGISTRY, SolverError, ddim, dpm_solver,
+                                             dpm_solver_pp, get_solver, heun, nfe_of, per_nfe, snap_times)
 from oms_lightning.diffusion.spacing import SPACINGS, default_t_end, timesteps, validate_times
+from oms_lightning.errors import UserError
 
 SCHED = VPSchedule("linear")
 MEAN = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
@@ -130,7 +131,7 @@ class Counting:
 RUNS = {
     "ddim": (lambda ds, x, ts: ddim(ds, x, ts, SCHED), 6),
     "dpm_solver": (lambda ds, x, ts: dpm_solver(ds, x, ts, [3, 1, 2, 2, 1, 3], SCHED), 12),
-    "dpm_solver_pp": (lambda ds, x, ts: dpm_solver_pp(ds, x, ts, SCHED, order=3), 6),
+    "dpm_solver++3m": (lambda ds, x, ts: dpm_solver_pp(ds, x, ts, SCHED, order=3), 6),
     "heun": (lambda ds, x, ts: heun(ds, x, ts, SCHED), 12),
 }
 
@@ -173,7 +174,10 @@ def test_per_nfe_and_argument_errors(gauss, x_T):
         ddim(gauss, x_T, ts.flip(0), SCHED)
     with pytest.raises(ValueError):
         nfe_of("rk4", 3)
+    with pytest.raises(ValueError, match="one order per step"):
+        nfe_of("dpm_solver", 3)
     assert nfe_of(heun, 5) == 10 and nfe_of("dpm_solver", 3, orders=[1, 2, 3]) == 6
+    assert nfe_of(dpm_solver_pp, 4) == 4 and nfe_of("dpm_solver++", 4) == 4
 
 
 def test_lower_order_final_changes_only_short_runs(gauss, x_T):
@@ -184,6 +188,102 @@ def test_lower_order_final_changes_only_short_runs(gauss, x_T):
     long = timesteps("logsnr_uniform", 16, SCHED)
     assert torch.equal(dpm_solver_pp(gauss, x_T, long, SCHED, order=3, lower_order_final=True),
                        dpm_solver_pp(gauss, x_T, long, SCHED, order=3, lower_order_final=False))
+
+
+# ------------------------------------------------------------------------------------------ registry
+def test_registry_entries():
+    assert sorted(SOLVER_REGISTRY) == ["ddim", "dpm_solver", "dpm_solver++", "dpm_solver++3m", "heun"]
+    expected = {"ddim": ((1, 1), False), "dpm_solver": ((1, 3), False), "dpm_solver++": ((1, 1), True),
+                "dpm_solver++3m": ((1, 1), True), "heun": ((2, 2), False)}
+    for name, spec in SOLVER_REGISTRY.items():
+        assert get_solver(name) is spec and spec.name == name and spec.paper
+        assert (spec.nfe_per_step, spec.multistep) == expected[name]
+        assert spec.default_nfe_per_step == (2 if name == "heun" else 1)
+        assert spec.variable_order == (name == "dpm_solver")
+    assert SOLVER_REGISTRY["dpm_solver"].uniform_nfe_per_step(3) == 3
+    assert SOLVER_REGISTRY["heun"].uniform_nfe_per_step(3) == 2            # fixed-NFE solvers ignore an order
+
+
+def test_unknown_solver_lists_the_names():
+    for bad in ("nope", "dpm_solver_pp", 3, None):
+        with pytest.raises(SolverError, match=r"choose one of: ddim, dpm_solver, dpm_solver\+\+, "
+                                              r"dpm_solver\+\+3m, heun") as e:
+            get_solver(bad)
+        assert isinstance(e.value, UserError) and isinstance(e.value, ValueError)
+    with pytest.raises(SolverError, match=r"did you mean 'dpm_solver\+\+'"):
+        get_solver("dpm_solver_pp")                  # the retired spelling: refused, with a pointer
+
+
+class Recorder:
+    """A denoiser that records the time of every call (all batch entries must share it)."""
+
+    def __init__(self, d):
+        self.d, self.ts = d, []
+
+    def __call__(self, x, t):
+        assert t.dtype == torch.float32 and (t == t[0]).all()
+        self.ts.append(t[0].item())
+        return self.d(x, t)
+
+
+# name → orders of a 4-step grid (None: the solver's default)
+TIME_CASES = [("ddim", None), ("dpm_solver", [3, 1, 2, 3]), ("dpm_solver", [2, 2, 2, 2]), ("dpm_solver", None),
+              ("dpm_solver++", None), ("dpm_solver++3m", [1, 1, 1, 1]), ("heun", None), ("heun", [2, 2, 2, 2])]
+
+
+@pytest.mark.parametrize("name, orders", TIME_CASES)
+def test_nfe_times_are_the_times_the_solver_evaluates(name, orders, gauss, x_T):
+    spec = get_solver(name)
+    ts = timesteps("logsnr_uniform", 4, SCHED, t_end=1e-3)
+    times = spec.nfe_times(ts, orders, SCHED)
+    assert len(times) == sum(spec.step_nfes(4, orders)) == nfe_of(name, 4, orders or [1] * 4)
+    rec = Recorder(gauss)
+    out = spec.run(rec, x_T, ts, SCHED, orders)
+    assert rec.ts == times                                              # exactly, not approximately
+    per_nfe_rec = [Recorder(gauss) for _ in times]                     # and NFE j is denoisers[j]
+    assert torch.equal(spec.run(per_nfe_rec, x_T, ts, SCHED, orders), out)
+    assert [r.ts for r in per_nfe_rec] == [[t] for t in times]
+
+
+def _lam(t: float) -> float:
+    return SCHED.lambda_(torch.tensor(t, dtype=torch.float64)).item()
+
+
+@pytest.mark.parametrize("name, orders", TIME_CASES)
+def test_nfe_times_structure(name, orders):
+    spec = get_solver(name)
+    ts = snap_times(timesteps("logsnr_uniform", 4, SCHED, t_end=1e-3), SCHED).tolist()
+    times = iter(spec.nfe_times(ts, orders, SCHED))
+    for i, k in enumerate(spec.step_nfes(4, orders)):
+        s, t = ts[i], ts[i + 1]
+        step = [next(times) for _ in range(k)]
+        assert step[0] == s                                             # every step starts at its start
+        if name == "heun":
+            assert step == [s, t]                                       # corrector at the step end
+        elif name == "dpm_solver":                                      # inner points λ-uniform in the step
+            h = _lam(t) - _lam(s)
+            for u, r in zip(step[1:], DPM_INNER_R[k]):
+                assert s > u > t and (_lam(u) - _lam(s)) / h == pytest.approx(r, abs=1e-5)
+                assert u == float(torch.tensor(u, dtype=torch.float32))   # float32-snapped
+        else:
+            assert k == 1                                               # DDIM / multistep: the step starts only
+    assert next(times, None) is None
+
+
+def test_run_checks_the_orders(gauss, x_T):
+    ts = timesteps("logsnr_uniform", 3, SCHED)
+    with pytest.raises(SolverError, match="heun needs exactly 2 NFEs per step"):
+        get_solver("heun").run(gauss, x_T, ts, SCHED, [1, 1, 1])
+    with pytest.raises(SolverError, match="dpm_solver allows 1–3 NFEs per step"):
+        get_solver("dpm_solver").run(gauss, x_T, ts, SCHED, [1, 4, 1])
+    with pytest.raises(SolverError, match="3 steps but 2 orders"):
+        get_solver("dpm_solver").nfe_times(ts, [1, 2], SCHED)
+    with pytest.raises(SolverError, match="1–3 NFEs per step, got orders \\[0\\]"):
+        get_solver("dpm_solver").uniform_nfe_per_step(0)
+    # the registry runs the pure functions unchanged
+    assert torch.equal(get_solver("dpm_solver").run(gauss, x_T, ts, SCHED, [3, 1, 2]),
+                       dpm_solver(gauss, x_T, ts, [3, 1, 2], SCHED))
+    assert torch.equal(get_solver("dpm_solver++").run(gauss, x_T, ts, SCHED), dpm_solver_pp(gauss, x_T, ts, SCHED))
 
 
 # ------------------------------------------------------------------------------------------ (e) batch independence

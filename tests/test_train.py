@@ -121,6 +121,7 @@ def test_paper_recipe_is_exact(compose):
     ("ema.decay=1.5", "invalid value ema.decay=1.5"),
     ("trainer.accelerator=gpu", "CUDA"),
     ("ckpt_path=last", "no checkpoint to resume"),
+    ("sampling.solver=nope", "invalid value sampling.solver='nope': unknown solver 'nope'; choose one of: ddim,"),
 ])
 def test_bad_values_are_refused_before_training(compose, tmp_path, override, message):
     from oms_lightning.train_job import train
@@ -130,6 +131,63 @@ def test_bad_values_are_refused_before_training(compose, tmp_path, override, mes
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         train(train_cfg(compose, tmp_path, override))
     assert not (tmp_path / "digits" / "tiny.ckpt").exists()
+
+
+# --- the sample grid's solver comes from sampling.solver through the solver registry ---
+
+def tiny_module(compose, *overrides):
+    from oms_lightning.training import module_from_config
+
+    return module_from_config(compose("train", ["model=tiny", "sampling.steps=3", *overrides]), "digits", 8, 1)
+
+
+def count_forwards(module) -> list:
+    calls = []
+    module.net.register_forward_hook(lambda net, args, out: calls.append(args[1][0].item()))
+    return calls
+
+
+def test_sample_grid_uses_the_configured_solver(compose):
+    torch.manual_seed(0)
+    modules = {name: tiny_module(compose, f"sampling.solver={name}", *extra) for name, extra in
+               [("ddim", []), ("heun", []), ("dpm_solver", ["sampling.order=3"]), ("dpm_solver++", [])]}
+    weights = modules["ddim"].state_dict()
+    images, nfes = {}, {}
+    for name, m in modules.items():
+        m.load_state_dict(weights)                    # one untrained net: only the solver differs
+        calls = count_forwards(m)
+        images[name], nfes[name] = m.sample(4), len(calls)
+        assert images[name].shape == (4, 1, 8, 8) and images[name].abs().max() <= 1
+    assert nfes == {"ddim": 3, "heun": 6, "dpm_solver": 9, "dpm_solver++": 3}
+    assert not torch.allclose(images["ddim"], images["heun"])
+    assert not torch.allclose(images["ddim"], images["dpm_solver++"])
+    assert torch.equal(modules["heun"].sample(4), images["heun"])          # same noise every grid
+
+
+def test_default_sample_grid_is_dpm_solver_pp_2m(compose):
+    from oms_lightning.diffusion.denoiser import EpsDenoiser
+    from oms_lightning.diffusion.seeding import per_sample_noise
+    from oms_lightning.diffusion.solvers import dpm_solver_pp
+    from oms_lightning.diffusion.spacing import timesteps
+
+    m = tiny_module(compose)
+    assert m.sampling["solver"] == "dpm_solver++"
+    m.net.eval()
+    with torch.no_grad():
+        want = dpm_solver_pp(EpsDenoiser(m.net, m.schedule), per_sample_noise((1, 8, 8), range(4), 0),
+                             timesteps("logsnr_uniform", 3, m.schedule), m.schedule, order=2)
+    assert torch.equal(m.sample(4), want.clamp(-1, 1))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["sampling.solver=nope"], r"invalid value sampling.solver='nope': unknown solver 'nope'; choose one of: ddim, "
+                               r"dpm_solver, dpm_solver\+\+, dpm_solver\+\+3m, heun"),
+    (["sampling.solver=dpm_solver_pp"], r"did you mean 'dpm_solver\+\+'"),
+    (["sampling.solver=dpm_solver", "sampling.order=4"], "invalid value sampling.order=4: dpm_solver allows 1–3"),
+])
+def test_bad_sampling_solver_fails_at_construction(compose, overrides, message):
+    with pytest.raises(UserError, match=message):
+        tiny_module(compose, *overrides)
 
 
 def test_unwritable_checkpoint_folder(compose, tmp_path):

@@ -11,21 +11,30 @@ and returns the final state x_{ts[-1]} (not clamped).
 Numerics: coefficients are computed as python floats from float64 schedule evaluations. Times are snapped to
 float32 (the dtype the networks receive), and coefficients are computed from the snapped values, so the network
 always sees exactly the time the update formula assumes. Notation: h = λ_t − λ_s (half-logSNR step).
+
+`SOLVER_REGISTRY` (end of this file) is the one place that knows the solvers by name: how to run each over a model
+schedule, how many NFEs a step may have, and at which times the NFEs evaluate. Adding a solver = one entry there.
 """
 from __future__ import annotations
 
 import math
+import numbers
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from ..errors import UserError
 from .denoiser import eps_from_x0
 from .noise_schedule import VPSchedule
 from .spacing import validate_times
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
-SOLVERS = ("ddim", "dpm_solver", "dpm_solver_pp", "heun")
+
+
+class SolverError(UserError, ValueError):
+    """An unknown solver name or NFEs per step the solver cannot make (a ValueError too, like the solvers' own)."""
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -38,24 +47,6 @@ def per_nfe(denoisers, nfe: int) -> list:
         raise ValueError(f"model schedule has {len(denoisers)} denoisers but the solver makes {nfe} NFEs "
                          f"(expected {nfe}, got {len(denoisers)})")
     return denoisers
-
-
-def nfe_of(solver, n_steps: int, orders: Sequence[int] | None = None) -> int:
-    """Network evaluations of `solver` (a name from SOLVERS or the function) for n_steps steps.
-
-    ddim, dpm_solver_pp: n_steps; heun: 2·n_steps (Heun throughout, the last step ends at t_end > 0);
-    dpm_solver: sum(orders).
-    """
-    name = solver if isinstance(solver, str) else getattr(solver, "__name__", "")
-    if name in ("ddim", "dpm_solver_pp"):
-        return n_steps
-    if name == "heun":
-        return 2 * n_steps
-    if name == "dpm_solver":
-        if orders is None or len(orders) != n_steps:
-            raise ValueError(f"dpm_solver needs one order per step: {n_steps} steps, orders={orders}")
-        return int(sum(orders))
-    raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
 
 
 def snap_times(ts, schedule: VPSchedule) -> Tensor:
@@ -81,6 +72,21 @@ def _coeffs(schedule: VPSchedule, t: float) -> tuple[float, float, float]:
 
 def _t_of_lambda(schedule: VPSchedule, lam: float) -> float:
     return _snap(schedule.t_of_lambda(torch.tensor(lam, dtype=torch.float64)).item())
+
+
+# Singlestep DPM-Solver's intermediate points as fractions r of the step in λ (Lu et al. 2022, Algorithms 1-2):
+# order 2 uses r1 = 1/2, order 3 uses r1 = 1/3, r2 = 2/3.
+DPM_INNER_R: dict[int, tuple[float, ...]] = {1: (), 2: (0.5,), 3: (1 / 3, 2 / 3)}
+
+
+def dpm_inner_times(schedule: VPSchedule, s: float, t: float, order: int) -> list[float]:
+    """The snapped times at λ_s + r·h of a singlestep DPM-Solver step s → t (r from DPM_INNER_R[order]).
+
+    The step functions evaluate exactly these times, and `SolverSpec.nfe_times` reports them."""
+    _, _, l_s = _coeffs(schedule, s)
+    _, _, l_t = _coeffs(schedule, t)
+    h = l_t - l_s
+    return [_t_of_lambda(schedule, l_s + r * h) for r in DPM_INNER_R[order]]
 
 
 def _call(denoiser, x: Tensor, t: float) -> Tensor:
@@ -134,12 +140,12 @@ def _dpm_step_1(ds, x, s, t, schedule):
     return a_t / a_s * x - s_t * math.expm1(l_t - l_s) * eps_s
 
 
-def _dpm_step_2(ds, x, s, t, schedule, r1=0.5):
-    """DPM-Solver-2 (Lu et al. 2022, Algorithm 1), intermediate point λ_s + r1·h."""
+def _dpm_step_2(ds, x, s, t, schedule):
+    """DPM-Solver-2 (Lu et al. 2022, Algorithm 1), intermediate point λ_s + r1·h (r1 = 1/2)."""
     a_s, _, l_s = _coeffs(schedule, s)
     a_t, s_t, l_t = _coeffs(schedule, t)
     h = l_t - l_s
-    s1 = _t_of_lambda(schedule, l_s + r1 * h)
+    (s1,) = dpm_inner_times(schedule, s, t, 2)
     a_1, s_1, l_1 = _coeffs(schedule, s1)
     r1 = (l_1 - l_s) / h                                     # the r1 of the snapped time
     eps_s = _eps(ds[0], x, s, schedule)
@@ -148,12 +154,12 @@ def _dpm_step_2(ds, x, s, t, schedule, r1=0.5):
     return a_t / a_s * x - s_t * math.expm1(h) * eps_s - s_t / (2 * r1) * math.expm1(h) * (eps_1 - eps_s)
 
 
-def _dpm_step_3(ds, x, s, t, schedule, r1=1 / 3, r2=2 / 3):
-    """DPM-Solver-3 (Lu et al. 2022, Algorithm 2), intermediate points λ_s + r1·h and λ_s + r2·h."""
+def _dpm_step_3(ds, x, s, t, schedule):
+    """DPM-Solver-3 (Lu et al. 2022, Algorithm 2), intermediate points λ_s + r1·h and λ_s + r2·h (1/3, 2/3)."""
     a_s, _, l_s = _coeffs(schedule, s)
     a_t, s_t, l_t = _coeffs(schedule, t)
     h = l_t - l_s
-    s1, s2 = _t_of_lambda(schedule, l_s + r1 * h), _t_of_lambda(schedule, l_s + r2 * h)
+    s1, s2 = dpm_inner_times(schedule, s, t, 3)
     a_1, s_1, l_1 = _coeffs(schedule, s1)
     a_2, s_2, l_2 = _coeffs(schedule, s2)
     r1, r2 = (l_1 - l_s) / h, (l_2 - l_s) / h               # the r's of the snapped times
@@ -257,3 +263,144 @@ def heun(denoisers, x: Tensor, ts, schedule: VPSchedule) -> Tensor:
         xt = xt + (sig_n - sig) * 0.5 * (d + d_n)            # trapezoidal corrector
         a, sig = a_n, sig_n
     return a * xt
+
+
+# ----------------------------------------------------------------------------------------------- registry
+def _starts(schedule: VPSchedule, s: float, t: float, nfes: int) -> list[float]:
+    """One NFE at the step start: DDIM and the multistep solvers (whose history holds the earlier outputs)."""
+    return [s]
+
+
+def _dpm_times(schedule: VPSchedule, s: float, t: float, nfes: int) -> list[float]:
+    return [s] + dpm_inner_times(schedule, s, t, nfes)
+
+
+def _heun_times(schedule: VPSchedule, s: float, t: float, nfes: int) -> list[float]:
+    """Euler predictor at the step start, trapezoidal corrector at the step end (Karras et al. 2022, Alg. 1)."""
+    return [s, t]
+
+
+@dataclass(frozen=True)
+class SolverSpec:
+    """Everything the project knows about one solver, looked up by name through `get_solver`.
+
+    adapter(denoisers, x, ts, schedule, nfes) runs the pure solver function `function` with nfes = the NFEs of
+    every step; step_times(schedule, s, t, nfes) gives the snapped times of one step's NFEs in NFE order.
+    """
+
+    name: str
+    function: Callable
+    adapter: Callable
+    step_times: Callable
+    nfe_per_step: tuple[int, int]   # (fewest, most) NFEs per step
+    multistep: bool                 # keeps denoiser outputs across steps
+    paper: str
+
+    @property
+    def default_nfe_per_step(self) -> int:
+        """NFEs per step when none are given (the fewest: heun 2, the others 1; dpm_solver 1 = DDIM)."""
+        return self.nfe_per_step[0]
+
+    @property
+    def variable_order(self) -> bool:
+        """Whether steps may differ in their number of NFEs (singlestep DPM-Solver 1-3)."""
+        return self.nfe_per_step[0] < self.nfe_per_step[1]
+
+    @property
+    def rule(self) -> str:
+        """The NFEs-per-step rule in words, for error messages."""
+        lo, hi = self.nfe_per_step
+        if lo == hi:
+            return f"{self.name} needs exactly {lo} NFE{'s' if lo > 1 else ''} per step"
+        return f"{self.name} allows {lo}–{hi} NFEs per step"
+
+    def step_nfes(self, n_steps: int, orders: Sequence[int] | None = None) -> list[int]:
+        """NFEs of each of n_steps steps: `orders` (one per step, each within nfe_per_step) or the default."""
+        if orders is None:
+            return [self.default_nfe_per_step] * n_steps
+        orders = [int(o) if isinstance(o, numbers.Integral) and not isinstance(o, bool) else o for o in orders]
+        if len(orders) != n_steps:
+            raise SolverError(f"{self.name} needs one order (NFEs) per step: {n_steps} steps but "
+                              f"{len(orders)} orders {orders}")
+        lo, hi = self.nfe_per_step
+        if not all(type(o) is int and lo <= o <= hi for o in orders):
+            raise SolverError(f"{self.rule}, got orders {orders}")
+        return orders
+
+    def uniform_nfe_per_step(self, order: int | None = None) -> int:
+        """NFEs of every step of a plain sampler (one order throughout): `order`, checked, where steps may differ
+        (dpm_solver); the fixed count otherwise, ignoring `order` (sample.py passes one whatever the solver)."""
+        if order is None or not self.variable_order:
+            return self.default_nfe_per_step
+        return self.step_nfes(1, [order])[0]
+
+    def run(self, denoisers, x: Tensor, ts, schedule: VPSchedule, orders: Sequence[int] | None = None) -> Tensor:
+        """Integrate x from ts[0] to ts[-1]; NFE j uses denoisers[j] (or the one callable); orders as step_nfes."""
+        nfes = self.step_nfes(len(snap_times(ts, schedule)) - 1, orders)
+        return self.adapter(denoisers, x, ts, schedule, nfes)
+
+    def nfe_times(self, ts, orders: Sequence[int] | None, schedule: VPSchedule) -> list[float]:
+        """The time each NFE evaluates at, in NFE order: exactly the (float32-snapped) t the denoiser receives."""
+        ts = snap_times(ts, schedule).tolist()
+        nfes = self.step_nfes(len(ts) - 1, orders)
+        return [u for i, k in enumerate(nfes) for u in self.step_times(schedule, ts[i], ts[i + 1], k)]
+
+
+# Adapters to the common signature (denoisers, x, ts, schedule, nfes): module-level, so a SolverSpec pickles.
+def _run_ddim(ds, x, ts, schedule, nfes):
+    return ddim(ds, x, ts, schedule)
+
+
+def _run_dpm_solver(ds, x, ts, schedule, nfes):
+    return dpm_solver(ds, x, ts, nfes, schedule)
+
+
+def _run_dpm_solver_pp_2m(ds, x, ts, schedule, nfes):
+    return dpm_solver_pp(ds, x, ts, schedule, order=2)
+
+
+def _run_dpm_solver_pp_3m(ds, x, ts, schedule, nfes):
+    return dpm_solver_pp(ds, x, ts, schedule, order=3)
+
+
+def _run_heun(ds, x, ts, schedule, nfes):
+    return heun(ds, x, ts, schedule)
+
+
+SOLVER_REGISTRY: dict[str, SolverSpec] = {spec.name: spec for spec in (
+    SolverSpec("ddim", function=ddim, adapter=_run_ddim, step_times=_starts, nfe_per_step=(1, 1),
+               multistep=False, paper="Song et al. 2021, DDIM (ICLR), eta = 0"),
+    SolverSpec("dpm_solver", function=dpm_solver, adapter=_run_dpm_solver, step_times=_dpm_times,
+               nfe_per_step=(1, 3), multistep=False, paper="Lu et al. 2022, DPM-Solver (NeurIPS), singlestep 1-3"),
+    SolverSpec("dpm_solver++", function=dpm_solver_pp, adapter=_run_dpm_solver_pp_2m, step_times=_starts,
+               nfe_per_step=(1, 1), multistep=True, paper="Lu et al. 2022b, DPM-Solver++ multistep 2M"),
+    SolverSpec("dpm_solver++3m", function=dpm_solver_pp, adapter=_run_dpm_solver_pp_3m, step_times=_starts,
+               nfe_per_step=(1, 1), multistep=True, paper="Lu et al. 2022b, DPM-Solver++ multistep 3M"),
+    SolverSpec("heun", function=heun, adapter=_run_heun, step_times=_heun_times, nfe_per_step=(2, 2),
+               multistep=False, paper="Karras et al. 2022, EDM (NeurIPS), Algorithm 1"),
+)}
+
+
+def get_solver(name) -> SolverSpec:
+    """The registry entry of `name`; SolverError listing the known names."""
+    if isinstance(name, str) and name in SOLVER_REGISTRY:
+        return SOLVER_REGISTRY[name]
+    # the retired spelling of the python function's name gets a pointer to the one registry name
+    respelled = name.replace("_pp", "++") if isinstance(name, str) else None
+    hint = f" (did you mean {respelled!r}?)" if respelled in SOLVER_REGISTRY else ""
+    raise SolverError(f"unknown solver {name!r}; choose one of: {', '.join(sorted(SOLVER_REGISTRY))}{hint}")
+
+
+def nfe_of(solver, n_steps: int, orders: Sequence[int] | None = None) -> int:
+    """Network evaluations of `solver` (a registry name or one of the solver functions) for n_steps steps.
+
+    `orders` (one per step) is needed by variable-order solvers (dpm_solver: NFE = sum(orders)); the others make
+    nfe_per_step NFEs every step and ignore it (heun: 2·n_steps, the last step ends at t_end > 0).
+    """
+    spec = next((s for s in SOLVER_REGISTRY.values() if s.function is solver), None) if callable(solver) else None
+    spec = spec or get_solver(solver)
+    if not spec.variable_order:
+        return spec.default_nfe_per_step * n_steps
+    if orders is None:
+        raise SolverError(f"{spec.name} needs one order per step: {n_steps} steps, orders=None")
+    return sum(spec.step_nfes(n_steps, orders))

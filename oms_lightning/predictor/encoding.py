@@ -10,7 +10,7 @@ Per step k (noisy → clean, as everywhere in this project) a batch holds:
                                 computed in float64, stored in float32; 0 for padding
     mask       (B, K)    bool   True for real steps; real steps always come first
     solver_ids (B,)      long   index of the schedule's solver in the encoder's solver vocabulary (default:
-                                sorted SOLVER_NFES keys), so one predictor can hold several search spaces
+                                sorted SOLVER_REGISTRY names), so one predictor can hold several search spaces
 
 Unlike the reference code, nothing downstream may depend on K: the predictor packs the real steps (see
 `network.py`), so a schedule scores the same whatever length it is padded to.
@@ -25,12 +25,13 @@ import torch
 from torch import Tensor
 
 from oms_lightning.diffusion.noise_schedule import VPSchedule
+from oms_lightning.diffusion.solvers import SOLVER_REGISTRY
 from oms_lightning.errors import UserError
-from oms_lightning.schedule import SLOTS_PER_STEP, SOLVER_NFES, ModelSchedule
+from oms_lightning.schedule import SLOTS_PER_STEP, ModelSchedule
 
 LAMBDA_SCALE = 10.0
 MAX_ORDER = SLOTS_PER_STEP
-DEFAULT_SOLVERS: tuple[str, ...] = tuple(sorted(SOLVER_NFES))
+DEFAULT_SOLVERS: tuple[str, ...] = tuple(sorted(SOLVER_REGISTRY))
 
 
 @dataclass

@@ -1,28 +1,30 @@
-"""SearchCallback: when the predictor's training ends, run the evolution under every budget with the best
-predictor weights and keep the result — so a search is one `Trainer.fit` of the predictor with this callback
-attached. Re-ranking, evaluation and reporting happen afterwards, in the pipeline (`search/pipeline.py`)."""
+"""SearchCallback: when the predictor's training ends, run the evolution in every search space under every budget
+with the best predictor weights and keep the result — so a search is one `Trainer.fit` of the predictor with this
+callback attached. Re-ranking, evaluation and reporting happen afterwards, in the pipeline (`search/pipeline.py`)."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from lightning.pytorch.callbacks import Callback
 
 from oms_lightning.schedule import ModelSchedule
-from oms_lightning.search.evolution import SearchResult, evolve_frontier
+from oms_lightning.search.evolution import ScoreCache, SearchResult, evolve_frontier
 
 
 class SearchCallback(Callback):
-    """Runs `evolve_frontier` at `on_fit_end` (best held-out checkpoint restored first), or directly via `search`.
+    """Runs `evolve_frontier` per space at `on_fit_end` (best checkpoint restored first), or directly via `search`.
 
-    After either, `results` maps each budget to its SearchResult (population sorted by predicted score).
+    seeds(space, budget, score_fn) → genotypes that start that space's population (e.g. the best single-member
+    samplers within the budget by predicted score). After a search, `results[budget]` lists one SearchResult per
+    space, in the order of `spaces`.
     """
 
-    def __init__(self, space, cost_fn: Callable[[ModelSchedule], float], budgets: Sequence[float], seed: int = 0,
-                 evolution: dict | None = None):
-        self.space, self.cost_fn, self.budgets = space, cost_fn, [float(b) for b in budgets]
-        self.seed, self.evolution = seed, dict(evolution or {})
-        self.results: dict[float, SearchResult] = {}
+    def __init__(self, spaces: Sequence[Any], cost_fn: Callable[[ModelSchedule], float], budgets: Sequence[float],
+                 seed: int = 0, evolution: dict | None = None, seeds: Callable | None = None):
+        self.spaces, self.cost_fn, self.budgets = list(spaces), cost_fn, [float(b) for b in budgets]
+        self.seed, self.evolution, self.seeds = seed, dict(evolution or {}), seeds
+        self.results: dict[float, list[SearchResult]] = {}
 
     def on_fit_end(self, trainer, pl_module) -> None:
         best = getattr(trainer.checkpoint_callback, "best_model_path", "")
@@ -31,7 +33,13 @@ class SearchCallback(Callback):
         if trainer.is_global_zero:
             self.search(pl_module)
 
-    def search(self, predictor) -> dict[float, SearchResult]:
-        self.results = evolve_frontier(self.space, predictor.predict_scores, self.cost_fn, self.budgets,
-                                       seed=self.seed, **self.evolution)
+    def search(self, predictor) -> dict[float, list[SearchResult]]:
+        cache = ScoreCache(predictor.predict_scores)  # one cache: no schedule is scored twice across spaces
+        self.results = {b: [] for b in self.budgets}
+        for space in self.spaces:
+            seeds = None if self.seeds is None else (lambda b, sp=space: self.seeds(sp, b, cache))
+            found = evolve_frontier(space, predictor.predict_scores, self.cost_fn, self.budgets, seed=self.seed,
+                                    cache=cache, seeds=seeds, **self.evolution)
+            for b in self.budgets:
+                self.results[b].append(found[b])
         return self.results

@@ -1,19 +1,19 @@
 """OMS-DPM's evolutionary schedule search (Algorithm 1), with the released code's weak spots fixed.
 
-Pure numpy over a search space (SlotSpace / GridSpace genotypes: int arrays, 0 = null, i + 1 = members[i]):
+Pure numpy over any space of the `SearchSpace` protocol (search/space.py): the evolution never reads a genotype;
+the space samples, mutates, crosses, repairs, keys and decodes it.
 
 * **Several starts.** `starts` independent random genotypes, each *repaired* into the window
-  [lower_bound·B, B]: while over budget a random used slot is nulled (or moved to a cheaper member), while under
-  lower_bound·B a random null slot is filled with a member that fits (or a used slot moved to a costlier one that
-  fits). After a bounded number of tries the closest under-budget genotype seen is taken. The population is then
+  [lower_bound·B, B] by the space (member moves: null or cheapen a slot while over, fill or upgrade one while
+  under; after a bounded number of tries the closest under-budget genotype seen). `initial` genotypes (e.g. the
+  best single-member samplers, or a smaller budget's population) join first. The population is then
   filled to `population` by mutating the starts round-robin.
-* **Crossover.** With probability `crossover_prob` a child is a *one-point* crossover of two tournament-selected
-  parents (a random cut c ∈ [1, n) along the first genotype axis: rows 0..c-1 of the (K, 3) SlotSpace genotype, or
-  entries 0..c-1 of the (L,) GridSpace genotype — i.e. the noisy end — from one parent, the rest from the other),
-  then mutated; otherwise it is a mutation of one tournament-selected parent (best of `tournament` random members).
-  A one-point cut (rather than a uniform mask) keeps contiguous runs of steps together.
-* **Mutation** resamples k ~ U{mutation_slots[0] .. mutation_slots[1]} distinct random slots, each uniformly to null
-  or one of the members (as the released code), and never leaves a genotype all-null.
+* **Crossover.** With probability `crossover_prob` a child is the space's crossover of two tournament-selected
+  parents (one cut along the steps: the noisy end from one parent, the rest from the other — time genes cut at
+  the same step), then mutated; otherwise it is a mutation of one tournament-selected parent (best of
+  `tournament` random members).
+* **Mutation** (the space's): k ~ U{mutation_slots} member slots resampled to null or a member (as the released
+  code), never all-null; spaces with time genes sometimes perturb the time grid instead.
 * **Budget.** Children with cost > B are rejected (as released); children below lower_bound·B are *kept* — the
   lower bound only shapes the starts (cheap schedules are simply out-ranked when the predictor prefers more NFEs).
   Up to 10·`children` proposals are made per generation to collect `children` valid, new ones.
@@ -48,7 +48,7 @@ __all__ = ["Candidate", "SearchResult", "ScoreCache", "evolve", "evolve_frontier
 
 @dataclass
 class Candidate:
-    genotype: np.ndarray
+    genotype: Any  # opaque to the evolution: only its space reads it
     schedule: ModelSchedule
     cost: float
     score: float  # lower = better (a predictor's ordinal score)
@@ -99,20 +99,18 @@ class ScoreCache:
 
 
 class _Evaluator:
-    """Decode (memoised on a cheap phenotype key) and cost (memoised on the schedule) genotypes of one space."""
+    """Decode (memoised on the space's cheap phenotype key) and cost (memoised on the schedule) genotypes."""
 
     def __init__(self, space: Any, cost_fn: CostFn):
         self.space, self.cost_fn = space, cost_fn
         self._decoded: dict[Any, ModelSchedule] = {}
         self._costs: dict[str, float] = {}
-        kind = type(space).__name__
-        self._key = {"SlotSpace": _slot_key, "GridSpace": _grid_key}.get(kind, lambda g: (g.shape, g.tobytes()))
 
-    def key(self, g: np.ndarray):
-        return self._key(g)
+    def key(self, g):
+        return self.space.key(g)
 
-    def schedule(self, g: np.ndarray, key=None) -> ModelSchedule:
-        key = self._key(g) if key is None else key
+    def schedule(self, g, key=None) -> ModelSchedule:
+        key = self.space.key(g) if key is None else key
         s = self._decoded.get(key)
         if s is None:
             s = self._decoded[key] = self.space.decode(g)
@@ -129,123 +127,49 @@ class _Evaluator:
         return c
 
 
-def _slot_key(g: np.ndarray):
-    """Two SlotSpace genotypes decode to the same schedule iff their used rows, nulls removed, are equal."""
-    return tuple(tuple(v for v in row if v) for row in g.tolist() if any(row))
-
-
-def _grid_key(g: np.ndarray):
-    """GridSpace: leading nulls merge into the first step, so its position is irrelevant."""
-    sel = np.flatnonzero(g)
-    return tuple(sel[1:].tolist()), tuple(g[sel].tolist())
-
-
 class _Search:
+    """The evolution's view of one space under one budget: genotype costs with the additive fast path."""
+
     def __init__(self, space, cost_fn, budget, rng, mutation_slots, null_prob):
         self.space, self.rng, self.budget = space, rng, float(budget)
         self.ev = _Evaluator(space, cost_fn)
-        self.shape = tuple(space.shape)
-        self.n_slots = int(np.prod(self.shape))
         self.n_members = len(space.members)
         self.mutation_slots = mutation_slots
         self.null_prob = null_prob
         # 1-NFE cost of every member (the unit costs repair works with) and the most expensive schedule
-        self.unit = np.empty(self.n_members)
-        full_costs = []
-        for i in range(self.n_members):
-            g = np.zeros(self.shape, dtype=np.int64)
-            g.flat[0] = i + 1
-            self.unit[i] = self.ev.cost(self.ev.schedule(g))
-            full_costs.append(self.ev.cost(self.ev.schedule(np.full(self.shape, i + 1, dtype=np.int64))))
+        self.unit = np.array([self.ev.cost(self.ev.schedule(space.one_nfe(i))) for i in range(self.n_members)])
+        full = [space.everywhere(i) for i in range(self.n_members)]
+        full_costs = [self.ev.cost(self.ev.schedule(g)) for g in full]
         self.cheapest = int(np.argmin(self.unit))
         self.max_cost = float(max(full_costs))
         # Fast path: while every decoded schedule's cost equals the sum of its slots' unit costs (checked on each
         # decode, starting with the full schedules above), a genotype whose unit-cost sum exceeds B is rejected
         # without decoding it (decoding dominates the search's own time). One mismatch turns the fast path off.
         self._unit0 = np.concatenate([[0.0], self.unit])
-        self.additive = all(math.isclose(c, self.unit[i] * self.n_slots, rel_tol=1e-9, abs_tol=1e-12)
-                            for i, c in enumerate(full_costs))
+        self.additive = all(math.isclose(c, space.unit_cost(g, self._unit0), rel_tol=1e-9, abs_tol=1e-12)
+                            for g, c in zip(full, full_costs))
 
-    def cost_of(self, g: np.ndarray, key=None) -> tuple[ModelSchedule, float]:
+    def cost_of(self, g, key=None) -> tuple[ModelSchedule, float]:
         s = self.ev.schedule(g, key)
         c = self.ev.cost(s)
-        if self.additive and not math.isclose(c, float(self._unit0[g].sum()), rel_tol=1e-9, abs_tol=1e-12):
+        if self.additive and not math.isclose(c, self.space.unit_cost(g, self._unit0), rel_tol=1e-9, abs_tol=1e-12):
             self.additive = False
         return s, c
 
-    def surely_over(self, g: np.ndarray) -> bool:
-        return self.additive and float(self._unit0[g].sum()) > self.budget * (1 + 1e-9)
+    def surely_over(self, g) -> bool:
+        return self.additive and self.space.unit_cost(g, self._unit0) > self.budget * (1 + 1e-9)
 
-    # ------------------------------------------------------------------ operators
-    def random_genotype(self) -> np.ndarray:
-        return np.asarray(self.space.sample_genotype(self.rng, self.null_prob), dtype=np.int64).reshape(self.shape)
+    def random_genotype(self):
+        return self.space.sample_genotype(self.rng, self.null_prob)
 
-    def repair(self, g: np.ndarray, lo: float) -> np.ndarray:
-        """Move g into [lo, B]; after a bounded number of tries, the closest under-budget genotype seen."""
-        B, rng, unit = self.budget, self.rng, self.unit
-        g = g.copy()
-        flat = g.reshape(-1)
-        best, best_cost = None, -math.inf
-        for _ in range(20 * self.n_slots + 50):
-            _, c = self.cost_of(g)
-            if c <= B:
-                if c >= lo:
-                    return g
-                if c > best_cost:
-                    best, best_cost = g.copy(), c
-                gap = B - c
-                free = np.flatnonzero(flat == 0)
-                fits = np.flatnonzero(unit <= gap)
-                if free.size and fits.size and rng.random() < 0.8:
-                    flat[rng.choice(free)] = rng.choice(fits) + 1
-                    continue
-                used = np.flatnonzero(flat)
-                s = rng.choice(used)
-                cur = unit[flat[s] - 1]
-                up = np.flatnonzero((unit > cur) & (unit - cur <= gap))
-                if up.size:
-                    flat[s] = rng.choice(up) + 1
-                elif free.size and fits.size:
-                    flat[rng.choice(free)] = rng.choice(fits) + 1
-                else:
-                    break  # nothing more fits
-            else:
-                used = np.flatnonzero(flat)
-                if used.size == 1:
-                    flat[used[0]] = self.cheapest + 1
-                    continue
-                s = rng.choice(used)
-                down = np.flatnonzero(unit < unit[flat[s] - 1])
-                if down.size and rng.random() < 0.5:
-                    flat[s] = rng.choice(down) + 1
-                else:
-                    flat[s] = 0
-        if best is None:  # cannot happen for an additive cost; keep a valid answer anyway
-            best = np.zeros(self.shape, dtype=np.int64)
-            best.flat[0] = self.cheapest + 1
-        return best
+    def repair(self, g, lo: float):
+        return self.space.repair(g, self.rng, self.unit, lo, self.budget, lambda x: self.cost_of(x)[1])
 
-    def mutate(self, g: np.ndarray) -> np.ndarray:
-        lo, hi = self.mutation_slots
-        k = min(int(self.rng.integers(lo, hi + 1)), self.n_slots)
-        child = g.copy()
-        flat = child.reshape(-1)
-        idx = self.rng.choice(self.n_slots, size=k, replace=False)
-        flat[idx] = self.rng.integers(0, self.n_members + 1, size=k)
-        if not flat.any():
-            flat[idx[0]] = self.rng.integers(1, self.n_members + 1)
-        return child
+    def mutate(self, g):
+        return self.space.mutate(g, self.rng, self.mutation_slots)
 
-    def crossover(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        n = self.shape[0]
-        if n < 2:
-            return (a if self.rng.random() < 0.5 else b).copy()
-        cut = int(self.rng.integers(1, n))
-        child = b.copy()
-        child[:cut] = a[:cut]
-        if not child.any():
-            child.reshape(-1)[self.rng.integers(self.n_slots)] = self.rng.integers(1, self.n_members + 1)
-        return child
+    def crossover(self, a, b):
+        return self.space.crossover(a, b, self.rng)
 
 
 def _check(budget, population, children, generations, starts, mutation_slots, crossover_prob, tournament,
@@ -279,7 +203,7 @@ def evolve(space, score_fn: ScoreFn, cost_fn: CostFn, budget: float, *, populati
            generations: int = 200, starts: int = 4, mutation_slots: tuple[int, int] = (1, 10),
            crossover_prob: float = 0.3, tournament: int = 2, lower_bound: float = 0.9, null_prob: float = 0.8,
            seed: int = 0, progress: Callable[[int, Candidate], Any] | None = None,
-           cache: ScoreCache | None = None, initial: Sequence[np.ndarray] = ()) -> SearchResult:
+           cache: ScoreCache | None = None, initial: Sequence[Any] = ()) -> SearchResult:
     """Search `space` for the schedule with the lowest score_fn under cost_fn(schedule) <= budget.
 
     score_fn(list[ModelSchedule]) -> scores (lower = better), called in batches; cost_fn(ModelSchedule) -> cost.
@@ -306,9 +230,9 @@ def evolve(space, score_fn: ScoreFn, cost_fn: CostFn, budget: float, *, populati
 
     seen: dict[str, None] = {}  # schedule_key of every schedule proposed in this run (insertion-ordered)
     seen_keys: dict[Any, None] = {}  # their phenotype keys: duplicates are dropped before decoding
-    pending: list[tuple[np.ndarray, ModelSchedule, float]] = []
+    pending: list[tuple[Any, ModelSchedule, float]] = []
 
-    def offer(g: np.ndarray) -> bool:
+    def offer(g) -> bool:
         key = S.ev.key(g)
         if key in seen_keys or S.surely_over(g):
             return False
@@ -331,7 +255,7 @@ def evolve(space, score_fn: ScoreFn, cost_fn: CostFn, budget: float, *, populati
 
     # ---- initial population: extra seeds, repaired random starts, then mutants of the starts
     for g in initial:
-        offer(np.asarray(g, dtype=np.int64).reshape(S.shape).copy())
+        offer(g)
     start_genotypes = []
     for _ in range(starts):
         g = S.repair(S.random_genotype(), lo)
@@ -348,7 +272,7 @@ def evolve(space, score_fn: ScoreFn, cost_fn: CostFn, budget: float, *, populati
 
     # ---- generations
     for gen in range(1, generations + 1):
-        def select() -> np.ndarray:
+        def select():
             idx = rng.integers(0, len(pop), size=tournament)
             return pop[int(idx.min())].genotype  # pop is sorted by score (stable): the lowest index wins
 
@@ -378,9 +302,10 @@ def _truncate(cands: list[Candidate], k: int) -> list[Candidate]:
 
 
 def evolve_frontier(space, score_fn: ScoreFn, cost_fn: CostFn, budgets: Sequence[float],
-                    **kw) -> dict[float, SearchResult]:
-    """One evolution per budget (ascending), one shared score cache, each run seeded with the previous budget's
-    final population → {budget: SearchResult} in the order given, best score non-increasing in the budget."""
+                    seeds: Callable[[float], Sequence[Any]] | None = None, **kw) -> dict[float, SearchResult]:
+    """One evolution per budget (ascending), one shared score cache, each run seeded with `seeds(budget)` (e.g. the
+    best single-member samplers within it) and the previous budget's final population → {budget: SearchResult} in
+    the order given, best score non-increasing in the budget."""
     if isinstance(budgets, (str, bytes)) or not len(budgets):
         raise UserError(f"budgets must be a non-empty sequence of numbers, got {budgets!r}")
     try:
@@ -390,9 +315,10 @@ def evolve_frontier(space, score_fn: ScoreFn, cost_fn: CostFn, budgets: Sequence
     cache = kw.pop("cache", None) or ScoreCache(score_fn)
     kw.pop("initial", None)
     results: dict[float, SearchResult] = {}
-    previous: list[np.ndarray] = []
+    previous: list[Any] = []
     for b in sorted(dict.fromkeys(asked)):
-        r = evolve(space, score_fn, cost_fn, b, cache=cache, initial=previous, **kw)
+        start = list(seeds(b)) if seeds is not None else []
+        r = evolve(space, score_fn, cost_fn, b, cache=cache, initial=start + previous, **kw)
         results[b] = r
         previous = [c.genotype for c in r.population]
     return {b: results[b] for b in dict.fromkeys(asked)}

@@ -17,14 +17,16 @@ from oms_lightning.errors import UserError
 from oms_lightning.io import atomic_write_text
 from oms_lightning.evaluation import (Evaluation, check_fresh_seeds, compare, cost_at_equal_quality,
                                      single_member_baselines)
-from oms_lightning.metrics import FIDEvaluator, SampleMetrics, default_extractor_for
+from oms_lightning.metrics import METRICS, FIDEvaluator, SampleMetrics, default_extractor_for
 from oms_lightning.predictor.generate import generate_distributed, generate_records
 from oms_lightning.predictor.module import PredictorModule, fit_predictor, rank_metrics_near
 from oms_lightning.predictor.records import RecordStore, fid_settings, settings_fingerprint
 from oms_lightning.schedule import ModelSchedule
 from oms_lightning.search.callback import SearchCallback
 from oms_lightning.search.report import print_details, print_table, report_outcomes
-from oms_lightning.search.space import make_space, random_schedules, single_member_anchors
+from oms_lightning.predictor.encoding import DEFAULT_SOLVERS
+from oms_lightning.schedule import schedule_key
+from oms_lightning.search.space import make_spaces, random_schedules, single_member_anchors
 from oms_lightning.zoo import Zoo, load_or_profile, resolve_device, time_schedules, train_command
 
 
@@ -86,10 +88,15 @@ def store_for(cfg_cache: Path, name: str, zoo: Zoo, settings: dict) -> RecordSto
     return RecordStore(cfg_cache / f"{name}-{key}.jsonl", zoo.fingerprint(), settings)
 
 
-def build_dataset(cfg: DictConfig, zoo: Zoo, space, evaluator, profile, cache: Path) -> tuple[list[dict], RecordStore]:
+def build_dataset(cfg: DictConfig, zoo: Zoo, spaces: list, evaluator, profile,
+                  cache: Path) -> tuple[list[dict], RecordStore]:
+    """Random schedules of every space (`n_random` split evenly) plus every member alone at `anchor_nfes` in each."""
     d = cfg.search.dataset
-    schedules = (random_schedules(space, d.n_random, seed=cfg.seed, null_prob=d.null_prob, alpha=d.alpha)
-                 + single_member_anchors(space, d.anchor_nfes))
+    per_space = -(-int(d.n_random) // len(spaces))
+    schedules = []
+    for i, space in enumerate(spaces):
+        schedules += random_schedules(space, per_space, seed=cfg.seed + i, null_prob=d.null_prob, alpha=d.alpha)
+        schedules += single_member_anchors(space, d.anchor_nfes)
     store = store_for(cache, "records", zoo, fid_settings(evaluator, d.n_samples, d.sample_seed))
     log(f"schedule→FID store {store.path}: {len(store)} records, {len(schedules)} schedules wanted")
     start = time.perf_counter()
@@ -131,11 +138,14 @@ def predictor_key(records: list[dict], cfg: DictConfig, zoo: Zoo) -> str:
     h = hashlib.sha256(zoo.fingerprint().encode())
     h.update(json.dumps(sorted((r["key"], r["fid"]) for r in records)).encode())
     h.update(json.dumps(OmegaConf.to_container(cfg.search.predictor, resolve=True), sort_keys=True).encode())
-    h.update(str(cfg.search.space.size).encode())
+    # the space (its size is the encoder's length) and the solver vocabulary: a predictor whose solver ids have
+    # shifted must never load
+    h.update(json.dumps([str(cfg.search.space.kind), int(cfg.search.space.size), list(DEFAULT_SOLVERS)]).encode())
     return h.hexdigest()[:16]
 
 
-def train_or_load_predictor(cfg, zoo, records, cache: Path, callback: SearchCallback, logger) -> dict:
+def train_or_load_predictor(cfg, zoo, records, cache: Path, callback: SearchCallback, logger,
+                            max_steps: int) -> dict:
     """Train the predictor with the SearchCallback attached (the evolution runs when training ends), or reuse the
     cached one and run the callback's search on it. Returns the predictor's metrics (τ on the test split)."""
     p = cfg.search.predictor
@@ -153,7 +163,7 @@ def train_or_load_predictor(cfg, zoo, records, cache: Path, callback: SearchCall
             return metrics
     log(f"training the predictor on {len(records)} records ({p.epochs} epochs)")
     module, metrics = fit_predictor(
-        records, list(zoo.names), zoo.schedule.to_dict(), cfg.search.space.size,
+        records, list(zoo.names), zoo.schedule.to_dict(), max_steps,
         trainer_kwargs={"max_epochs": p.epochs, "callbacks": [callback], "logger": logger or False,
                         "default_root_dir": str(cache / f"predictor-{key}"), "accelerator": "cpu",
                         "log_every_n_steps": 1},
@@ -181,16 +191,64 @@ def choose_baseline(cfg: DictConfig, zoo: Zoo, profile, budget: float, rerank) -
     return candidates[i], records
 
 
-def evaluate_budget(cfg: DictConfig, zoo: Zoo, profile, result, rerank, evaluation: Evaluation,
+def seeds_fn(cfg: DictConfig, zoo: Zoo, profile):
+    """seeds(space, budget, cache) → the genotypes of the best single-member samplers within the budget that are
+    points of the space, by predicted score (at most half a population): the search starts where baselines end."""
+    n = max(1, int(cfg.search.evolution.population) // 2)
+
+    def seeds(space, budget: float, cache) -> list:
+        encoded = {}
+        for s in single_member_baselines(zoo.names, zoo.schedule, profile.latency, budget, nfes="largest"):
+            try:
+                g = space.encode(s)
+            except UserError:
+                continue  # not a point of this space
+            if schedule_key(space.decode(g)) == schedule_key(s):
+                encoded[schedule_key(s)] = (s, g)
+        if not encoded:
+            return []
+        pairs = list(encoded.values())
+        scores, _ = cache.score([s for s, _ in pairs])
+        order = sorted(range(len(pairs)), key=lambda i: scores[i])[:n]
+        return [pairs[i][1] for i in order]
+
+    return seeds
+
+
+def candidates(results: list, top_k: int) -> list[ModelSchedule]:
+    """What the selection seed re-ranks: the top-k by predicted score over every space, plus each space's best."""
+    pooled = sorted((c for r in results for c in r.population), key=lambda c: c.score)
+    chosen = {}
+    for c in pooled[:top_k] + [r.best for r in results]:
+        chosen.setdefault(schedule_key(c.schedule), c.schedule)
+    return list(chosen.values())
+
+
+def expressible(schedule: ModelSchedule, spaces: list) -> bool:
+    """Whether a schedule is a point of one of the spaces (so the search could have chosen it)."""
+    for space in spaces:
+        try:
+            if schedule_key(space.decode(space.encode(schedule))) == schedule_key(schedule):
+                return True
+        except UserError:
+            continue
+    return False
+
+
+def evaluate_budget(cfg: DictConfig, zoo: Zoo, profile, results: list, spaces: list, rerank, evaluation: Evaluation,
                     noise_floor: dict, predictor_metrics: dict) -> dict:
-    """One budget, in order: re-rank the top-k on the selection seed, choose the baseline the same way, score both
-    on fresh seeds (paired intervals, verdicts), cost at equal quality, wall time, predictor τ near the budget."""
-    budget = result.budget
-    top = [c.schedule for c in result.top(cfg.search.rerank.top_k)]
+    """One budget, in order: choose the baseline on the selection seed, re-rank the search's candidates (and the
+    baseline itself when the spaces contain it: a search never loses to a point it could have chosen) on the same
+    seed, score winner and baseline on fresh seeds (paired intervals, verdicts), cost at equal quality, wall time,
+    predictor τ near the budget."""
+    budget = results[0].budget
+    baseline, baseline_records = choose_baseline(cfg, zoo, profile, budget, rerank)
+    top = candidates(results, cfg.search.rerank.top_k)
+    if expressible(baseline, spaces) and schedule_key(baseline) not in {schedule_key(s) for s in top}:
+        top.append(baseline)
     reranked = rerank(top)
     w = min(range(len(reranked)), key=lambda j: reranked[j]["fid"])
     winner = top[w]
-    baseline, baseline_records = choose_baseline(cfg, zoo, profile, budget, rerank)
     comparison = compare(evaluation, {"searched": winner, "baseline": baseline}, reference="baseline",
                          noise_floor=noise_floor)
     equal = cost_at_equal_quality(evaluation, baseline, evaluation.mean(winner), profile.latency[baseline.meta["member"]],
@@ -200,7 +258,8 @@ def evaluate_budget(cfg: DictConfig, zoo: Zoo, profile, result, rerank, evaluati
     log(f"budget {1000 * budget:.0f} ms: timing winner and baseline, interleaved")
     test = predictor_metrics.get("test_predictions")
     near = rank_metrics_near(test["score"], test["fid"], test["cost"], budget) if test else None
-    return {"budget": budget, "result": result, "reranked": reranked, "winner": winner, "winner_record": reranked[w],
+    return {"budget": budget, "result": results[0], "results": results, "reranked": reranked,
+            "winner_is_baseline": schedule_key(winner) == schedule_key(baseline), "winner": winner, "winner_record": reranked[w],
             "baseline": baseline, "baseline_records": baseline_records,
             "costs": {"searched": profile.cost(winner), "baseline": profile.cost(baseline)},
             "comparison": comparison, "equal": equal, "walls": walls, "tau_near_budget": near,
@@ -229,24 +288,28 @@ def run(cfg: DictConfig) -> list[dict]:
     datamodule = instantiate(cfg.data.module)
     evaluator = FIDEvaluator(default_extractor_for(str(cfg.data.name)), datamodule,
                              cache_dir=Path(cfg.paths.checkpoints) / str(cfg.data.name), device=device)
-    space = make_space(cfg.search.space.kind, zoo.names, zoo.schedule, cfg.search.space.size)
-    records, store = build_dataset(cfg, zoo, space, evaluator, profile, cache)
+    spaces = make_spaces(str(cfg.search.space.kind), zoo.names, zoo.schedule, int(cfg.search.space.size))
+    records, store = build_dataset(cfg, zoo, spaces, evaluator, profile, cache)
 
     from oms_lightning.tracking import make_logger
 
     logger = make_logger(cfg.logger, name=f"search-{cfg.data.name}-{'-'.join(f'{1000 * b:.0f}' for b in budgets)}ms",
                          group=f"search-{cfg.data.name}", config=OmegaConf.to_container(cfg, resolve=True))
-    callback = SearchCallback(space, profile.cost, budgets, seed=cfg.seed,
+    callback = SearchCallback(spaces, profile.cost, budgets, seed=cfg.seed,
                               evolution={**OmegaConf.to_container(cfg.search.evolution, resolve=True),
-                                         "null_prob": cfg.search.dataset.null_prob})
-    predictor_metrics = train_or_load_predictor(cfg, zoo, records, cache, callback, logger)
+                                         "null_prob": cfg.search.dataset.null_prob},
+                              seeds=seeds_fn(cfg, zoo, profile))
+    predictor_metrics = train_or_load_predictor(cfg, zoo, records, cache, callback, logger,
+                                                max_steps=max(sp.max_steps for sp in spaces))
 
     e = cfg.search.evaluation
     sample_metrics = SampleMetrics(evaluator, datamodule)
-    evaluation = Evaluation(zoo, sample_metrics, seeds, int(e.n), cfg.search.dataset.batch_size, progress=log)
+    evaluation = Evaluation(zoo, sample_metrics, seeds, int(e.n), cfg.search.dataset.batch_size, progress=log,
+                            store=lambda seed: store_for(cache, f"eval{seed}", zoo, {
+                                **fid_settings(evaluator, int(e.n), seed), "metrics": list(METRICS)}))
     noise_floor = sample_metrics.noise_floor(int(e.n), seed=seeds[0])
     rerank = rerank_fn(cfg, zoo, evaluator, profile, cache)
-    outcomes = [evaluate_budget(cfg, zoo, profile, callback.results[b], rerank, evaluation, noise_floor,
+    outcomes = [evaluate_budget(cfg, zoo, profile, callback.results[b], spaces, rerank, evaluation, noise_floor,
                                 predictor_metrics) for b in budgets]
 
     run_dir = Path(cfg.paths.run_dir)

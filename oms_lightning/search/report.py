@@ -78,7 +78,9 @@ def summarise(o: dict, profile, store_size: int, predictor_metrics: dict, settin
         "kendall_tau_near_budget": o["tau_near_budget"],
         "winner_steps_single_member_fid_select": o["same_steps"],
         "n_records": store_size, "extractor": o["winner_record"]["extractor"],
-        "budget_note": o["result"].budget_note, "schedules_scored": o["result"].evaluated,
+        "budget_note": "; ".join(dict.fromkeys(r.budget_note for r in o["results"] if r.budget_note)) or None,
+        "schedules_scored": sum(r.evaluated for r in o["results"]),
+        "winner_family": o["winner"].solver, "winner_is_baseline": o["winner_is_baseline"],
         "latency_ms": {k: ms(v) for k, v in profile.latency.items()}, "latency_spread": dict(profile.spread),
     }
 
@@ -113,6 +115,8 @@ def print_details(rows: list[dict]) -> None:
               f"pixel FD: {p['mean']:.3f} vs {p['baseline_mean']:.3f} → {p['verdict']}; copy rate "
               f"{s['copy_rate']['searched']:.3f} / {s['copy_rate']['baseline']:.3f} "
               f"(real held-out {s['copy_rate']['real_heldout']:.3f})")
+        found = " — the search chose the baseline itself" if s["winner_is_baseline"] else ""
+        print(f"  winner's solver family: {s['winner_family']}{found}")
         for flag in s["disagreements"]:
             print(f"  ! metrics disagree: {flag}")
         w, e = s["wall_seconds"], s["cost_model_error"]
@@ -188,7 +192,7 @@ def _log_wandb(logger, outcomes, rows, schedule_path: Path, plot: Path, grid: Pa
     import wandb
 
     population = [[o["budget"] * 1000, c.schedule.compact(), c.cost * 1000, c.schedule.nfe, c.score]
-                  for o in outcomes for c in o["result"].population]
+                  for o in outcomes for r in o["results"] for c in r.population]
     logger.log_table("search/population", columns=["budget_ms", "schedule", "cost_ms", "nfe", "predicted_score"],
                      data=population)
     logger.log_image("search/frontier", images=[str(plot)])

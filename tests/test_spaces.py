@@ -1,0 +1,125 @@
+"""The search-space protocol, for every space: valid decodes, stable keys, operators that keep validity, determinism
+under a seed, repair into the budget; single-member samplers are points of the sampler spaces; the time genes keep
+the grid ordered with fixed ends; and a search whose optimum is a single-member sampler finds it."""
+import numpy as np
+import pytest
+
+from oms_lightning.diffusion.noise_schedule import VPSchedule
+from oms_lightning.errors import UserError
+from oms_lightning.evaluation import single_member_baselines, single_member_sampler
+from oms_lightning.schedule import schedule_key
+from oms_lightning.search.evolution import evolve
+from oms_lightning.search.space import (JITTER_MAX, SPACE_KINDS, Genome, SamplerSpace, make_space, make_spaces,
+                                        sampler_anchors)
+
+NOISE = VPSchedule()
+MEMBERS = ("a", "b", "c")
+LATENCY = {"a": 1.0, "b": 2.0, "c": 4.0}
+KINDS = [k for k in SPACE_KINDS if k != "all"]
+
+
+def cost(s):
+    return s.cost(LATENCY)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_protocol_properties(kind):
+    space = make_space(kind, MEMBERS, NOISE, 12)
+    rng = np.random.default_rng(0)
+    unit = np.array([LATENCY[m] for m in MEMBERS])
+    for _ in range(40):
+        a, b = space.sample_genotype(rng, 0.5), space.sample_genotype(rng, 0.5)
+        for g in (a, space.mutate(a, rng), space.crossover(a, b, rng), space.mutate(space.crossover(a, b, rng), rng)):
+            s = space.decode(g).validate(MEMBERS, t_min=NOISE.t_min)
+            assert space.key(g) == space.key(g) and schedule_key(space.decode(g)) == schedule_key(s)
+            repaired = space.repair(g, rng, unit, 10.0, 12.0, lambda x: cost(space.decode(x)))
+            assert cost(space.decode(repaired)) <= 12.0
+    # deterministic under a seed
+    runs = []
+    for _ in range(2):
+        r = np.random.default_rng(7)
+        g = space.sample_genotype(r, 0.5)
+        for _ in range(10):
+            g = space.mutate(space.crossover(g, space.sample_genotype(r, 0.5), r), r)
+        runs.append(schedule_key(space.decode(g)))
+    assert runs[0] == runs[1]
+
+
+def test_equal_keys_mean_equal_schedules():
+    space = make_space("sampler:dpm_solver", MEMBERS, NOISE, 15)
+    rng = np.random.default_rng(1)
+    by_key = {}
+    for _ in range(300):
+        g = space.mutate(space.sample_genotype(rng, 0.6), rng)
+        by_key.setdefault(space.key(g), set()).add(schedule_key(space.decode(g)))
+    assert all(len(v) == 1 for v in by_key.values())
+
+
+@pytest.mark.parametrize("solver", ["ddim", "dpm_solver", "dpm_solver++", "dpm_solver++3m", "heun"])
+def test_every_single_member_baseline_is_a_point_of_its_sampler_space(solver):
+    space = make_space(f"sampler:{solver}", MEMBERS, NOISE, 30)
+    baselines = [s for s in single_member_baselines(MEMBERS, NOISE, LATENCY, 24.0, nfes="all") if s.solver == solver]
+    assert len(baselines) > 20
+    for s in baselines:
+        assert schedule_key(space.decode(space.encode(s))) == schedule_key(s), s.compact()
+
+
+def test_encode_refuses_what_the_space_cannot_express():
+    space = make_space("sampler:ddim", MEMBERS, NOISE, 4)
+    with pytest.raises(UserError, match="not in this space"):
+        space.encode(single_member_sampler("a", "heun", None, "karras", 4, NOISE))
+    with pytest.raises(UserError, match="not in this space"):
+        space.encode(single_member_sampler("a", "ddim", None, "karras", 6, NOISE))  # 6 steps > 4
+
+
+def test_time_genes_keep_the_grid_ordered_with_fixed_ends():
+    space = SamplerSpace(MEMBERS, "ddim", 8, NOISE)
+    plain = Genome(np.ones((8, 1), dtype=np.int64), 2, np.zeros(7))
+    base = space.decode(plain).times
+    for jitter in (np.full(7, JITTER_MAX), np.full(7, -JITTER_MAX), np.random.default_rng(0).uniform(-.9, .9, 7)):
+        times = space.decode(Genome(plain.slots, 2, jitter)).times
+        assert times[0] == base[0] and times[-1] == base[-1]
+        assert all(x > y for x, y in zip(times, times[1:])) and times != base
+    frozen = SamplerSpace(MEMBERS, "ddim", 8, NOISE, time_genes=False)
+    assert frozen.decode(Genome(plain.slots, 2, np.full(7, 0.5))).times == base
+
+
+def test_heun_rows_stay_whole():
+    space = make_space("sampler:heun", MEMBERS, NOISE, 12)
+    rng = np.random.default_rng(3)
+    for _ in range(100):
+        g = space.mutate(space.sample_genotype(rng, 0.5), rng)
+        assert all(s.order == 2 for s in space.decode(g).steps)
+
+
+def test_anchors_and_kind_all():
+    spaces = make_spaces("all", MEMBERS, NOISE, 12)
+    assert sorted(sp.solver for sp in spaces) == ["ddim", "dpm_solver", "dpm_solver++", "dpm_solver++3m", "heun"]
+    anchors = sampler_anchors(make_space("sampler:dpm_solver", MEMBERS, NOISE, 12), [6])
+    assert {tuple(s.orders) for s in anchors} == {(2, 2, 2), (3, 3)} and len(anchors) == 3 * 2 * 2
+
+
+def target_objective(target):
+    """0 at `target`, growing with the number of wrong members, the NFE gap and the λ-distance of the grids."""
+    lam_t = NOISE.lambda_(np.asarray(target.times)) if False else None  # noqa: F841 (kept simple below)
+
+    def score(schedules):
+        out = []
+        for s in schedules:
+            wrong = sum(m != "b" for m in s.members_per_nfe)
+            gap = abs(s.nfe - target.nfe)
+            grid = 0.0
+            if len(s.times) == len(target.times):
+                grid = float(np.abs(np.log(s.times) - np.log(target.times)).sum())
+            out.append(wrong + gap + grid + (0.0 if s.solver == target.solver else 5.0))
+        return np.array(out)
+
+    return score
+
+
+def test_search_finds_a_single_member_sampler_that_is_the_optimum():
+    target = single_member_sampler("b", "heun", None, "karras", 6, NOISE)
+    space = make_space("sampler:heun", MEMBERS, NOISE, 16)
+    r = evolve(space, target_objective(target), cost, 12.0, population=20, children=20, generations=60, seed=0,
+               null_prob=0.5)
+    assert schedule_key(r.best.schedule) == schedule_key(target) and r.best.score == 0.0
