@@ -24,6 +24,16 @@ def compose():
     return _compose
 
 
+@pytest.fixture(scope="session")
+def digits():
+    """The embedded digits data module, set up once per test session."""
+    from oms_lightning.data import DigitsDataModule
+
+    dm = DigitsDataModule(batch_size=128)
+    dm.setup("fit")
+    return dm
+
+
 # --- a fake zoo of untrained 8x8 members in the true on-disk format (tests never need trained weights) ---
 DATA = {"name": "digits", "image_size": 8, "channels": 1}
 TINY = {"channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [], "dropout": 0.0}

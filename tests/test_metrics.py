@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from oms_lightning import metrics
-from oms_lightning.data import DigitsDataModule
 from oms_lightning.errors import UserError
 from oms_lightning.metrics import (CLASSIFIER_FORMAT, DigitsClassifierExtractor, FIDEvaluator, FIDResult,
                                    InceptionExtractor, default_extractor_for, feature_extractor,
@@ -23,13 +22,6 @@ def cache_dir(tmp_path_factory):
 def classifier(cache_dir):
     """Trained once per session (~6 s on one CPU thread) and cached in the module's tmp cache dir."""
     return load_or_train_digits_classifier(cache_dir)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    dm = DigitsDataModule(batch_size=128)
-    dm.setup("fit")
-    return dm
 
 
 @pytest.fixture(scope="module")

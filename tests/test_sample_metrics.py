@@ -156,13 +156,6 @@ def test_metric_functions_reject_bad_input():
 # --------------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def digits():
-    dm = DigitsDataModule(batch_size=128)
-    dm.setup("fit")
-    return dm
-
-
-@pytest.fixture(scope="module")
 def evaluator(digits, tmp_path_factory):
     """The digits classifier is trained once for this module (~6 s on one CPU thread)."""
     cache_dir = tmp_path_factory.mktemp("sample_metrics_cache")

@@ -100,6 +100,9 @@ def check_fresh_seed_protocol(root, summary):
     assert summary["verdict"] == expected and summary["wins"] == (expected == "better")
     assert summary["baselines_considered"] >= 2 * 6 * 4 - 8  # members × samplers × spacings (a few coincide)
     assert summary["wall_seconds"]["searched"] > 0 and summary["noise_floor"]["n_used"] == 32
+    # kind=all (the default) contains every single-member sampler: the search never loses to one on selection
+    assert summary["fid_select"] <= summary["baseline_fid_select"] + 1e-9
+    assert summary["winner_family"] in {"ddim", "dpm_solver", "dpm_solver++", "dpm_solver++3m", "heun"}
 
 
 def test_budget_below_the_cheapest_schedule_names_the_minimum(zoo_root):

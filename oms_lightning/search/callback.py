@@ -7,6 +7,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from lightning.pytorch.callbacks import Callback
+from tqdm.auto import tqdm
 
 from oms_lightning.schedule import ModelSchedule
 from oms_lightning.search.evolution import ScoreCache, SearchResult, evolve_frontier
@@ -36,10 +37,18 @@ class SearchCallback(Callback):
     def search(self, predictor) -> dict[float, list[SearchResult]]:
         cache = ScoreCache(predictor.predict_scores)  # one cache: no schedule is scored twice across spaces
         self.results = {b: [] for b in self.budgets}
+        generations = int(self.evolution.get("generations", 200))
         for space in self.spaces:
             seeds = None if self.seeds is None else (lambda b, sp=space: self.seeds(sp, b, cache))
-            found = evolve_frontier(space, predictor.predict_scores, self.cost_fn, self.budgets, seed=self.seed,
-                                    cache=cache, seeds=seeds, **self.evolution)
+            name = getattr(space, "solver", type(space).__name__)
+            with tqdm(total=generations * len(self.budgets), desc=f"evolution ({name})", unit="gen",
+                      dynamic_ncols=True) as bar:
+                def progress(gen, best, bar=bar):
+                    bar.update()
+                    bar.set_postfix(score=f"{best.score:.3f}", nfe=best.schedule.nfe, refresh=False)
+
+                found = evolve_frontier(space, predictor.predict_scores, self.cost_fn, self.budgets, seed=self.seed,
+                                        cache=cache, seeds=seeds, progress=progress, **self.evolution)
             for b in self.budgets:
                 self.results[b].append(found[b])
         return self.results

@@ -137,7 +137,9 @@ class _Search:
         self.mutation_slots = mutation_slots
         self.null_prob = null_prob
         # 1-NFE cost of every member (the unit costs repair works with) and the most expensive schedule
-        self.unit = np.array([self.ev.cost(self.ev.schedule(space.one_nfe(i))) for i in range(self.n_members)])
+        # per NFE: a space's smallest genotype may hold several NFEs (a Heun step has two)
+        self.unit = np.array([self.ev.cost(s) / s.nfe for s in
+                              (self.ev.schedule(space.one_nfe(i)) for i in range(self.n_members))])
         full = [space.everywhere(i) for i in range(self.n_members)]
         full_costs = [self.ev.cost(self.ev.schedule(g)) for g in full]
         self.cheapest = int(np.argmin(self.unit))

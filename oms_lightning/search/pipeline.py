@@ -107,7 +107,9 @@ def build_dataset(cfg: DictConfig, zoo: Zoo, spaces: list, evaluator, profile,
         records = generate_distributed(zoo, schedules, store.path, evaluator, d.n_samples, d.sample_seed,
                                        d.batch_size, profile, accelerator=d.accelerator, devices=d.devices,
                                        num_nodes=d.num_nodes, strategy=d.strategy)
-    usable = [r for r in records if r["fid"] is not None]
+    # costs from today's profile: a store outlives a re-measured profile, and cost is not part of a record's identity
+    usable = [{**r, "cost": profile.cost(ModelSchedule.from_dict(r["schedule"]))} for r in records
+              if r["fid"] is not None]
     log(f"{len(usable)} records ready ({time.perf_counter() - start:.0f} s)")
     return usable, store
 
@@ -186,7 +188,7 @@ def choose_baseline(cfg: DictConfig, zoo: Zoo, profile, budget: float, rerank) -
                                          nfes=cfg.search.evaluation.baseline_nfes)
     log(f"budget {1000 * budget:.0f} ms: choosing the baseline among {len(candidates)} single-member samplers "
         f"(selection seed {cfg.search.rerank.seed}, cached)")
-    records = rerank(candidates)
+    records = [{**r, "cost": profile.cost(s)} for r, s in zip(rerank(candidates), candidates)]
     i = min(range(len(records)), key=lambda j: records[j]["fid"])
     return candidates[i], records
 
@@ -215,11 +217,12 @@ def seeds_fn(cfg: DictConfig, zoo: Zoo, profile):
     return seeds
 
 
-def candidates(results: list, top_k: int) -> list[ModelSchedule]:
-    """What the selection seed re-ranks: the top-k by predicted score over every space, plus each space's best."""
+def candidates(results: list, top_k: int, per_space: int) -> list[ModelSchedule]:
+    """What the selection seed re-ranks: the top-k by predicted score over every space, plus the best `per_space`
+    of each space (one predictor ranks several solver families less well than it ranks within one)."""
     pooled = sorted((c for r in results for c in r.population), key=lambda c: c.score)
     chosen = {}
-    for c in pooled[:top_k] + [r.best for r in results]:
+    for c in pooled[:top_k] + [c for r in results for c in r.top(per_space)]:
         chosen.setdefault(schedule_key(c.schedule), c.schedule)
     return list(chosen.values())
 
@@ -243,7 +246,7 @@ def evaluate_budget(cfg: DictConfig, zoo: Zoo, profile, results: list, spaces: l
     predictor τ near the budget."""
     budget = results[0].budget
     baseline, baseline_records = choose_baseline(cfg, zoo, profile, budget, rerank)
-    top = candidates(results, cfg.search.rerank.top_k)
+    top = candidates(results, cfg.search.rerank.top_k, cfg.search.rerank.top_per_space)
     if expressible(baseline, spaces) and schedule_key(baseline) not in {schedule_key(s) for s in top}:
         top.append(baseline)
     reranked = rerank(top)

@@ -501,7 +501,7 @@ class SamplerSpace(SlotGenes, RandomGenotypes):
 
 
 def sampler_anchors(space: SamplerSpace, nfes: Sequence[int],
-                    spacings: Sequence[str] = ("logsnr_uniform", "karras")) -> list[ModelSchedule]:
+                    spacings: Sequence[str] = ("karras",)) -> list[ModelSchedule]:
     """Every member alone with the space's solver (each NFE count per step it allows) at every NFE in `nfes`, on the
     given spacings the space has: the single-member samplers that anchor the predictor."""
     from oms_lightning.evaluation import single_member_sampler  # evaluation builds on sampling, not on spaces
@@ -546,6 +546,9 @@ def make_space(kind: str, members: Sequence[str], noise: VPSchedule, size: int):
 
 
 def make_spaces(kind: str, members: Sequence[str], noise: VPSchedule, size: int) -> list:
-    """The spaces a search runs: one, or for kind "all" a SamplerSpace per registry solver."""
-    kinds = [f"sampler:{s}" for s in SOLVER_SPACES] if kind == "all" else [kind]
-    return [make_space(k, members, noise, size) for k in kinds]
+    """The spaces a search runs: one, or for kind "all" OMS-DPM's slot space (⌈size/3⌉ steps, its logSNR grid) and
+    a SamplerSpace per registry solver (time genes on)."""
+    if kind != "all":
+        return [make_space(kind, members, noise, size)]
+    return [make_space("dpm_solver", members, noise, -(-size // SLOTS_PER_STEP))] + [
+        make_space(f"sampler:{s}", members, noise, size) for s in SOLVER_SPACES]
