@@ -99,6 +99,8 @@ def test_fitting_nfes():
     assert fitting_nfes(0.1, 0.95, "all") == list(range(1, 10))
     assert fitting_nfes(0.1, 1.0, "largest") == [10]  # exactly on budget fits
     assert fitting_nfes(0.1, 0.95, 3) == [7, 8, 9]
+    assert fitting_nfes(0.1, 2.0, "largest") == [14, 20]  # the largest of each t_end regime (1e-3 below 15 NFE)
+    assert fitting_nfes(0.1, 2.0, 2) == [13, 14, 19, 20]
     with pytest.raises(UserError):
         fitting_nfes(0.1, 0.95, 0)
 
@@ -133,10 +135,20 @@ def test_cost_at_equal_quality_is_the_cheapest_reaching_nfe():
     ev = FakeEvaluation(_decreasing)
     out = cost_at_equal_quality(ev, family, target=100.0 / 13 + 1e-9, latency=0.01, max_cost=0.4)
     assert out["nfe"] == 13 and out["cost"] == pytest.approx(0.13) and out["sampler"] == "dpm_solver++"
-    assert ev.calls <= 2 + math.ceil(math.log2(40))  # bisection, not a walk over every NFE
+    assert ev.calls <= 2 * (2 + math.ceil(math.log2(40)))  # bisection per t_end regime, not a walk over every NFE
     again = cost_at_equal_quality(FakeEvaluation(_decreasing), family, 100.0 / 13 + 1e-9, 0.01, 0.4, known_nfe=20)
     assert again["nfe"] == 13
     assert cost_at_equal_quality(FakeEvaluation(_decreasing), family, target=1.0, latency=0.01, max_cost=0.4) is None
+
+
+def test_cost_at_equal_quality_survives_the_t_end_switch():
+    """Quality jumps back at 15 NFE (t_end 1e-3 → 1e-4): the cheap regime's answer must not be missed because the
+    largest NFE is worse."""
+    family = single_member_sampler("m", "dpm_solver++", None, "karras", 4, NOISE)
+    worse_later = FakeEvaluation(lambda s: [100.0 / s.nfe if s.nfe < 15 else 10.0] * 3)
+    assert cost_at_equal_quality(worse_later, family, target=8.0, latency=0.01, max_cost=0.4)["nfe"] == 13
+    only_later = FakeEvaluation(lambda s: [8.0 if s.nfe < 15 else 100.0 / s.nfe] * 3)
+    assert cost_at_equal_quality(only_later, family, target=5.0, latency=0.01, max_cost=0.4)["nfe"] == 20
 
 
 def test_cost_at_equal_quality_keeps_heun_on_even_nfes():
