@@ -283,17 +283,19 @@ def cost_at_equal_quality(evaluation: Evaluation, family: ModelSchedule, target:
 
 def _bisect_nfe(evaluation: Evaluation, at, target: float, lo: int, hi: int, step: int,
                 known: int | None) -> int | None:
-    """Smallest NFE in [lo, hi] (multiples of `step`) whose schedule reaches the target, by bisection; None if hi
-    does not. A known NFE (already scored, e.g. the baseline's) narrows the bracket first."""
+    """Smallest NFE in [lo, hi] (multiples of `step`) whose schedule reaches the target, by bisection; None if
+    nothing up to hi does. A known NFE in the range (already scored, e.g. the baseline's) is tried first: when it
+    reaches the target the search stays below it (more NFEs are not always better, so hi might not reach)."""
     lo = -(-lo // step) * step
     hi -= hi % step
-    if hi < lo or evaluation.mean(at(hi)) > target:
+    if hi < lo:
         return None
-    if known is not None and lo <= known < hi and known % step == 0:
-        if evaluation.mean(at(known)) <= target:
-            hi = known
-        else:
-            lo = known + step
+    if known is not None and lo <= known <= hi and known % step == 0 and evaluation.mean(at(known)) <= target:
+        hi = known
+    elif evaluation.mean(at(hi)) > target:
+        return None
+    elif known is not None and lo <= known < hi and known % step == 0:
+        lo = known + step
     while lo < hi:  # invariant: at(hi) reaches the target
         mid = lo + ((hi - lo) // (2 * step)) * step
         if evaluation.mean(at(mid)) <= target:

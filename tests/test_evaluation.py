@@ -151,6 +151,15 @@ def test_cost_at_equal_quality_survives_the_t_end_switch():
     assert cost_at_equal_quality(only_later, family, target=5.0, latency=0.01, max_cost=0.4)["nfe"] == 20
 
 
+def test_cost_at_equal_quality_of_a_sampler_against_itself_is_at_most_its_own_cost():
+    """More NFEs can be worse (11 best, 14 worse): the baseline's own NFE reaches its own mean, so the answer is
+    never 'not reached'."""
+    family = single_member_sampler("m", "dpm_solver++", None, "karras", 11, NOISE)
+    dip = FakeEvaluation(lambda s: [5.0 if s.nfe in (10, 11) else 6.0 + (s.nfe < 10) * (10 - s.nfe)] * 3)
+    out = cost_at_equal_quality(dip, family, target=5.0, latency=0.01, max_cost=0.17, known_nfe=11)
+    assert out["nfe"] == 10
+
+
 def test_cost_at_equal_quality_keeps_heun_on_even_nfes():
     family = single_member_sampler("m", "heun", None, "karras", 4, NOISE)
     out = cost_at_equal_quality(FakeEvaluation(_decreasing), family, target=100.0 / 9, latency=0.01, max_cost=0.4)
