@@ -48,6 +48,7 @@ def summarise(o: dict, profile, store_size: int, predictor_metrics: dict, settin
     test = predictor_metrics.get("test") or {}
     return {
         "budget": ms(o["budget"]), "schedule": o["winner"].compact(), "cost": ms(cost_w), "nfe": o["winner"].nfe,
+        "spacing": o["winner"].meta.get("spacing"),
         "fid": win["fid"]["mean"], "fid_mean": win["fid"]["mean"], "fid_ci": win["fid"]["ci"],
         "fid_select": o["winner_record"]["fid"],
         "baseline_schedule": o["baseline"].compact(), "baseline_sampler": dict(o["baseline"].meta),
@@ -91,15 +92,27 @@ def _pm(mean: float, ci) -> str:
 
 def print_table(rows: list[dict]) -> None:
     head = ("budget ms", "searched schedule", "cost ms", "FID", "best single sampler", "cost ms", "FID",
-            "difference [95 % CI]", "verdict", "single cost @ equal FID")
+            "difference [95 % CI]", "verdict", "single cost @ equal FID", "wall ms searched / single")
     print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for s in rows:
         eq = s["baseline_cost_at_equal_fid"]
         lo, hi = s["diff_ci"]
-        print(f"| {s['budget']:.0f} | {md(s['schedule'])} | {s['cost']:.0f} | {_pm(s['fid_mean'], s['fid_ci'])} | "
-              f"{md(s['baseline_schedule'])} | {s['baseline_cost']:.0f} | "
+        print(f"| {s['budget']:.0f} | {md(_with_spacing(s['schedule'], s.get('spacing')))} | {s['cost']:.0f} | "
+              f"{_pm(s['fid_mean'], s['fid_ci'])} | "
+              f"{md(_with_spacing(s['baseline_schedule'], s['baseline_sampler'].get('spacing')))} | "
+              f"{s['baseline_cost']:.0f} | "
               f"{_pm(s['baseline_fid_mean'], s['baseline_fid_ci'])} | {s['diff']:+.2f} [{lo:+.2f}, {hi:+.2f}] | "
-              f"**{s['verdict']}** | {'not reached' if eq is None else f'{eq:.0f}'} |")
+              f"**{s['verdict']}**{' (the baseline itself)' if s.get('winner_is_baseline') else ''} | "
+              f"{'not reached' if eq is None else f'{eq:.0f}'} | "
+              f"{1000 * s['wall_seconds']['searched']:.0f} / {1000 * s['wall_seconds']['baseline']:.0f} |")
+
+
+def _with_spacing(compact: str, spacing: str | None) -> str:
+    """'dpm_solver++: [tiny]×11 | t 1.0→0.001, NFE 11' → 'dpm_solver++ (karras): [tiny]×11, NFE 11'."""
+    head, _, rest = compact.partition(": ")
+    steps, _, times = rest.partition(" | ")
+    nfe = times.rsplit(", ", 1)[-1]
+    return f"{head}{f' ({spacing})' if spacing else ''}: {steps}, {nfe}"
 
 
 def print_details(rows: list[dict]) -> None:

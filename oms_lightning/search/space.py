@@ -195,7 +195,7 @@ class SlotSpace(SlotGenes, RandomGenotypes):
             raise ScheduleError("every slot is null: a schedule needs at least one NFE")
         nfe = sum(int(v != 0) for r in rows for v in r)
         times = timesteps("logsnr_uniform", len(rows), self.noise, t_end=default_t_end(nfe)).tolist()
-        return ModelSchedule.from_slots(rows, self.members, times)
+        return ModelSchedule.from_slots(rows, self.members, times, meta={"spacing": "logsnr_uniform"})
 
     def key(self, g) -> Hashable:
         """Two genotypes decode to the same schedule iff their used rows, nulls removed, are equal."""
@@ -306,7 +306,8 @@ class GridSpace(SlotGenes, RandomGenotypes):
         starts = [0, *selected[1:].tolist()]  # leading nulls merge into the first step (start from pure noise)
         times = [self._grid[i] for i in starts] + [self._grid[-1]]
         names = [self.members[int(g[i]) - 1] for i in selected]
-        return ModelSchedule.from_times_and_members(times, names, solver=self.solver)
+        return ModelSchedule.from_times_and_members(times, names, solver=self.solver,
+                                                    meta={"spacing": f"{GRID_SOLVERS[self.solver]} subset"})
 
     def key(self, g) -> Hashable:
         """Leading nulls merge into the first step, so its position is irrelevant."""
