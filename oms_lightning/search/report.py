@@ -151,8 +151,9 @@ def _fmt(x) -> str:
 
 # ----------------------------------------------------------------------------------------------- files
 def frontier_plot(path: Path, outcomes: list[dict], title: str) -> Path:
-    """Per member, the best selection-seed FID of any of its samplers at cost ≤ c (steps); the searched schedule and
-    the chosen baseline with their fresh-seed means and 95 % intervals."""
+    """Every single-member sampler considered (selection seed: dots per member, and per member the best FID reachable
+    at cost ≤ c as a step line); the searched schedule and the chosen baseline with their fresh-seed means and
+    95 % intervals."""
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     records = {r["key"]: r for o in outcomes for r in o["baseline_records"]}.values()
     for member in sorted({r["schedule"]["steps"][0]["members"][0] for r in records}):
@@ -161,7 +162,8 @@ def frontier_plot(path: Path, outcomes: list[dict], title: str) -> Path:
         for c, f in pts:
             best = min(best, f)
             envelope.append((1000 * c, best))
-        ax.step(*zip(*envelope), where="post", alpha=0.6, label=f"{member} alone, best sampler (selection seed)")
+        line, = ax.step(*zip(*envelope), where="post", alpha=0.7, label=f"{member} alone: best sampler, selection seed")
+        ax.scatter([1000 * c for c, _ in pts], [f for _, f in pts], s=6, alpha=0.35, color=line.get_color())
     for i, o in enumerate(outcomes):
         c = o["comparison"]["contenders"]
         for name, style in (("searched", "r*"), ("baseline", "ks")):
