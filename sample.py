@@ -1,7 +1,10 @@
 """Sample from the zoo: python sample.py model=small steps=10 solver=dpm_solver++  |  schedule=PATH.json [fid=N]"""
+import sys
+from pathlib import Path
+
 import hydra
 
-from oms_lightning.cli import exit_on_user_error
+from oms_lightning.cli import check_config_groups, exit_on_user_error
 
 
 @hydra.main(config_path="configs", config_name="sample", version_base="1.3")
@@ -13,4 +16,5 @@ def main(cfg):
 
 
 if __name__ == "__main__":
+    check_config_groups(sys.argv[1:], Path(__file__).parent / "configs")
     main()

@@ -1,7 +1,10 @@
 """Train one zoo member: python train.py model=small [data=digits] [experiment=cifar10_paper] [ckpt_path=last]"""
+import sys
+from pathlib import Path
+
 import hydra
 
-from oms_lightning.cli import exit_on_user_error
+from oms_lightning.cli import check_config_groups, exit_on_user_error
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
@@ -13,4 +16,5 @@ def main(cfg):
 
 
 if __name__ == "__main__":
+    check_config_groups(sys.argv[1:], Path(__file__).parent / "configs")
     main()

@@ -47,6 +47,16 @@ def check_rules(cfg: DictConfig, rules: dict[str, Rule]) -> None:
             raise UserError(f"invalid value {key}={value!r}: expected {expected}")
 
 
+def shorten_validation_interval(cfg: DictConfig) -> bool:
+    """A run shorter than one validation interval validates (and checkpoints) once, at its last step, so that
+    `train.py trainer.max_steps=50` just works; True when the interval was changed."""
+    steps, every = _get(cfg, "trainer.max_steps"), _get(cfg, "trainer.val_check_interval")
+    if _is_int(steps) and _is_int(every) and 0 < steps < every:
+        cfg.trainer.val_check_interval = steps
+        return True
+    return False
+
+
 def validate_train_config(cfg: DictConfig) -> None:
     check_rules(cfg, TRAIN_RULES)
     if cfg.trainer.max_steps % cfg.trainer.val_check_interval:

@@ -254,14 +254,19 @@ def load_or_train_digits_classifier(cache_dir: str | Path = "checkpoints/digits"
                                     epochs: int = 30) -> tuple[DigitsClassifierExtractor, float]:
     """The classifier cached at `<cache_dir>/fid_classifier.pt`, training (and caching) it first if absent.
 
-    Returns (model in eval mode, held-out accuracy) and prints the accuracy. A file that is not a valid
-    classifier cache raises UserError (it is never silently overwritten).
+    Returns (model in eval mode, held-out accuracy) and prints the accuracy. An unreadable (e.g. truncated) cache
+    or one of an older oms-lightning format is this project's own cache: it is rebuilt, with a warning. A readable
+    file that is not an oms-lightning classifier raises UserError (someone else's file is never overwritten).
     """
     path = Path(cache_dir) / CLASSIFIER_FILE
     if path.exists():
-        model, accuracy = _load_classifier(path)
-        print(f"FID digits classifier: loaded {path} (held-out accuracy {accuracy:.4f})")
-        return model, accuracy
+        try:
+            model, accuracy = _load_classifier(path)
+        except StaleCache as e:
+            warnings.warn(f"{e}; training it again (≈ 6 s)", stacklevel=2)
+        else:
+            print(f"FID digits classifier: loaded {path} (held-out accuracy {accuracy:.4f})")
+            return model, accuracy
     start = time.perf_counter()
     model, accuracy = train_digits_classifier(seed=seed, epochs=epochs)
     if accuracy < MIN_CLASSIFIER_ACCURACY:
@@ -276,18 +281,21 @@ def load_or_train_digits_classifier(cache_dir: str | Path = "checkpoints/digits"
     return model, accuracy
 
 
+class StaleCache(UserError):
+    """A cache file this project wrote but can no longer use (unreadable or an older format): rebuilt, not refused."""
+
+
 def _load_classifier(path: Path) -> tuple[DigitsClassifierExtractor, float]:
     fix = f"delete {path} and run again to retrain it (about 30 s on a CPU)"
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
-        raise UserError(f"FID classifier cache {path} is corrupt or not a PyTorch file "
-                        f"({type(e).__name__}: {str(e)[:200]}); {fix}") from None
+        raise StaleCache(f"FID classifier cache {path} is unreadable (truncated or corrupt: "
+                         f"{type(e).__name__}: {str(e)[:200]})") from None
     found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
     if isinstance(found, str) and found.startswith(CLASSIFIER_FORMAT_PREFIX) and found != CLASSIFIER_FORMAT:
-        # Refused rather than retrained in place: a cache file is never silently overwritten.
-        raise UserError(f"{path} is an older oms-lightning FID classifier (format {found!r}, expected "
-                        f"{CLASSIFIER_FORMAT!r}: the features are now the pre-ReLU layer); {fix}")
+        raise StaleCache(f"{path} is an older oms-lightning FID classifier (format {found!r}, expected "
+                         f"{CLASSIFIER_FORMAT!r}: the features are now the pre-ReLU layer)")
     if found != CLASSIFIER_FORMAT:
         raise UserError(f"{path} is not an oms-lightning FID classifier (format {found!r}, expected "
                         f"{CLASSIFIER_FORMAT!r}); {fix}")

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from oms_lightning.callbacks import EMA
 from oms_lightning.checkpoint import check_training_checkpoint, save_member
-from oms_lightning.config import validate_train_config
+from oms_lightning.config import shorten_validation_interval, validate_train_config
 from oms_lightning.errors import UserError
 from oms_lightning.images import save_grid
 from oms_lightning.tracking import make_logger
@@ -87,6 +87,9 @@ def expected_hparams(module: DiffusionModule) -> dict:
 
 def train(cfg: DictConfig) -> dict:
     """Train one member as configured; returns a summary (paths, steps, val loss, wall time)."""
+    if shorten_validation_interval(cfg):
+        print(f"trainer.max_steps={cfg.trainer.max_steps} is shorter than one validation interval: validating once, "
+              f"at the last step")
     validate_train_config(cfg)
     run_dir = Path(cfg.paths.run_dir)
     ensure_writable(run_dir)

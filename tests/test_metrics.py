@@ -66,25 +66,31 @@ def test_classifier_cache_is_reused_without_training(classifier, cache_dir, monk
     assert isinstance(feature_extractor("digits_classifier", cache_dir), DigitsClassifierExtractor)
 
 
-@pytest.mark.parametrize("content", ["garbage", "foreign", "wrong_weights", "old_v1"])
-def test_bad_classifier_file_is_a_user_error(tmp_path, monkeypatch, content):
+@pytest.mark.parametrize("content", ["foreign", "wrong_weights"])
+def test_someone_elses_classifier_file_is_a_user_error(tmp_path, monkeypatch, content):
     path = tmp_path / "fid_classifier.pt"
-    if content == "garbage":
-        path.write_bytes(b"not a checkpoint at all")
-    elif content == "foreign":
+    if content == "foreign":
         torch.save({"state_dict": {}, "accuracy": 1.0}, path)
-    elif content == "old_v1":                        # post-ReLU features: its numbers are not comparable
-        state = {k: v.clone() for k, v in DigitsClassifierExtractor().state_dict().items()}
-        torch.save({"format": "oms-lightning/fid-classifier-v1", "state_dict": state, "accuracy": 0.97}, path)
     else:
         torch.save({"format": CLASSIFIER_FORMAT, "state_dict": {"x": torch.zeros(1)}, "accuracy": 1.0}, path)
     monkeypatch.setattr(metrics, "train_digits_classifier",
-                        lambda *a, **k: pytest.fail("a bad cache file must not be silently replaced"))
-    with pytest.raises(UserError, match="delete") as err:
+                        lambda *a, **k: pytest.fail("a file that is not our cache must not be replaced"))
+    with pytest.raises(UserError, match="delete"):
         load_or_train_digits_classifier(tmp_path)
-    if content == "old_v1":
-        assert "older" in str(err.value) and "fid-classifier-v1" in str(err.value)
-        assert CLASSIFIER_FORMAT.endswith("-v2")
+
+
+@pytest.mark.parametrize("content", ["truncated", "old_v1"])
+def test_our_own_stale_classifier_cache_is_rebuilt(tmp_path, monkeypatch, classifier, content):
+    path = tmp_path / "fid_classifier.pt"
+    if content == "truncated":                       # a kill while it was written (before atomic writes)
+        path.write_bytes(b"PK\x03\x04 truncated zip")
+    else:                                            # post-ReLU features: its numbers are not comparable
+        state = {k: v.clone() for k, v in DigitsClassifierExtractor().state_dict().items()}
+        torch.save({"format": "oms-lightning/fid-classifier-v1", "state_dict": state, "accuracy": 0.97}, path)
+    monkeypatch.setattr(metrics, "train_digits_classifier", lambda *a, **k: classifier)
+    with pytest.warns(UserWarning, match="training it again"):
+        model, accuracy = load_or_train_digits_classifier(tmp_path)
+    assert accuracy == classifier[1] and torch.load(path, weights_only=True)["format"] == CLASSIFIER_FORMAT
 
 
 def test_fid_of_real_images_is_small_and_zero_against_itself(evaluator, digits):

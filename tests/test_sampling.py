@@ -146,4 +146,5 @@ def test_sample_py_bad_input_is_one_clear_line(tmp_path, args, message):
 
 def test_sample_py_unknown_preset_lists_the_known_ones(tmp_path):
     r = run_sample(tmp_path, "model=huge")
-    assert r.returncode != 0 and "Could not find 'model/huge'" in r.stderr and "tiny" in r.stderr
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: unknown model 'huge'; choose one of: large, medium, small, tiny (configs/model/)"]

@@ -1,6 +1,7 @@
 """ModelSchedule: arithmetic, validation messages, JSON files, OMS-DPM slot encoding."""
 import json
 import math
+import os
 import random
 import re
 
@@ -339,3 +340,13 @@ def test_from_slots_accepts_numpy():
     s = ModelSchedule.from_slots(slots, ZOO, np.array([1.0, 0.5, 0.2, 0.01]))
     assert s.members_per_nfe == ["large", "small", "tiny"] and s.times == [1.0, 0.5, 0.01]
     assert all(isinstance(t, float) and not math.isnan(t) for t in s.times)
+
+
+def test_files_written_atomically_get_the_usual_permissions(sched, tmp_path):
+    """mkstemp creates 0600 files; a saved schedule (or summary, store header) must read like any other file."""
+    mask = os.umask(0o022)
+    try:
+        sched.save(tmp_path / "schedule.json")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "schedule.json").stat().st_mode & 0o777 == 0o644

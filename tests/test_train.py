@@ -230,7 +230,8 @@ def test_cli_errors_are_one_line_with_exit_code(tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith("error: invalid value optim.lr=0")
     assert "Traceback" not in r.stderr
     r = run_cli("train.py", "model=huge")
-    assert r.returncode != 0 and "Could not find 'model/huge'" in r.stderr and "tiny" in r.stderr
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: unknown model 'huge'; choose one of: large, medium, small, tiny (configs/model/)"]
     assert not any(tmp_path.rglob("*.ckpt"))
 
 
@@ -262,3 +263,15 @@ def test_offline_wandb_run_is_resumed_into_the_same_run(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(list(wandb_dir.rglob(f"offline-run-*-{run_id}"))) == 2  # one folder per session, same run id
     assert set(wandb_dir.rglob("offline-run-*")) == set(wandb_dir.rglob(f"offline-run-*-{run_id}"))
+
+
+def test_a_run_shorter_than_one_validation_interval_validates_at_its_end(compose):
+    from oms_lightning.config import shorten_validation_interval, validate_train_config
+
+    cfg = compose("train", ["trainer.max_steps=50"])
+    assert shorten_validation_interval(cfg) and cfg.trainer.val_check_interval == 50
+    validate_train_config(cfg)  # the newcomer's first command no longer fails
+    longer = compose("train", ["trainer.max_steps=700"])
+    assert not shorten_validation_interval(longer)
+    with pytest.raises(UserError, match="multiple of"):
+        validate_train_config(longer)  # an explicit, inconsistent interval is still refused
