@@ -78,10 +78,15 @@ def verdict(low: float, high: float, lower_is_better: bool = True) -> str:
 
 
 def check_fresh_seeds(eval_seeds: Iterable[int], used: Mapping[str, int]) -> list[int]:
-    """The evaluation seeds as ints; UserError if one of them also served to build or select something."""
-    seeds = [int(s) for s in eval_seeds]
-    if len(set(seeds)) != len(seeds):
-        raise UserError(f"evaluation seeds must be distinct, got {seeds}")
+    """The evaluation seeds as ints; UserError unless there are ≥ 2 distinct non-negative ones (an interval needs
+    two) and none of them also served to build or select something."""
+    try:
+        seeds = [int(s) for s in eval_seeds]
+    except (TypeError, ValueError):
+        raise UserError(f"evaluation seeds must be a list of integers, got {eval_seeds!r}") from None
+    if len(seeds) < 2 or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise UserError(f"evaluation seeds must be at least 2 distinct non-negative integers (an interval needs "
+                        f"two), got {seeds}")
     clash = {what: s for what, s in used.items() if s in seeds}
     if clash:
         raise UserError(f"evaluation seeds {seeds} overlap the seed(s) used for {', '.join(clash)} "
@@ -198,18 +203,19 @@ def single_member_sampler(member: str, solver: str, order: int | None, spacing: 
                           noise: VPSchedule) -> ModelSchedule | None:
     """One member with one sampler at exactly `nfe` NFEs, or None if the sampler cannot make that many.
 
-    Singlestep DPM-Solver-k reaches any NFE as DPM-Solver's "fast" variant does: ⌊nfe/k⌋ steps of order k and
-    one last, lower-order step for the remainder. Heun takes 2 NFEs per step (even NFEs only).
+    A solver with a variable NFE count per step (singlestep DPM-Solver-k) reaches any NFE as DPM-Solver's "fast"
+    variant does: ⌊nfe/k⌋ steps of order k and one last, lower-order step for the remainder. A fixed-count solver
+    (Heun: 2) makes only multiples of its count.
     """
-    if solver == "heun":
-        if nfe % 2:
-            return None
-        steps, orders = nfe // 2, 2
-    elif solver == "dpm_solver":
+    spec = SOLVER_REGISTRY[solver]
+    if spec.variable_order:
         orders = [order] * (nfe // order) + ([nfe % order] if nfe % order else [])
         steps = len(orders)
     else:
-        steps, orders = nfe, None
+        per_step = spec.default_nfe_per_step
+        if nfe % per_step:
+            return None
+        steps, orders = nfe // per_step, None
     times = timesteps(spacing, steps, noise, t_end=default_t_end(nfe)).tolist()
     label = solver if order is None else f"{solver}-{order}"
     return ModelSchedule.single(member, times, solver=solver, orders=orders,
@@ -231,8 +237,8 @@ def fitting_nfes(latency: float, budget: float, nfes: str | int) -> list[int]:
     most = int(math.floor(budget / latency * (1 + 1e-9)))
     if nfes == "all":
         return list(range(1, most + 1))
-    k = 1 if nfes == "largest" else int(nfes)
-    if k < 1:
+    k = 1 if nfes == "largest" else nfes
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise UserError(f"evaluation.baseline_nfes must be 'all', 'largest' or a positive integer, got {nfes!r}")
     return sorted(n for r in t_end_regimes(most) for n in list(r)[-k:])
 
@@ -270,7 +276,8 @@ def cost_at_equal_quality(evaluation: Evaluation, family: ModelSchedule, target:
         return s if s is not None else single_member_sampler(m["member"], m["solver"], m["order"], m["spacing"],
                                                              nfe + 1, noise)
 
-    step = SOLVER_REGISTRY[m["solver"]].nfe_per_step[0] if not SOLVER_REGISTRY[m["solver"]].variable_order else 1
+    spec = SOLVER_REGISTRY[m["solver"]]
+    step = 1 if spec.variable_order else spec.default_nfe_per_step
     most = int(math.floor(max_cost / latency * (1 + 1e-9)))
     hits = [n for r in t_end_regimes(most)
             if (n := _bisect_nfe(evaluation, at, target, r.start, r.stop - 1, step, known_nfe)) is not None]

@@ -63,9 +63,9 @@ def sample(cfg: DictConfig) -> dict:
         metrics = SampleMetrics(evaluator, datamodule)
         # The metrics every comparison uses, and the same metrics between two disjoint sets of real images (the
         # noise floor): one seed gives no interval — compare samplers with search.py or oms_lightning.evaluation.
-        fid = {"value": None, "extractor": evaluator.extractor_name, "n": n, "seed": int(cfg.seed),
-               **metrics.score(images, int(cfg.seed)), "noise_floor": metrics.noise_floor(n, int(cfg.seed))}
-        fid["value"] = fid["fid"]
+        scores = metrics.score(images, int(cfg.seed))
+        fid = {"value": scores["fid"], "extractor": evaluator.extractor_name, "n": n, "seed": int(cfg.seed),
+               **scores, "noise_floor": metrics.noise_floor(n, int(cfg.seed))}
 
     summary = {"schedule": model_schedule.compact(), "nfe": model_schedule.nfe, "n": n, "seed": int(cfg.seed),
                "seconds": round(wall, 3), "images_per_second": round(n / wall, 2),

@@ -110,6 +110,18 @@ def test_budget_below_the_cheapest_schedule_names_the_minimum(zoo_root):
     assert r.returncode == 2 and "below the cheapest valid schedule" in r.stderr and "10.0" in r.stderr
 
 
+@pytest.mark.parametrize("override, message", [
+    ("search.evaluation.seeds=[1,100]", "overlap the seed(s) used for the re-rank"),
+    ("search.evaluation.seeds=[100]", "at least 2 distinct"),
+    ("search.evaluation.baseline_nfes=most", "baseline_nfes must be 'all', 'largest' or a positive integer"),
+    ("search.evaluation.n=1", "search.evaluation.n=1"),
+])
+def test_bad_evaluation_settings_stop_before_any_work(zoo_root, override, message):
+    r = run_search(zoo_root, "budget=60", override)
+    assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
+    assert not list((zoo_root / "digits" / "search").glob("records-*.jsonl"))
+
+
 def test_missing_member_lists_the_train_commands(zoo_root):
     r = run_search(zoo_root, "zoo.members=[tiny,small,medium]")
     assert r.returncode == 2 and "python train.py model=medium data=digits" in r.stderr

@@ -1,7 +1,8 @@
 """`python search.py budget=B`: zoo → latency profile → schedule→FID store → predictor (+ SearchCallback running
-the evolution) → per budget: top-k re-ranked and the strongest single-member baseline chosen on a selection seed,
-both scored on fresh evaluation seeds by `oms_lightning.evaluation` → schedule, frontier plot and summary.json. Every expensive stage is cached by zoo and settings, so a multirun
-over budgets computes the store and the predictor once.
+the evolution) → per budget: the search's candidates re-ranked and the strongest single-member baseline chosen on
+a selection seed, both scored on fresh evaluation seeds by `oms_lightning.evaluation` → schedule, frontier plot and
+summary.json. Every expensive stage is cached by zoo and settings, so a multirun over budgets computes the store
+and the predictor once.
 """
 from __future__ import annotations
 
@@ -14,19 +15,18 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from oms_lightning.errors import UserError
-from oms_lightning.io import atomic_write_text
 from oms_lightning.evaluation import (Evaluation, check_fresh_seeds, compare, cost_at_equal_quality,
-                                     single_member_baselines)
+                                     fitting_nfes, single_member_baselines)
+from oms_lightning.io import atomic_write_text
 from oms_lightning.metrics import METRICS, FIDEvaluator, SampleMetrics, default_extractor_for
+from oms_lightning.predictor.encoding import DEFAULT_SOLVERS
 from oms_lightning.predictor.generate import generate_distributed, generate_records
 from oms_lightning.predictor.module import PredictorModule, fit_predictor, rank_metrics_near
 from oms_lightning.predictor.records import RecordStore, fid_settings, settings_fingerprint
-from oms_lightning.schedule import ModelSchedule
+from oms_lightning.schedule import ModelSchedule, schedule_key
 from oms_lightning.search.callback import SearchCallback
 from oms_lightning.search.report import print_details, print_table, report_outcomes
-from oms_lightning.predictor.encoding import DEFAULT_SOLVERS
-from oms_lightning.schedule import schedule_key
-from oms_lightning.search.space import make_spaces, random_schedules, single_member_anchors
+from oms_lightning.search.space import encode_exactly, make_spaces, random_schedules, single_member_anchors
 from oms_lightning.zoo import Zoo, load_or_profile, resolve_device, time_schedules, train_command
 
 
@@ -80,6 +80,20 @@ def resolve_budget(value, latency: dict[str, float]) -> float:
                         f"{cheapest!r} costs {1000 * latency[cheapest]:.1f} ms per batch on this device; "
                         f"use budget >= {1000 * latency[cheapest]:.1f}")
     return budget
+
+
+def check_evaluation_settings(cfg: DictConfig) -> list[int]:
+    """Refuse bad `search.evaluation` settings before hours of work; returns the evaluation seeds."""
+    e = cfg.search.evaluation
+    fitting_nfes(1.0, 1.0, e.baseline_nfes)  # raises on anything but all | largest | a positive integer
+    for key, value, least in (("n", e.n, 2), ("timing_rounds", e.timing_rounds, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise UserError(f"invalid value search.evaluation.{key}={value!r}: expected an integer >= {least}")
+    if not isinstance(e.equal_quality_max_budgets, (int, float)) or e.equal_quality_max_budgets <= 0:
+        raise UserError(f"invalid value search.evaluation.equal_quality_max_budgets={e.equal_quality_max_budgets!r}: "
+                        f"expected a positive multiple of the budget")
+    return check_fresh_seeds(e.seeds, {"the schedule→FID dataset": cfg.search.dataset.sample_seed,
+                                       "the re-rank and baseline choice": cfg.search.rerank.seed})
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -197,19 +211,15 @@ def seeds_fn(cfg: DictConfig, zoo: Zoo, profile):
     """seeds(space, budget, cache) → the genotypes of the best single-member samplers within the budget that are
     points of the space, by predicted score (at most half a population): the search starts where baselines end."""
     n = max(1, int(cfg.search.evolution.population) // 2)
+    by_budget: dict[float, list[ModelSchedule]] = {}  # the same samplers serve every space
 
     def seeds(space, budget: float, cache) -> list:
-        encoded = {}
-        for s in single_member_baselines(zoo.names, zoo.schedule, profile.latency, budget, nfes="largest"):
-            try:
-                g = space.encode(s)
-            except UserError:
-                continue  # not a point of this space
-            if schedule_key(space.decode(g)) == schedule_key(s):
-                encoded[schedule_key(s)] = (s, g)
-        if not encoded:
+        if budget not in by_budget:
+            by_budget[budget] = single_member_baselines(zoo.names, zoo.schedule, profile.latency, budget,
+                                                        nfes="largest")
+        pairs = [(s, g) for s in by_budget[budget] if (g := encode_exactly(space, s)) is not None]
+        if not pairs:
             return []
-        pairs = list(encoded.values())
         scores, _ = cache.score([s for s, _ in pairs])
         order = sorted(range(len(pairs)), key=lambda i: scores[i])[:n]
         return [pairs[i][1] for i in order]
@@ -227,17 +237,6 @@ def candidates(results: list, top_k: int, per_space: int) -> list[ModelSchedule]
     return list(chosen.values())
 
 
-def expressible(schedule: ModelSchedule, spaces: list) -> bool:
-    """Whether a schedule is a point of one of the spaces (so the search could have chosen it)."""
-    for space in spaces:
-        try:
-            if schedule_key(space.decode(space.encode(schedule))) == schedule_key(schedule):
-                return True
-        except UserError:
-            continue
-    return False
-
-
 def evaluate_budget(cfg: DictConfig, zoo: Zoo, profile, results: list, spaces: list, rerank, evaluation: Evaluation,
                     noise_floor: dict, predictor_metrics: dict) -> dict:
     """One budget, in order: choose the baseline on the selection seed, re-rank the search's candidates (and the
@@ -247,7 +246,8 @@ def evaluate_budget(cfg: DictConfig, zoo: Zoo, profile, results: list, spaces: l
     budget = results[0].budget
     baseline, baseline_records = choose_baseline(cfg, zoo, profile, budget, rerank)
     top = candidates(results, cfg.search.rerank.top_k, cfg.search.rerank.top_per_space)
-    if expressible(baseline, spaces) and schedule_key(baseline) not in {schedule_key(s) for s in top}:
+    expressible = any(encode_exactly(space, baseline) is not None for space in spaces)
+    if expressible and schedule_key(baseline) not in {schedule_key(s) for s in top}:
         top.append(baseline)
     reranked = rerank(top)
     w = min(range(len(reranked)), key=lambda j: reranked[j]["fid"])
@@ -257,12 +257,12 @@ def evaluate_budget(cfg: DictConfig, zoo: Zoo, profile, results: list, spaces: l
     equal = cost_at_equal_quality(evaluation, baseline, evaluation.mean(winner), profile.latency[baseline.meta["member"]],
                                   max_cost=cfg.search.evaluation.equal_quality_max_budgets * budget,
                                   known_nfe=baseline.nfe)
-    walls = time_schedules(zoo, [winner, baseline], profile.batch_size, rounds=cfg.search.evaluation.timing_rounds)
     log(f"budget {1000 * budget:.0f} ms: timing winner and baseline, interleaved")
+    walls = time_schedules(zoo, [winner, baseline], profile.batch_size, rounds=cfg.search.evaluation.timing_rounds)
     test = predictor_metrics.get("test_predictions")
     near = rank_metrics_near(test["score"], test["fid"], test["cost"], budget) if test else None
-    return {"budget": budget, "result": results[0], "results": results, "reranked": reranked,
-            "winner_is_baseline": schedule_key(winner) == schedule_key(baseline), "winner": winner, "winner_record": reranked[w],
+    return {"budget": budget, "results": results, "winner": winner, "winner_record": reranked[w],
+            "winner_is_baseline": schedule_key(winner) == schedule_key(baseline),
             "baseline": baseline, "baseline_records": baseline_records,
             "costs": {"searched": profile.cost(winner), "baseline": profile.cost(baseline)},
             "comparison": comparison, "equal": equal, "walls": walls, "tau_near_budget": near,
@@ -274,6 +274,7 @@ def run(cfg: DictConfig) -> list[dict]:
     """The search as a straight line: zoo → profile → dataset → predictor + evolution → per budget re-rank,
     baseline, fresh-seed evaluation → report."""
     started = time.perf_counter()
+    seeds = check_evaluation_settings(cfg)
     device = resolve_device(str(cfg.device))
     ensure_zoo(cfg)
     zoo = Zoo.load(cfg.paths.checkpoints, str(cfg.data.name), names=list(cfg.zoo.members), device=device)
@@ -281,8 +282,6 @@ def run(cfg: DictConfig) -> list[dict]:
     profile = load_or_profile(zoo, cache / "latency.json", batch_size=cfg.profile.batch_size, device=device,
                               max_age_hours=cfg.profile.max_age_hours, max_spread=cfg.profile.max_spread)
     budgets = resolve_budgets(cfg, profile.latency)
-    seeds = check_fresh_seeds(cfg.search.evaluation.seeds, {"the schedule→FID dataset": cfg.search.dataset.sample_seed,
-                                                            "the re-rank and baseline choice": cfg.search.rerank.seed})
     log(f"zoo {list(zoo.names)}; latency per batch of {profile.batch_size} on {profile.device_name}: "
         + ", ".join(f"{n} {1000 * v:.1f} ms (spread {100 * profile.spread.get(n, 0):.0f} %)"
                     for n, v in profile.latency.items())

@@ -58,7 +58,7 @@ def summarise(o: dict, profile, store_size: int, predictor_metrics: dict, settin
         "diff": win["fid"]["diff"], "diff_ci": win["fid"]["diff_ci"], "verdict": win["fid"]["verdict"],
         "wins": win["fid"]["verdict"] == "better",
         "heldout": {"metric": "kid_heldout (KID against the validation split)",
-                    "fid_mean": win["kid_heldout"]["mean"], "fid_ci": win["kid_heldout"]["ci"],
+                    "mean": win["kid_heldout"]["mean"], "ci": win["kid_heldout"]["ci"],
                     "baseline_mean": base["kid_heldout"]["mean"], "baseline_ci": base["kid_heldout"]["ci"],
                     "diff_ci": win["kid_heldout"]["diff_ci"], "verdict": win["kid_heldout"]["verdict"]},
         "second_metric": {"metric": "pixel_fd (Fréchet distance in pixel space)",
@@ -125,7 +125,7 @@ def print_details(rows: list[dict]) -> None:
               f"against the whole split has less bias): FID {nf.get('fid', float('nan')):.2f}, "
               f"KID {nf.get('kid_heldout', float('nan')):.4f}, pixel FD {nf.get('pixel_fd', float('nan')):.3f}")
         h, p = s["heldout"], s["second_metric"]
-        print(f"  held-out KID: searched {h['fid_mean']:.4f}, baseline {h['baseline_mean']:.4f} → {h['verdict']}; "
+        print(f"  held-out KID: searched {h['mean']:.4f}, baseline {h['baseline_mean']:.4f} → {h['verdict']}; "
               f"pixel FD: {p['mean']:.3f} vs {p['baseline_mean']:.3f} → {p['verdict']}; copy rate "
               f"{s['copy_rate']['searched']:.3f} / {s['copy_rate']['baseline']:.3f} "
               f"(real held-out {s['copy_rate']['real_heldout']:.3f})")

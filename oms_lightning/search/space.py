@@ -26,7 +26,8 @@ import torch
 from oms_lightning.diffusion.noise_schedule import VPSchedule
 from oms_lightning.diffusion.solvers import SOLVER_REGISTRY, get_solver
 from oms_lightning.diffusion.spacing import SPACINGS, default_t_end, timesteps
-from oms_lightning.schedule import SLOTS_PER_STEP, ModelSchedule, ScheduleError
+from oms_lightning.errors import UserError
+from oms_lightning.schedule import SLOTS_PER_STEP, ModelSchedule, ScheduleError, schedule_key
 
 
 class SearchSpace(Protocol):
@@ -518,6 +519,16 @@ def sampler_anchors(space: SamplerSpace, nfes: Sequence[int],
                     if s is not None and len(s.steps) <= space.max_steps:
                         out.setdefault(s, None)
     return list(out)
+
+
+def encode_exactly(space, schedule: ModelSchedule):
+    """The genotype of `schedule` in `space` if the space holds exactly that schedule (decode(encode(s)) == s),
+    else None — e.g. SlotSpace re-grids any dpm_solver schedule onto its logSNR grid, which is another schedule."""
+    try:
+        g = space.encode(schedule)
+    except UserError:  # ScheduleError and SolverError alike: not a point of this space
+        return None
+    return g if schedule_key(space.decode(g)) == schedule_key(schedule) else None
 
 
 SOLVER_SPACES = tuple(sorted(SOLVER_REGISTRY))   # SamplerSpace kinds: "sampler:<solver>"
