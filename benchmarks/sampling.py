@@ -88,7 +88,7 @@ def main(args) -> None:
     print(f"\n## images/s per solver and NFE (member {member})\n| solver | NFE | images/s | solver overhead |\n"
           "|---|---:|---:|---:|")
     overheads = []
-    for solver, order in [("ddim", 1), ("dpm_solver", 2), ("dpm_solver", 3), ("dpm_solver++", 1), ("heun", 1)]:
+    for solver, order in [("ddim", 1), ("dpm_solver", 2), ("dpm_solver", 3), ("dpm_solver++", 1), ("heun", None)]:
         for nfe in args.nfes:
             per_step = get_solver(solver).uniform_nfe_per_step(order)
             if nfe % per_step:

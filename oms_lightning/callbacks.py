@@ -1,8 +1,13 @@
-"""Training callbacks."""
+"""Training callbacks and the kill-safe checkpoint writer."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import WeightAveraging
+
+from oms_lightning.io import atomic_torch_save
 
 
 class EMA(WeightAveraging):
@@ -31,3 +36,13 @@ class EMA(WeightAveraging):
         # left never reaches; copying again here (idempotent) makes "after fit the model holds EMA" always true.
         if self._average_model is not None:
             self._copy_average_to_current(pl_module)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer with `atomic_path`: Lightning's own saver stages the file under $TMPDIR
+    and moves it, which across filesystems is a copy over `last.ckpt` that a kill truncates."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        atomic_torch_save(checkpoint, path)

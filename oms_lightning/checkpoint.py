@@ -17,7 +17,7 @@ import torch
 
 from oms_lightning.diffusion.noise_schedule import VPSchedule
 from oms_lightning.errors import UserError
-from oms_lightning.io import atomic_path
+from oms_lightning.io import atomic_torch_save
 from oms_lightning.nets import UNet
 
 MEMBER_FORMAT = "oms-lightning/member-v1"
@@ -43,8 +43,7 @@ def save_member(path: str | Path, *, name: str, net_kwargs: dict, noise: dict, d
     payload = {"format": MEMBER_FORMAT, "member": name, "net": dict(net_kwargs), "noise": dict(noise),
                "data": dict(data), "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
                "meta": dict(meta)}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    atomic_torch_save(payload, path)
     return Path(path)
 
 
@@ -53,8 +52,16 @@ def _torch_load(path: Path, what: str) -> dict:
         raise UserError(f"{what} not found: {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # torn or garbage bytes
+            raise UserError(f"{what} {path} is corrupt or not a PyTorch file (it cannot be unpickled). "
+                            "Delete it and train again.") from None
+        # torch's own message goes on to explain how to load it unsafely; a user must not read that as advice
+        raise UserError(f"{what} {path} is refused as unsafe: it holds Python objects other than tensors and plain "
+                        "containers, and loading those can run arbitrary code. oms-lightning never writes such "
+                        "files; use one written by train.py or delete it.") from None
     # A torn or foreign file fails in many ways inside torch's unpickler (IndexError on a truncated zip, ...).
-    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError, ValueError, IndexError,
+    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError, IndexError,
             KeyError) as e:
         raise UserError(f"{what} {path} is corrupt or not a PyTorch file ({type(e).__name__}: {str(e)[:200]}). "
                         "Delete it and train again.") from None
@@ -79,8 +86,9 @@ def load_member(path: str | Path, map_location: str | torch.device = "cpu") -> M
     return Member(obj["member"], net, VPSchedule.from_dict(obj["noise"]), data, obj.get("meta", {}))
 
 
-def check_training_checkpoint(path: str | Path, expected: dict) -> None:
-    """Refuse a corrupt or foreign Lightning checkpoint before `Trainer.fit(ckpt_path=...)` touches it.
+def check_training_checkpoint(path: str | Path, expected: dict) -> int:
+    """Refuse a corrupt or foreign Lightning checkpoint before `Trainer.fit(ckpt_path=...)` touches it; returns
+    its global step.
 
     `expected` holds hyper-parameters that must match (e.g. model name, data, network shape).
     """
@@ -93,3 +101,4 @@ def check_training_checkpoint(path: str | Path, expected: dict) -> None:
         if hparams.get(key) != value:
             raise UserError(f"{path} belongs to another run: its {key} is {hparams.get(key)!r}, this run has "
                             f"{value!r}. Resume with the same model/data settings or start a new run.")
+    return int(obj["global_step"])

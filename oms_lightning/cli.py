@@ -2,24 +2,74 @@
 from __future__ import annotations
 
 import functools
+import shutil
 import sys
 from pathlib import Path
 
 from oms_lightning.errors import UserError
 
+HYDRA_OWN = {".hydra", "train.log", "search.log", "sample.log"}  # what Hydra itself puts in a run folder
+
 
 def exit_on_user_error(task):
-    """Wrap a Hydra task so a UserError prints `error: <what and how to fix>` and exits with status 2."""
+    """Wrap a Hydra task so a UserError prints `error: <what and how to fix>` and exits with status 2, and a failed
+    run leaves no run folder that holds nothing but Hydra's own files."""
 
     @functools.wraps(task)
     def wrapper(cfg):
+        one_line_per_event()
         try:
             return task(cfg)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
+            remove_empty_run_folder()
             sys.exit(2)  # SystemExit passes through Hydra's handler: no traceback
 
     return wrapper
+
+
+# Messages a user can do nothing about on a normal run (regexes on the start of the warning or log message).
+SILENCED_WARNINGS = (
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",        # Lightning's own use of a torch API
+    r"When using the `ThroughputMonitor`, you need to define a `flops_per_batch`",  # we report images/s, not FLOPs
+    r"The number of training batches \(\d+\) is smaller than the logging interval",  # step-based training
+    r".*anonymous setting",                                      # wandb about an argument Lightning passes
+    r"You're resuming from a checkpoint that ended before the epoch ended",  # steps, not epochs, are the unit
+)
+SILENCED_LOGS = ("💡 Tip:",)  # Lightning advertising its cloud logger
+
+
+def one_line_per_event() -> None:
+    """Lightning prints every INFO record through its own console handler *and* propagates it to the root logger
+    that Hydra configured (console + the run's .log file), so each event appeared twice: keep Hydra's."""
+    import logging
+    import warnings
+
+    import lightning  # noqa: F401 - its import installs the handler removed here
+
+    lightning_log = logging.getLogger("lightning")
+    if logging.getLogger().handlers:
+        for handler in list(lightning_log.handlers):
+            lightning_log.removeHandler(handler)
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        for handler in logging.getLogger(name).handlers + logging.getLogger().handlers:
+            handler.addFilter(_drop_silenced)
+    for pattern in SILENCED_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def _drop_silenced(record) -> bool:
+    return not str(record.getMessage()).lstrip().startswith(SILENCED_LOGS)
+
+
+def remove_empty_run_folder() -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    folder = Path(HydraConfig.get().runtime.output_dir)
+    if folder.is_dir() and {p.name for p in folder.iterdir()} <= HYDRA_OWN:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def check_config_groups(argv: list[str], configs: str | Path) -> None:

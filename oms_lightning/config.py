@@ -33,6 +33,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "model.dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "trainer.max_steps": (lambda v: _is_int(v) and v > 0, "a positive integer"),
     "trainer.val_check_interval": (lambda v: _is_int(v) and v > 0, "a positive integer (optimizer steps)"),
+    "checkpoint_every": (lambda v: _is_int(v) and v > 0, "a positive integer (optimizer steps)"),
     "data.module.batch_size": (lambda v: _is_int(v) and v > 0, "a positive integer"),
     "sampling.steps": (lambda v: _is_int(v) and v > 0, "a positive integer"),
     "sampling.grid_size": (lambda v: _is_int(v) and v >= 0, "an integer ≥ 0 (0 = no grids)"),
@@ -51,6 +52,8 @@ def shorten_validation_interval(cfg: DictConfig) -> bool:
     """A run shorter than one validation interval validates (and checkpoints) once, at its last step, so that
     `train.py trainer.max_steps=50` just works; True when the interval was changed."""
     steps, every = _get(cfg, "trainer.max_steps"), _get(cfg, "trainer.val_check_interval")
+    if _is_int(steps) and _is_int(_get(cfg, "checkpoint_every")) and 0 < steps < cfg.checkpoint_every:
+        cfg.checkpoint_every = steps
     if _is_int(steps) and _is_int(every) and 0 < steps < every:
         cfg.trainer.val_check_interval = steps
         return True
@@ -63,6 +66,9 @@ def validate_train_config(cfg: DictConfig) -> None:
         raise UserError(f"trainer.max_steps={cfg.trainer.max_steps} must be a multiple of "
                         f"trainer.val_check_interval={cfg.trainer.val_check_interval}, so the last step is "
                         "validated and checkpointed")
+    if cfg.trainer.max_steps % cfg.checkpoint_every:
+        raise UserError(f"trainer.max_steps={cfg.trainer.max_steps} must be a multiple of "
+                        f"checkpoint_every={cfg.checkpoint_every}, so the last step is checkpointed")
     from oms_lightning.diffusion.noise_schedule import VPSchedule
 
     try:

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from oms_lightning.errors import UserError
-from oms_lightning.io import atomic_path
+from oms_lightning.io import atomic_torch_save
 
 EXTRACTORS = ("inception", "digits_classifier")
 CLASSIFIER_FORMAT_PREFIX = "oms-lightning/fid-classifier-"
@@ -274,8 +274,7 @@ def load_or_train_digits_classifier(cache_dir: str | Path = "checkpoints/digits"
                         f"{MIN_CLASSIFIER_ACCURACY}); train longer (epochs > {epochs}) or try another seed")
     payload = {"format": CLASSIFIER_FORMAT, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                "accuracy": float(accuracy), "seed": int(seed), "epochs": int(epochs)}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    atomic_torch_save(payload, path)
     print(f"FID digits classifier: trained in {time.perf_counter() - start:.1f} s, held-out accuracy "
           f"{accuracy:.4f}, saved to {path}")
     return model, accuracy
@@ -388,8 +387,8 @@ class FIDEvaluator:
         stats = self._load_reference()
         if stats is None:
             stats = self._compute_reference(real)
-            with atomic_path(self.reference_path) as tmp:
-                torch.save({"format": REFERENCE_FORMAT, "fingerprint": self.fingerprint, **stats}, tmp)
+            atomic_torch_save({"format": REFERENCE_FORMAT, "fingerprint": self.fingerprint, **stats},
+                              self.reference_path)
         else:
             self.reference_from_cache = True
         self.ref_mean, self.ref_cov, self.ref_n = stats["mean"], stats["cov"], int(stats["num_samples"])

@@ -19,7 +19,7 @@ from oms_lightning.images import save_grid, to_uint8
 from oms_lightning.io import atomic_path, atomic_write_text
 from oms_lightning.sampling import generate, single_member_schedule
 from oms_lightning.schedule import ModelSchedule
-from oms_lightning.zoo import Zoo, load_or_profile, resolve_device
+from oms_lightning.zoo import Zoo, latency_path, load_or_profile, resolve_device
 
 
 def member_name(cfg: DictConfig) -> str | None:
@@ -36,7 +36,7 @@ def load_zoo_and_schedule(cfg: DictConfig, device) -> tuple[Zoo, ModelSchedule]:
     names = [member_name(cfg)] if loaded is None else list(loaded.member_names)
     zoo = Zoo.load(cfg.paths.checkpoints, str(cfg.data.name), names=names, device=device)
     model_schedule = loaded or single_member_schedule(member_name(cfg), str(cfg.solver), cfg.steps, zoo.schedule,
-                                                      order=int(cfg.order), spacing=str(cfg.spacing), t_end=cfg.t_end)
+                                                      order=cfg.order, spacing=str(cfg.spacing), t_end=cfg.t_end)
     return zoo, model_schedule.validate(zoo.names, t_min=zoo.schedule.t_min)
 
 
@@ -46,7 +46,7 @@ def sample(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.paths.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    profile = load_or_profile(zoo, Path(cfg.paths.checkpoints) / str(cfg.data.name) / "latency.json",
+    profile = load_or_profile(zoo, latency_path(cfg.paths.checkpoints, str(cfg.data.name)),
                               batch_size=int(cfg.profile_batch_size), device=device)
     n = int(cfg.fid) if cfg.fid else int(cfg.n)
     start = time.perf_counter()

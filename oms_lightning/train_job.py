@@ -20,11 +20,12 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
 from omegaconf import DictConfig, OmegaConf
 
-from oms_lightning.callbacks import EMA
-from oms_lightning.checkpoint import check_training_checkpoint, save_member
+from oms_lightning.callbacks import EMA, AtomicCheckpointIO
+from oms_lightning.checkpoint import check_training_checkpoint, load_member, save_member
 from oms_lightning.config import shorten_validation_interval, validate_train_config
 from oms_lightning.errors import UserError
 from oms_lightning.images import save_grid
+from oms_lightning.io import remove_orphans
 from oms_lightning.tracking import make_logger
 from oms_lightning.training import DiffusionModule, module_from_config
 
@@ -45,12 +46,17 @@ def ensure_writable(folder: Path) -> None:
 
 
 def resolve_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
-    """`ckpt_path=last` → this member's last.ckpt; a path → that file; refuse to silently clobber a run."""
+    """`ckpt_path=last` → this member's last.ckpt; a path → that file; refuse to silently clobber a run or a
+    trained member (its training folder may be gone while the member file, the product, remains)."""
     last = run_dir / "last.ckpt"
     if cfg.ckpt_path is None:
         if last.exists() and not cfg.overwrite:
             raise UserError(f"{run_dir} already holds a training run. Resume it with ckpt_path=last, or start "
                             "over with overwrite=true (its checkpoints are replaced).")
+        if member_path(cfg).exists() and not cfg.overwrite:
+            raise UserError(f"{member_path(cfg)} is already a trained zoo member (its training state in {run_dir} "
+                            "is gone, so it cannot be resumed). Train it again with overwrite=true (the member "
+                            "file is replaced when the new run finishes) or use another paths.checkpoints.")
         return None
     path = last if cfg.ckpt_path == "last" else Path(cfg.ckpt_path)
     if not path.is_file():
@@ -69,12 +75,12 @@ def build_trainer(cfg: DictConfig, logger, run_dir: Path) -> L.Trainer:
     callbacks = [
         EMA(decay=cfg.ema.decay, warmup=cfg.ema.warmup),
         # Only the latest full training state is kept: the zoo member file is the product.
-        ModelCheckpoint(dirpath=run_dir, save_top_k=0, save_last=True,
-                        every_n_train_steps=cfg.trainer.val_check_interval),
+        ModelCheckpoint(dirpath=run_dir, save_top_k=0, save_last=True, every_n_train_steps=cfg.checkpoint_every),
         ThroughputMonitor(batch_size_fn=len),
     ]
     try:
-        return instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir))
+        return instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir),
+                           plugins=[AtomicCheckpointIO()])
     except MisconfigurationException as e:
         raise UserError(f"invalid trainer settings: {e}") from None
 
@@ -94,13 +100,15 @@ def train(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.run_dir)
     ensure_writable(run_dir)
     ckpt_path = resolve_resume(cfg, run_dir)
+    remove_orphans(run_dir, "last.ckpt")  # a save killed midway left its temporary file, never a torn last.ckpt
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule = instantiate(cfg.data.module)
     module = module_from_config(cfg, str(cfg.data.name), int(cfg.data.image_size), int(cfg.data.channels))
     module.run_dir = run_dir
+    start_step = 0
     if ckpt_path is not None:
-        check_training_checkpoint(ckpt_path, expected_hparams(module))
+        start_step = check_training_checkpoint(ckpt_path, expected_hparams(module))
     elif cfg.overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True)
@@ -116,23 +124,45 @@ def train(cfg: DictConfig) -> dict:
     wall = time.perf_counter() - start
     if not trainer.is_global_zero:
         return {}
-    return finish(cfg, module, trainer, wall)
+    return finish(cfg, module, trainer, wall, trainer.global_step - start_step)
 
 
-def finish(cfg: DictConfig, module: DiffusionModule, trainer: L.Trainer, wall: float) -> dict:
-    """After fit the module holds the EMA weights (the callback copies them in): write the member and a grid."""
+def same_weights(path: Path, state_dict: dict) -> bool:
+    """True when the member file at `path` already holds exactly these weights (a resume with no steps left)."""
+    if not path.is_file():
+        return False
+    try:
+        stored = load_member(path).net.state_dict()
+    except UserError:
+        return False
+    return stored.keys() == state_dict.keys() and all(torch.equal(stored[k], state_dict[k].cpu()) for k in stored)
+
+
+def finish(cfg: DictConfig, module: DiffusionModule, trainer: L.Trainer, wall: float, steps_run: int) -> dict:
+    """After fit the module holds the EMA weights (the callback copies them in): write the member and a grid.
+    A member file changes only when its weights do, so a no-op resume keeps every cache keyed by it."""
     val_loss = trainer.callback_metrics.get("val/loss")
     val_loss = float(val_loss) if val_loss is not None else float("nan")
     h = module.hparams
-    path = save_member(member_path(cfg), name=h.model_name, net_kwargs=h.net, noise=h.noise, data=h.data,
-                       state_dict=module.net.state_dict(),
-                       meta={"global_step": trainer.global_step, "val_loss": val_loss,
-                             "num_parameters": module.num_parameters(), "ema_decay": float(cfg.ema.decay)})
-    grid = save_grid(module.sample(module.sampling["grid_size"] or 64), path.with_suffix(".png"))
+    path = member_path(cfg)
+    unchanged = same_weights(path, module.net.state_dict())
+    if not unchanged:
+        save_member(path, name=h.model_name, net_kwargs=h.net, noise=h.noise, data=h.data,
+                    state_dict=module.net.state_dict(),
+                    meta={"global_step": trainer.global_step, "val_loss": val_loss,
+                          "num_parameters": module.num_parameters(), "ema_decay": float(cfg.ema.decay)})
+        grid = save_grid(module.sample(module.sampling["grid_size"] or 64), path.with_suffix(".png"))
+    else:
+        grid = path.with_suffix(".png")
     summary = {"member": str(path), "grid": str(grid), "run_dir": str(cfg.paths.run_dir),
-               "global_step": trainer.global_step, "val_loss": val_loss, "wall_seconds": round(wall, 1),
-               "num_parameters": module.num_parameters()}
-    print(f"\ntrained {h.model_name} on {h.data['name']}: {trainer.global_step} steps in {wall:.0f} s, "
+               "global_step": trainer.global_step, "steps_run": steps_run, "member_unchanged": unchanged,
+               "val_loss": val_loss, "wall_seconds": round(wall, 1), "num_parameters": module.num_parameters()}
+    if unchanged:
+        print(f"\n{h.model_name} on {h.data['name']} was already trained to step {trainer.global_step}: nothing to do, "
+              f"member file unchanged\n  zoo member (EMA weights): {path}")
+        return summary
+    resumed = f" (resumed at step {trainer.global_step - steps_run})" if steps_run < trainer.global_step else ""
+    print(f"\ntrained {h.model_name} on {h.data['name']}: {steps_run} steps in {wall:.0f} s{resumed}, "
           f"val loss {val_loss:.4f}, {module.num_parameters():,} parameters\n"
           f"  zoo member (EMA weights): {path}\n  sample grid:              {grid}\n"
           f"  training state (resume):  {Path(cfg.paths.run_dir) / 'last.ckpt'}  (ckpt_path=last)")

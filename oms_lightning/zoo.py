@@ -52,7 +52,7 @@ from oms_lightning.checkpoint import MEMBER_FORMAT, Member, load_member
 from oms_lightning.diffusion.denoiser import EpsDenoiser
 from oms_lightning.diffusion.noise_schedule import VPSchedule
 from oms_lightning.errors import UserError
-from oms_lightning.io import atomic_write_text
+from oms_lightning.io import atomic_write_text, file_lock
 from oms_lightning.sampling import generate
 from oms_lightning.schedule import ModelSchedule
 
@@ -64,8 +64,17 @@ PROFILE_TIME = 0.5  # the (continuous) time every profiled forward pass runs at;
 MAX_SPREAD = 0.25  # a member whose speed moved more than this (relative) while measured makes a profile noisy
 
 
+MODEL_PRESETS = Path(__file__).resolve().parents[1] / "configs" / "model"
+
+
 def train_command(name: str, data_name: str) -> str:
-    return f"python train.py model={name} data={data_name}"
+    """The command that trains member `name`; a name without a preset in configs/model/ gets the way to add one,
+    so the advice never fails in turn."""
+    if name == "<name>" or (MODEL_PRESETS / f"{name}.yaml").is_file():
+        return f"python train.py model={name} data={data_name}"
+    presets = ", ".join(sorted(p.stem for p in MODEL_PRESETS.glob("*.yaml")))
+    return (f"(no preset {name!r} in configs/model/: add configs/model/{name}.yaml, or use one of {presets}, "
+            f"e.g. python train.py model=small data={data_name})")
 
 
 # ---------------------------------------------------------------------- device helpers
@@ -107,12 +116,13 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _state_digest(member: Member) -> str:
-    """sha256 of a member's weights (names, shapes, dtypes, bytes), data, noise schedule and meta.
+    """sha256 of a member's weights (names, shapes, dtypes, bytes), data and noise schedule.
 
-    Content-based, so a copied file keeps its digest and a retrained member (new weights) gets a new one.
+    Content-based, so a copied file keeps its digest and a retrained member (new weights) gets a new one; `meta`
+    (step, val loss) is left out, since metadata alone must never invalidate the caches keyed by the zoo.
     """
     h = hashlib.sha256()
-    header = {"name": member.name, "data": member.data, "noise": member.schedule.to_dict(), "meta": member.meta}
+    header = {"name": member.name, "data": member.data, "noise": member.schedule.to_dict()}
     h.update(json.dumps(header, sort_keys=True, default=str).encode())
     for key, tensor in member.net.state_dict().items():
         t = tensor.detach().cpu().contiguous()
@@ -504,6 +514,11 @@ def _round_spread(per_round: Sequence[Sequence[float]]) -> float:
     return (deciles[-1] - deciles[0]) / max(statistics.median(values), 1e-9)
 
 
+def latency_path(checkpoints: str | os.PathLike, data_name: str) -> Path:
+    """The one latency cache of a zoo, shared by sample.py and search.py so both price schedules alike."""
+    return Path(checkpoints) / data_name / "latency.json"
+
+
 def load_or_profile(zoo: Zoo, path: str | os.PathLike, batch_size: int, device: str | torch.device | None = None,
                     max_age_hours: float = 24 * 7, max_spread: float = MAX_SPREAD, attempts: int = 3,
                     **kw) -> LatencyProfile:
@@ -522,6 +537,14 @@ def load_or_profile(zoo: Zoo, path: str | os.PathLike, batch_size: int, device: 
     _check_count("attempts", attempts, 1)
     path = Path(path)
     dev = zoo.device if device is None else resolve_device(device)
+    # one measurement at a time: two processes timing at once would each see a busy machine
+    with file_lock(path.with_name(path.name + ".lock"),
+                   waiting=lambda holder: log.info("waiting for %s to finish profiling the zoo", holder)):
+        return _stored_or_new_profile(zoo, path, batch_size, dev, max_age_hours, max_spread, attempts, kw)
+
+
+def _stored_or_new_profile(zoo: Zoo, path: Path, batch_size: int, dev: torch.device, max_age_hours: float,
+                           max_spread: float, attempts: int, kw: Mapping[str, Any]) -> LatencyProfile:
     stored = _reusable_profile(zoo, path, batch_size, dev, max_age_hours, max_spread)
     if stored is not None:
         return dataclasses.replace(stored, spread_limit=max_spread)

@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,16 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
+
+
+def cli_env(**extra: str) -> dict:
+    return {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0", **extra}
+
+
+def run_cli(*args: str, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
+    """`python <entry>.py <args>` from the repository root, as a user types it (W&B off, one thread)."""
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=cli_env(**env), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 @pytest.fixture

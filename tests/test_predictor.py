@@ -313,3 +313,20 @@ def test_fit_predictor_without_test_split_or_costs(tmp_path):
     assert metrics["n_test"] == 10 and metrics["test"]["kendall_tau_neg_cost"] is None
     assert math.isfinite(metrics["test"]["kendall_tau_neg_nfe"])
     assert metrics["test_predictions"]["cost"] == [None] * 10
+
+
+def test_search_callback_runs_the_evolution_when_a_predictors_fit_ends(tmp_path):
+    """The callback path (the pipeline calls `search` directly): attached to the Trainer, it searches with the
+    best-τ weights restored, and its result is the one `search` gives on the returned (best) predictor."""
+    from oms_lightning.search.callback import SearchCallback
+
+    space = SlotSpace(tuple(MEMBERS), 8, NOISE)
+    evolution = {"generations": 3, "population": 8, "children": 8}
+    attached = SearchCallback([space], lambda s: s.cost(LATENCY), [6.0], seed=0, evolution=evolution)
+    module, _ = fit_predictor(_records(60, seed=7), MEMBERS, NOISE, 8,
+                              trainer_kwargs={"max_epochs": 3, "accelerator": "cpu", "callbacks": [attached],
+                                              "default_root_dir": tmp_path}, batch_size=32, fid_threshold=0.0)
+    (found,) = attached.results[6.0]
+    assert found.best.schedule.cost(LATENCY) <= 6.0
+    direct = SearchCallback([space], lambda s: s.cost(LATENCY), [6.0], seed=0, evolution=evolution).search(module)
+    assert direct[6.0][0].best.score == pytest.approx(found.best.score)

@@ -1,6 +1,7 @@
 """Running schedules on a zoo: single-member schedules are the plain sampler bit for bit, per-sample seeds,
 and `python sample.py` end to end with its failure paths."""
 import json
+import re
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import torch
 
 from conftest import ROOT, SMALL, TINY, write_member
 from oms_lightning.diffusion import solvers
+from oms_lightning.diffusion.noise_schedule import VPSchedule
 from oms_lightning.diffusion.seeding import per_sample_noise
 from oms_lightning.errors import UserError
 from oms_lightning.sampling import generate, single_member_schedule, solve
@@ -26,7 +28,7 @@ def zoo(tmp_path):
 
 
 @pytest.mark.parametrize("solver,order", [("ddim", 1), ("dpm_solver", 2), ("dpm_solver", 3), ("dpm_solver++", 1),
-                                          ("dpm_solver++3m", 1), ("heun", 1)])
+                                          ("dpm_solver++3m", 1), ("heun", None)])
 def test_single_member_schedule_is_the_plain_sampler_bit_for_bit(zoo, solver, order):
     s = single_member_schedule("b", solver, 4, zoo.schedule, order=order)
     x = per_sample_noise(zoo.image_shape, range(5), seed=3)
@@ -78,9 +80,12 @@ def test_single_member_schedule_takes_nfes_per_step_from_the_registry(zoo, name)
     spec = solvers.get_solver(name)
     plain = single_member_schedule("a", name, 3, zoo.schedule)
     assert plain.solver == name and plain.orders == [spec.default_nfe_per_step] * 3
-    # sample.py passes its `order` whatever the solver: only a variable-order solver takes it
-    third = single_member_schedule("a", name, 3, zoo.schedule, order=3)
-    assert third.orders == [3 if spec.variable_order else spec.default_nfe_per_step] * 3
+    # only a variable-order solver takes an `order`; the others refuse one they cannot make (issue 11)
+    if spec.variable_order:
+        assert single_member_schedule("a", name, 3, zoo.schedule, order=3).orders == [3] * 3
+    else:
+        with pytest.raises(solvers.SolverError, match=re.escape(f"{name} takes")):
+            single_member_schedule("a", name, 3, zoo.schedule, order=spec.default_nfe_per_step + 1)
 
 
 def test_solve_is_the_registry_run(zoo):
@@ -133,6 +138,8 @@ def test_sample_py_model_and_schedule_json(tmp_path):
     (["model=small"], "python train.py model=small data=digits"),  # preset exists, member not trained
     (["schedule=missing.json"], "missing.json"),
     (["model=tiny", "device=cuda"], "CUDA"),
+    (["model=tiny", "solver=dpm_solver++", "order=7"], "dpm_solver++ takes 1 NFE(s) per step and no order"),
+    (["model=tiny", "solver=dpm_solver", "order=7"], "dpm_solver allows 1–3"),
 ])
 def test_sample_py_bad_input_is_one_clear_line(tmp_path, args, message):
     if "device=cuda" in args and torch.cuda.is_available():
@@ -142,6 +149,15 @@ def test_sample_py_bad_input_is_one_clear_line(tmp_path, args, message):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.lstrip().startswith("error:") and message in r.stderr
     assert not (tmp_path / "out" / "images.npz").exists()
+
+
+def test_a_schedule_naming_a_member_without_preset_advises_a_command_that_works(tmp_path):
+    write_member(tmp_path, "tiny", TINY)
+    times = single_member_schedule("tiny", "ddim", 2, VPSchedule()).times
+    ModelSchedule.single("custom", times, solver="ddim").save(tmp_path / "s.json")
+    r = run_sample(tmp_path, f"schedule={tmp_path / 's.json'}")
+    assert r.returncode == 2 and "no preset 'custom' in configs/model/" in r.stderr
+    assert "python train.py model=custom" not in r.stderr  # that command would fail in turn
 
 
 def test_sample_py_unknown_preset_lists_the_known_ones(tmp_path):

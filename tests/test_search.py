@@ -1,13 +1,12 @@
 """search.py end to end on a tiny fake zoo with a fixed latency profile (deterministic costs): summary contract,
 budget errors, missing members, and a multirun over budgets that reuses the cached store and predictor."""
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT, SMALL, TINY, write_member
+from conftest import ROOT, SMALL, TINY, cli_env, write_member
 from oms_lightning.zoo import LatencyProfile, Zoo, device_description
 
 SUMMARY_KEYS = {"budget", "cost", "nfe", "fid", "baseline_fid", "baseline_cost_at_equal_fid", "kendall_tau",
@@ -23,23 +22,29 @@ def zoo_root(tmp_path):
     zoo = Zoo.load(tmp_path, "digits", ["small", "tiny"])
     one_thread = device_description("cpu").rsplit(" (", 1)[0] + " (1 thread)"  # the subprocesses run 1 thread
     LatencyProfile({"small": 0.02, "tiny": 0.01}, 256, one_thread, "float32", zoo.fingerprint()).save(
-        tmp_path / "digits" / "search" / "latency.json")
+        tmp_path / "digits" / "latency.json")
     return tmp_path
 
 
-def run_search(root, *args):
-    tiny = [f"paths.checkpoints={root}", "zoo.members=[tiny,small]", "zoo.train_missing=false", "logger=none",
+def tiny_search_args(root) -> list[str]:
+    return [f"paths.checkpoints={root}", "zoo.members=[tiny,small]", "zoo.train_missing=false", "logger=none",
             "search.space.size=4", "search.dataset.n_random=16", "search.dataset.anchor_nfes=[2,4]",
             "search.dataset.n_samples=32", "search.dataset.batch_size=32", "search.predictor.epochs=3",
             "search.evolution.generations=5", "search.evolution.population=8", "search.evolution.children=8",
             "search.rerank.n_samples=32", "search.rerank.top_k=2", "search.evaluation.n=32",
             "search.evaluation.seeds=[100,101]", "search.evaluation.timing_rounds=1",
             f"hydra.run.dir={root}/run", f"hydra.sweep.dir={root}/multi"]
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+
+
+def search_command(root, *args) -> list[str]:
     flags = [a for a in args if a.startswith("-")]  # Hydra wants -m before the overrides
     overrides = [a for a in args if not a.startswith("-")]
-    return subprocess.run([sys.executable, "search.py", *flags, *tiny, *overrides], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return [sys.executable, "search.py", *flags, *tiny_search_args(root), *overrides]
+
+
+def run_search(root, *args):
+    return subprocess.run(search_command(root, *args), cwd=ROOT, env=cli_env(), capture_output=True, text=True,
+                          timeout=600)
 
 
 @pytest.mark.slow

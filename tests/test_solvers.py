@@ -201,7 +201,9 @@ def test_registry_entries():
         assert spec.default_nfe_per_step == (2 if name == "heun" else 1)
         assert spec.variable_order == (name == "dpm_solver")
     assert SOLVER_REGISTRY["dpm_solver"].uniform_nfe_per_step(3) == 3
-    assert SOLVER_REGISTRY["heun"].uniform_nfe_per_step(3) == 2            # fixed-NFE solvers ignore an order
+    assert SOLVER_REGISTRY["heun"].uniform_nfe_per_step(2) == 2            # its fixed count may be named
+    with pytest.raises(SolverError, match="heun takes 2 NFE.*order applies to dpm_solver"):
+        SOLVER_REGISTRY["heun"].uniform_nfe_per_step(3)                    # issue 11: never silently ignored
 
 
 def test_unknown_solver_lists_the_names():

@@ -7,17 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CONFIGS, ROOT
+from conftest import CONFIGS, ROOT, run_cli
 from oms_lightning.checkpoint import load_member
 from oms_lightning.errors import UserError
 
 SMOKE = ["experiment=digits_smoke"]
-
-
-def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def train_cfg(compose, tmp_path, *overrides):

@@ -128,6 +128,13 @@ def test_fingerprint_changes_when_a_member_is_retrained(root):
     assert Zoo.load(root, "digits", ["a", "b"]).fingerprint() != fp
 
 
+def test_fingerprint_ignores_metadata(root):
+    """Issue 11: a member rewritten with the same weights but other meta (a no-op resume) keeps every cache."""
+    fp = Zoo.load(root, "digits", ["a", "b"]).fingerprint()
+    write_member(root, "b", seed=2, step=999)  # the fixture's seed → same weights, other global_step
+    assert Zoo.load(root, "digits", ["a", "b"]).fingerprint() == fp
+
+
 # ---------------------------------------------------------------------- latency
 @pytest.fixture
 def one_thread():

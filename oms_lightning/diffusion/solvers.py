@@ -329,9 +329,13 @@ class SolverSpec:
 
     def uniform_nfe_per_step(self, order: int | None = None) -> int:
         """NFEs of every step of a plain sampler (one order throughout): `order`, checked, where steps may differ
-        (dpm_solver); the fixed count otherwise, ignoring `order` (sample.py passes one whatever the solver)."""
-        if order is None or not self.variable_order:
+        (dpm_solver); the fixed count otherwise, where an `order` other than that count is refused, not ignored."""
+        if order is None:
             return self.default_nfe_per_step
+        if not self.variable_order and order != self.default_nfe_per_step:
+            raise SolverError(f"{self.name} takes {self.default_nfe_per_step} NFE(s) per step and no order; "
+                              f"order applies to {', '.join(n for n, s in SOLVER_REGISTRY.items() if s.variable_order)}"
+                              " (leave it unset)")
         return self.step_nfes(1, [order])[0]
 
     def run(self, denoisers, x: Tensor, ts, schedule: VPSchedule, orders: Sequence[int] | None = None) -> Tensor:

@@ -58,6 +58,8 @@ def _line_valid(line: bytes) -> bool:
         return False
     return True
 
+_TORN_REPORTED: set[Path] = set()
+
 
 class RecordStore:
     """One schedule/FID JSON-lines file bound to a zoo fingerprint and FID settings (checked against its header).
@@ -134,7 +136,8 @@ class RecordStore:
                 raise UserError(f"{self.path} line {lineno} is not a schedule/FID record (no 'key'); remove that "
                                 f"line by hand, or {self._fix()}")
             records.append(rec)
-        if torn:
+        if torn and self.path not in _TORN_REPORTED:  # once per file: every read of the store scans it
+            _TORN_REPORTED.add(self.path)
             log.warning("%s: ignoring a torn last line (%d bytes; an interrupted write) — it is cut off at the next "
                         "append", self.path, len(tail))
         return records, end, torn
@@ -166,7 +169,7 @@ class RecordStore:
                     f.truncate(end)
                     f.flush()
                     os.fsync(f.fileno())
-                log.warning("%s: cut off the torn last line before appending", self.path)
+                log.info("%s: cut off the torn last line before appending", self.path)
             self._tail_checked = True
         with open(self.path, "ab") as f:
             f.write(line)

@@ -1,6 +1,9 @@
-"""SearchCallback: when the predictor's training ends, run the evolution in every search space under every budget
-with the best predictor weights and keep the result — so a search is one `Trainer.fit` of the predictor with this
-callback attached. Re-ranking, evaluation and reporting happen afterwards, in the pipeline (`search/pipeline.py`)."""
+"""SearchCallback: the evolution in every search space under every budget, scored by a trained predictor.
+
+Attached to a predictor's Trainer it runs when `fit` ends, with the best weights restored; `search(predictor)` runs
+it on any trained predictor. The pipeline (`search/pipeline.py`) does the latter after caching the predictor, so a
+search killed during the evolution never trains the predictor again; re-ranking, evaluation and reporting follow
+there."""
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence

@@ -1,8 +1,11 @@
-"""`python search.py budget=B`: zoo → latency profile → schedule→FID store → predictor (+ SearchCallback running
-the evolution) → per budget: the search's candidates re-ranked and the strongest single-member baseline chosen on
-a selection seed, both scored on fresh evaluation seeds by `oms_lightning.evaluation` → schedule, frontier plot and
-summary.json. Every expensive stage is cached by zoo and settings, so a multirun over budgets computes the store
-and the predictor once.
+"""`python search.py budget=B`: zoo → latency profile → schedule→FID store → predictor → SearchCallback running
+the evolution on it → per budget: the search's candidates re-ranked and the strongest single-member baseline chosen
+on a selection seed, both scored on fresh evaluation seeds by `oms_lightning.evaluation` → schedule, frontier plot
+and summary.json.
+
+Every expensive stage is cached by zoo and settings as soon as it is done, so a multirun over budgets computes the
+store and the predictor once and a killed search redoes only what it lost. Searches sharing a cache folder take
+turns per stage (file locks in the cache folder) and reuse each other's results.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from oms_lightning.errors import UserError
 from oms_lightning.evaluation import (Evaluation, check_fresh_seeds, compare, cost_at_equal_quality,
                                      fitting_nfes, single_member_baselines)
-from oms_lightning.io import atomic_write_text
+from oms_lightning.io import atomic_write_text, file_lock
 from oms_lightning.metrics import METRICS, FIDEvaluator, SampleMetrics, default_extractor_for
 from oms_lightning.predictor.encoding import DEFAULT_SOLVERS
 from oms_lightning.predictor.generate import generate_distributed, generate_records
@@ -27,7 +30,8 @@ from oms_lightning.schedule import ModelSchedule, schedule_key
 from oms_lightning.search.callback import SearchCallback
 from oms_lightning.search.report import print_details, print_table, report_outcomes
 from oms_lightning.search.space import encode_exactly, make_spaces, random_schedules, single_member_anchors
-from oms_lightning.zoo import Zoo, load_or_profile, resolve_device, time_schedules, train_command
+from oms_lightning.zoo import (Zoo, latency_path, load_or_profile, resolve_device, time_schedules,
+                              train_command)
 
 
 def log(msg: str) -> None:
@@ -41,22 +45,30 @@ def missing_members(cfg: DictConfig) -> list[str]:
 
 
 def ensure_zoo(cfg: DictConfig) -> None:
-    """Train missing members through train.py's own code path, or stop with the commands to run."""
+    """Train missing members through train.py's own code path, or stop with the commands to run. Under a lock:
+    a second search waits for the first one's training instead of training the same member again."""
     missing = missing_members(cfg)
-    if not missing:
-        return
-    if not cfg.zoo.train_missing:
+    if missing and not cfg.zoo.train_missing:
         cmds = "\n".join(f"  {train_command(m, str(cfg.data.name))}" for m in missing)
         raise UserError(f"zoo member(s) {', '.join(missing)} are not trained yet; train them with\n{cmds}\n"
                         "or run search.py with zoo.train_missing=true")
+    if missing:
+        with file_lock(Path(cfg.paths.checkpoints) / str(cfg.data.name) / ".train.lock", waiting=waiting_for):
+            _train_missing(cfg, missing_members(cfg))  # again: another search may have trained them meanwhile
+
+
+def _train_missing(cfg: DictConfig, missing: list[str]) -> None:
     from hydra import compose
 
     from oms_lightning.train_job import train
 
     for m in missing:
-        log(f"training missing zoo member {m!r} ({', '.join(cfg.zoo.train_overrides)})")
+        # a search killed while training this member left its training state: continue it, never start over
+        resume = (Path(cfg.paths.checkpoints) / str(cfg.data.name) / m / "last.ckpt").is_file()
+        log(f"{'resuming' if resume else 'training'} missing zoo member {m!r} ({', '.join(cfg.zoo.train_overrides)})")
         train(compose("train", overrides=[f"model={m}", f"data={cfg.data.name}",
-                                          f"paths.checkpoints={cfg.paths.checkpoints}", *cfg.zoo.train_overrides]))
+                                          f"paths.checkpoints={cfg.paths.checkpoints}", *cfg.zoo.train_overrides,
+                                          *(["ckpt_path=last"] if resume else [])]))
 
 
 def resolve_budgets(cfg: DictConfig, latency: dict[str, float]) -> list[float]:
@@ -114,18 +126,21 @@ def build_dataset(cfg: DictConfig, zoo: Zoo, spaces: list, evaluator, profile,
     store = store_for(cache, "records", zoo, fid_settings(evaluator, d.n_samples, d.sample_seed))
     log(f"schedule→FID store {store.path}: {len(store)} records, {len(schedules)} schedules wanted")
     start = time.perf_counter()
-    if d.devices == 1 and d.num_nodes == 1:
-        records = generate_records(zoo, schedules, store, evaluator, d.n_samples, d.sample_seed, d.batch_size,
-                                   profile)
-    else:
-        records = generate_distributed(zoo, schedules, store.path, evaluator, d.n_samples, d.sample_seed,
-                                       d.batch_size, profile, accelerator=d.accelerator, devices=d.devices,
-                                       num_nodes=d.num_nodes, strategy=d.strategy)
+    with file_lock(cache / ".records.lock", waiting=waiting_for):
+        records = _generate(d, zoo, schedules, store, evaluator, profile)
     # costs from today's profile: a store outlives a re-measured profile, and cost is not part of a record's identity
     usable = [{**r, "cost": profile.cost(ModelSchedule.from_dict(r["schedule"]))} for r in records
               if r["fid"] is not None]
     log(f"{len(usable)} records ready ({time.perf_counter() - start:.0f} s)")
     return usable, store
+
+
+def _generate(d: DictConfig, zoo: Zoo, schedules: list, store: RecordStore, evaluator, profile) -> list[dict]:
+    if d.devices == 1 and d.num_nodes == 1:
+        return generate_records(zoo, schedules, store, evaluator, d.n_samples, d.sample_seed, d.batch_size, profile)
+    return generate_distributed(zoo, schedules, store.path, evaluator, d.n_samples, d.sample_seed, d.batch_size,
+                                profile, accelerator=d.accelerator, devices=d.devices, num_nodes=d.num_nodes,
+                                strategy=d.strategy)
 
 
 def rerank_fn(cfg: DictConfig, zoo: Zoo, evaluator, profile, cache: Path):
@@ -160,38 +175,43 @@ def predictor_key(records: list[dict], cfg: DictConfig, zoo: Zoo) -> str:
     return h.hexdigest()[:16]
 
 
-def train_or_load_predictor(cfg, zoo, records, cache: Path, callback: SearchCallback, logger,
-                            max_steps: int) -> dict:
-    """Train the predictor with the SearchCallback attached (the evolution runs when training ends), or reuse the
-    cached one and run the callback's search on it. Returns the predictor's metrics (τ on the test split)."""
+def train_or_load_predictor(cfg, zoo, records, cache: Path, logger, max_steps: int) -> tuple[PredictorModule, dict]:
+    """The cached predictor for these records and settings, or a new one trained and cached at once (before any
+    search runs on it, so a search killed later never trains it again). Returns it with its metrics (τ on the
+    test split). Under a lock: concurrent searches on one cache train it once and share it."""
     p = cfg.search.predictor
     key = predictor_key(records, cfg, zoo)
     ckpt, meta_path = cache / f"predictor-{key}.ckpt", cache / f"predictor-{key}.json"
-    if ckpt.is_file() and meta_path.is_file():
-        try:
-            module = PredictorModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
-            metrics = json.loads(meta_path.read_text())
-        except Exception as e:  # noqa: BLE001 - a corrupt cache entry is rebuilt, never silently used
-            log(f"cached predictor {ckpt} is unreadable ({type(e).__name__}); training a new one")
-        else:
-            log(f"reusing predictor {ckpt} (test-split Kendall tau {metrics['kendall_tau']:.3f})")
-            callback.search(module.eval())
-            return metrics
-    log(f"training the predictor on {len(records)} records ({p.epochs} epochs)")
-    module, metrics = fit_predictor(
-        records, list(zoo.names), zoo.schedule.to_dict(), max_steps,
-        trainer_kwargs={"max_epochs": p.epochs, "callbacks": [callback], "logger": logger or False,
-                        "default_root_dir": str(cache / f"predictor-{key}"), "accelerator": "cpu",
-                        "log_every_n_steps": 1},
-        val_fraction=p.val_fraction, test_fraction=p.test_fraction, split_seed=p.split_seed,
-        batch_size=p.batch_size, seed=cfg.seed, loss=p.loss, margin=p.margin, fid_threshold=p.fid_threshold, lr=p.lr)
-    best = metrics.pop("best_model_path")
-    if best:
-        Path(best).replace(ckpt)
-    atomic_write_text(meta_path, json.dumps(metrics, indent=2) + "\n")
+    with file_lock(cache / ".predictor.lock", waiting=waiting_for):
+        if ckpt.is_file() and meta_path.is_file():
+            try:
+                module = PredictorModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+                metrics = json.loads(meta_path.read_text())
+            except Exception as e:  # noqa: BLE001 - a corrupt cache entry is rebuilt, never silently used
+                log(f"cached predictor {ckpt} is unreadable ({type(e).__name__}); training a new one")
+            else:
+                log(f"reusing predictor {ckpt} (test-split Kendall tau {metrics['kendall_tau']:.3f})")
+                return module.eval(), metrics
+        log(f"training the predictor on {len(records)} records ({p.epochs} epochs)")
+        module, metrics = fit_predictor(
+            records, list(zoo.names), zoo.schedule.to_dict(), max_steps,
+            trainer_kwargs={"max_epochs": p.epochs, "logger": logger or False,
+                            "default_root_dir": str(cache / f"predictor-{key}"), "accelerator": "cpu",
+                            "log_every_n_steps": 1},
+            val_fraction=p.val_fraction, test_fraction=p.test_fraction, split_seed=p.split_seed,
+            batch_size=p.batch_size, seed=cfg.seed, loss=p.loss, margin=p.margin, fid_threshold=p.fid_threshold,
+            lr=p.lr)
+        best = metrics.pop("best_model_path")
+        if best:
+            Path(best).replace(ckpt)
+        atomic_write_text(meta_path, json.dumps(metrics, indent=2) + "\n")
     log(f"predictor Kendall tau on its test split {metrics['kendall_tau']:.3f} (selection split "
         f"{metrics['kendall_tau_val']:.3f}; ranking by NFE alone {metrics['test']['kendall_tau_neg_nfe']:.3f})")
-    return metrics
+    return module, metrics
+
+
+def waiting_for(holder: str) -> None:
+    log(f"waiting for another search on the same cache ({holder}); its results will be reused")
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -279,7 +299,8 @@ def run(cfg: DictConfig) -> list[dict]:
     ensure_zoo(cfg)
     zoo = Zoo.load(cfg.paths.checkpoints, str(cfg.data.name), names=list(cfg.zoo.members), device=device)
     cache = Path(cfg.paths.cache)
-    profile = load_or_profile(zoo, cache / "latency.json", batch_size=cfg.profile.batch_size, device=device,
+    profile = load_or_profile(zoo, latency_path(cfg.paths.checkpoints, str(cfg.data.name)),
+                              batch_size=cfg.profile.batch_size, device=device,
                               max_age_hours=cfg.profile.max_age_hours, max_spread=cfg.profile.max_spread)
     budgets = resolve_budgets(cfg, profile.latency)
     log(f"zoo {list(zoo.names)}; latency per batch of {profile.batch_size} on {profile.device_name}: "
@@ -301,8 +322,9 @@ def run(cfg: DictConfig) -> list[dict]:
                               evolution={**OmegaConf.to_container(cfg.search.evolution, resolve=True),
                                          "null_prob": cfg.search.dataset.null_prob},
                               seeds=seeds_fn(cfg, zoo, profile))
-    predictor_metrics = train_or_load_predictor(cfg, zoo, records, cache, callback, logger,
-                                                max_steps=max(sp.max_steps for sp in spaces))
+    predictor, predictor_metrics = train_or_load_predictor(cfg, zoo, records, cache, logger,
+                                                           max_steps=max(sp.max_steps for sp in spaces))
+    callback.search(predictor)
 
     e = cfg.search.evaluation
     sample_metrics = SampleMetrics(evaluator, datamodule)
@@ -311,8 +333,9 @@ def run(cfg: DictConfig) -> list[dict]:
                                 **fid_settings(evaluator, int(e.n), seed), "metrics": list(METRICS)}))
     noise_floor = sample_metrics.noise_floor(int(e.n), seed=seeds[0])
     rerank = rerank_fn(cfg, zoo, evaluator, profile, cache)
-    outcomes = [evaluate_budget(cfg, zoo, profile, callback.results[b], spaces, rerank, evaluation, noise_floor,
-                                predictor_metrics) for b in budgets]
+    with file_lock(cache / ".evaluation.lock", waiting=waiting_for):  # the selection and evaluation stores
+        outcomes = [evaluate_budget(cfg, zoo, profile, callback.results[b], spaces, rerank, evaluation, noise_floor,
+                                    predictor_metrics) for b in budgets]
 
     run_dir = Path(cfg.paths.run_dir)
     summaries = report_outcomes(outcomes, zoo, profile, run_dir, store_size=len(store), logger=logger,
