@@ -76,7 +76,8 @@ def generate_records(zoo, schedules: Sequence[ModelSchedule], store: RecordStore
     if len(todo) < len(unique):
         log.info("%s: %d of %d distinct schedules already have records; evaluating %d", store.path,
                  len(unique) - len(todo), len(unique), len(todo))
-    with tqdm(total=len(todo), desc="schedule→FID", unit="schedule", disable=not progress or not todo, dynamic_ncols=True) as bar:
+    with tqdm(total=len(todo), desc="schedule→FID", unit="schedule", disable=not progress or not todo,
+              dynamic_ncols=True) as bar:
         for key, schedule in todo:
             record = evaluate_schedule(zoo, schedule, evaluator, n, seed, batch_size, profile)
             store.append(record)
