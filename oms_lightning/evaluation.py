@@ -32,7 +32,7 @@ import numpy as np
 from scipy import stats
 
 from oms_lightning.diffusion.noise_schedule import VPSchedule
-from oms_lightning.diffusion.solvers import SOLVER_REGISTRY
+from oms_lightning.diffusion.solvers import ODE_SOLVERS, SOLVER_REGISTRY
 from oms_lightning.diffusion.spacing import SPACINGS, default_t_end, timesteps
 from oms_lightning.errors import UserError
 from oms_lightning.metrics import LOWER_IS_BETTER, METRICS
@@ -45,11 +45,11 @@ CONFIDENCE = 0.95
 VERDICTS = ("better", "tie", "worse")
 
 def _samplers() -> tuple[tuple[str, int | None], ...]:
-    """Every single-member sampler of the solver registry as (solver, NFEs per step or None for a fixed count).
-    A solver with a variable count (singlestep DPM-Solver) gets one sampler per count ≥ 2: its count 1 is DDIM to
-    1e-12 (tests/test_solvers.py), so it would only double DDIM's work."""
+    """Every single-member sampler of the registry's ODE solvers as (solver, NFEs per step or None for a fixed
+    count). A solver with a variable count (singlestep DPM-Solver) gets one sampler per count ≥ 2: its count 1 is
+    DDIM to 1e-12 (tests/test_solvers.py), so it would only double DDIM's work."""
     out = []
-    for name in sorted(SOLVER_REGISTRY):
+    for name in ODE_SOLVERS:
         lo, hi = SOLVER_REGISTRY[name].nfe_per_step
         out += [(name, k) for k in range(max(lo, 2), hi + 1)] if lo < hi else [(name, None)]
     return tuple(out)

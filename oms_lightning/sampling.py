@@ -9,34 +9,37 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from oms_lightning.diffusion.noise_schedule import VPSchedule
-from oms_lightning.diffusion.seeding import per_sample_noise
+from oms_lightning.diffusion.seeding import SampleNoise, per_sample_noise
 from oms_lightning.diffusion.solvers import get_solver
-from oms_lightning.diffusion.spacing import SPACINGS, default_t_end, timesteps
+from oms_lightning.diffusion.spacing import default_t_end
 from oms_lightning.errors import UserError
+from oms_lightning.steps import spacing_times
 from oms_lightning.schedule import ModelSchedule
 
 
-def solve(model_schedule: ModelSchedule, denoisers: Sequence[Callable], x: Tensor, noise: VPSchedule) -> Tensor:
-    """Integrate from x at the schedule's first time to its last, NFE j using denoisers[j]."""
+def solve(model_schedule: ModelSchedule, denoisers: Sequence[Callable], x: Tensor, noise: VPSchedule,
+          sample_noise: SampleNoise | None = None) -> Tensor:
+    """Integrate from x at the schedule's first time to its last, NFE j using denoisers[j]; `sample_noise` feeds a
+    stochastic solver."""
     ts = torch.tensor(model_schedule.times, dtype=torch.float64)
-    return get_solver(model_schedule.solver).run(denoisers, x, ts, noise, model_schedule.orders)
+    return get_solver(model_schedule.solver).run(denoisers, x, ts, noise, model_schedule.orders, noise=sample_noise)
 
 
 def single_member_schedule(member: str, solver: str, steps: int, noise: VPSchedule, order: int | None = None,
-                           spacing: str = "logsnr_uniform", t_end: float | None = None) -> ModelSchedule:
-    """The ordinary sampler as a schedule: one member everywhere, `steps` steps of a standard spacing.
+                           spacing: str = "logsnr_uniform", t_end: float | None = None,
+                           ays: dict | None = None) -> ModelSchedule:
+    """The ordinary sampler as a schedule: one member everywhere, `steps` steps of a spacing (a standard one, or
+    `ays` with its loaded steps file, see `oms_lightning.steps`).
 
     `order` is the NFEs per step of a variable-order solver (singlestep DPM-Solver, 1–3; default 1); the other
-    solvers ignore it and take their registry NFEs per step (multistep/DDIM 1, Heun 2).
+    solvers take their registry NFEs per step (multistep/DDIM 1, Heun 2) and refuse another order.
     """
     spec = get_solver(solver)
-    if spacing not in SPACINGS:
-        raise UserError(f"unknown spacing {spacing!r}; choose one of {list(SPACINGS)}")
     if not isinstance(steps, int) or steps < 1:
         raise UserError(f"steps must be a positive integer, got {steps!r}")
     nfe_per_step = spec.uniform_nfe_per_step(order)
     t_end = default_t_end(steps * nfe_per_step) if t_end is None else t_end
-    times = timesteps(spacing, steps, noise, t_end=t_end).tolist()
+    times = spacing_times(spacing, steps, noise, t_end, ays=ays)
     return ModelSchedule.single(member, times, solver=solver, orders=nfe_per_step, meta={"spacing": spacing})
 
 
@@ -52,10 +55,13 @@ def generate(zoo, model_schedule: ModelSchedule, n: int, seed: int = 0, batch_si
         raise UserError(f"number of samples must be positive, got {n}")
     model_schedule.validate(zoo.names, t_min=zoo.schedule.t_min)
     denoisers = zoo.denoisers_for(model_schedule)
+    stochastic = get_solver(model_schedule.solver).stochastic
     out = []
     starts = range(first_index, first_index + n, batch_size)
     for start in tqdm(starts, desc=f"sampling {n} ({model_schedule.nfe} NFE)", disable=not progress, leave=False):
         indices = range(start, min(start + batch_size, first_index + n))
         x = per_sample_noise(zoo.image_shape, indices, seed, dtype=zoo.dtype, device=zoo.device)
-        out.append(solve(model_schedule, denoisers, x, zoo.schedule).clamp(-1, 1).float().cpu())
+        # a stochastic solver's noise too is drawn per sample: image i never depends on the batch it is in
+        sample_noise = SampleNoise(indices, seed) if stochastic else None
+        out.append(solve(model_schedule, denoisers, x, zoo.schedule, sample_noise).clamp(-1, 1).float().cpu())
     return torch.cat(out)

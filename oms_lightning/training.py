@@ -15,14 +15,16 @@ from torch import Tensor
 
 from oms_lightning.diffusion.denoiser import EpsDenoiser
 from oms_lightning.diffusion.noise_schedule import VPSchedule
-from oms_lightning.diffusion.seeding import per_sample_noise
+from oms_lightning.diffusion.seeding import SampleNoise, per_sample_noise
 from oms_lightning.diffusion.solvers import SolverError, get_solver
-from oms_lightning.diffusion.spacing import timesteps
+from oms_lightning.diffusion.spacing import SPACINGS, timesteps
 from oms_lightning.errors import UserError
 from oms_lightning.nets import UNet
+from oms_lightning.steps import AYS
 
 # `sampling` of configs/train.yaml; a checkpoint's saved hparams may predate a key (e.g. order).
-DEFAULT_SAMPLING = {"solver": "dpm_solver++", "steps": 20, "order": None, "grid_size": 64, "seed": 0}
+DEFAULT_SAMPLING = {"solver": "dpm_solver++", "steps": 20, "order": None, "spacing": "logsnr_uniform", "grid_size": 64,
+                    "seed": 0}
 
 
 def check_sampling(sampling: dict) -> int:
@@ -32,6 +34,12 @@ def check_sampling(sampling: dict) -> int:
         spec = get_solver(sampling["solver"])
     except SolverError as e:
         raise UserError(f"invalid value sampling.solver={sampling['solver']!r}: {e}") from None
+    if sampling["spacing"] == AYS:
+        raise UserError("sampling.spacing=ays cannot serve training grids: an AYS schedule is optimised for a trained "
+                        "member's weights, which change while training. Train, then run optimize_steps.py and "
+                        "sample.py spacing=ays")
+    if sampling["spacing"] not in SPACINGS:
+        raise UserError(f"invalid value sampling.spacing={sampling['spacing']!r}: choose one of {', '.join(SPACINGS)}")
     try:
         return spec.uniform_nfe_per_step(sampling["order"])
     except SolverError as e:
@@ -102,18 +110,18 @@ class DiffusionModule(L.LightningModule):
     # --- sampling (uses whatever weights are loaded: EMA during validation and after fit) ---
     @torch.no_grad()
     def sample(self, n: int, steps: int | None = None, seed: int | None = None) -> Tensor:
-        """n images in [-1, 1] with `sampling.solver` (registry name) on logSNR-uniform steps; sample i always
+        """n images in [-1, 1] with `sampling.solver` (registry name) on `sampling.spacing` steps; sample i always
         has the same noise."""
         steps = steps or self.sampling["steps"]
         solver = get_solver(self.sampling["solver"])
         seed = self.sampling["seed"] if seed is None else seed
         x = per_sample_noise(self.image_shape, range(n), seed, dtype=torch.float32, device=self.device)
-        ts = timesteps("logsnr_uniform", steps, self.schedule)
+        ts = timesteps(self.sampling["spacing"], steps, self.schedule)
         was_training = self.net.training
         self.net.eval()
         try:
             x0 = solver.run(EpsDenoiser(self.net, self.schedule), x, ts, self.schedule,
-                            [self.sample_nfe_per_step] * steps)
+                            [self.sample_nfe_per_step] * steps, noise=SampleNoise(range(n), seed))
         finally:
             self.net.train(was_training)
         return x0.clamp(-1, 1)

@@ -103,7 +103,7 @@ def test_equality_hash_ignore_meta(sched):
 # ---------------------------------------------------------------------- validation
 @pytest.mark.parametrize("steps, solver, match", [
     ([], "dpm_solver", "empty schedule"),
-    ([(1.0, 0.5, ["a"])], "euler", r"unknown solver 'euler'; choose one of: ddim, dpm_solver, dpm_solver\+\+, dpm_solver\+\+3m, heun"),
+    ([(1.0, 0.5, ["a"])], "euler", r"unknown solver 'euler'; choose one of: ddim, ddim_eta1, dpm_solver, dpm_solver\+\+, dpm_solver\+\+3m, heun"),
     ([(1.0, 0.8, ["a"]), (0.8, 0.6, ["a"]), (0.6, 0.4, ["a"]), (0.4, 0.2, ["a"] * 4)], "dpm_solver",
      "step 3 has 4 members; dpm_solver allows 1–3 NFEs per step"),
     ([(1.0, 0.5, [])], "dpm_solver", "step 0 has 0 members; dpm_solver allows 1–3 NFEs per step"),

@@ -1,4 +1,6 @@
 """Solvers, spacings, denoisers and per-sample seeding, checked against the analytic Gaussian-data ODE."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -192,14 +194,15 @@ def test_lower_order_final_changes_only_short_runs(gauss, x_T):
 
 # ------------------------------------------------------------------------------------------ registry
 def test_registry_entries():
-    assert sorted(SOLVER_REGISTRY) == ["ddim", "dpm_solver", "dpm_solver++", "dpm_solver++3m", "heun"]
-    expected = {"ddim": ((1, 1), False), "dpm_solver": ((1, 3), False), "dpm_solver++": ((1, 1), True),
-                "dpm_solver++3m": ((1, 1), True), "heun": ((2, 2), False)}
+    assert sorted(SOLVER_REGISTRY) == ["ddim", "ddim_eta1", "dpm_solver", "dpm_solver++", "dpm_solver++3m", "heun"]
+    expected = {"ddim": ((1, 1), False), "ddim_eta1": ((1, 1), False), "dpm_solver": ((1, 3), False),
+                "dpm_solver++": ((1, 1), True), "dpm_solver++3m": ((1, 1), True), "heun": ((2, 2), False)}
     for name, spec in SOLVER_REGISTRY.items():
         assert get_solver(name) is spec and spec.name == name and spec.paper
         assert (spec.nfe_per_step, spec.multistep) == expected[name]
         assert spec.default_nfe_per_step == (2 if name == "heun" else 1)
         assert spec.variable_order == (name == "dpm_solver")
+        assert spec.stochastic == (name == "ddim_eta1")
     assert SOLVER_REGISTRY["dpm_solver"].uniform_nfe_per_step(3) == 3
     assert SOLVER_REGISTRY["heun"].uniform_nfe_per_step(2) == 2            # its fixed count may be named
     with pytest.raises(SolverError, match="heun takes 2 NFE.*order applies to dpm_solver"):
@@ -208,7 +211,7 @@ def test_registry_entries():
 
 def test_unknown_solver_lists_the_names():
     for bad in ("nope", "dpm_solver_pp", 3, None):
-        with pytest.raises(SolverError, match=r"choose one of: ddim, dpm_solver, dpm_solver\+\+, "
+        with pytest.raises(SolverError, match=r"choose one of: ddim, ddim_eta1, dpm_solver, dpm_solver\+\+, "
                                               r"dpm_solver\+\+3m, heun") as e:
             get_solver(bad)
         assert isinstance(e.value, UserError) and isinstance(e.value, ValueError)
@@ -381,3 +384,41 @@ def test_stochastic_ddim_reproducible(gauss):
     noise = SampleNoise(range(2), 0)
     z = torch.zeros(2, 3)
     assert not torch.equal(noise.randn_like(z), noise.randn_like(z))     # each call advances the streams
+
+
+def test_stochastic_ddim_needs_noise_and_keeps_each_image_whatever_the_batch():
+    spec = SOLVER_REGISTRY["ddim_eta1"]
+    gauss = GaussianDenoiser(torch.zeros(4), torch.full((4,), 0.5), SCHED)
+    ts = torch.linspace(1.0, 1e-3, 6, dtype=torch.float64)
+    x = per_sample_noise((4,), range(6), seed=0, dtype=torch.float64)
+    with pytest.raises(ValueError, match="needs `noise`"):
+        spec.run(gauss, x, ts, SCHED)
+    whole = spec.run(gauss, x, ts, SCHED, noise=SampleNoise(range(6), seed=3))
+    halves = torch.cat([spec.run(gauss, x[:2], ts, SCHED, noise=SampleNoise(range(2), seed=3)),
+                        spec.run(gauss, x[2:], ts, SCHED, noise=SampleNoise(range(2, 6), seed=3))])
+    assert torch.equal(whole, halves)
+    assert not torch.equal(whole, spec.run(gauss, x, ts, SCHED, noise=SampleNoise(range(6), seed=4)))
+
+
+def test_stochastic_ddim_variance_follows_its_analytic_recursion_on_gaussian_data():
+    """For N(0, c²) data the exact denoiser is linear, D = g·x with g = αc²/(α²c² + σ²), so one DDIM(η) step is
+    x' = k·x + c_η·z with k = α'g + sqrt(σ'² − c_η²)(1 − αg)/σ (DDIM eq. 12): Var x' = k² Var x + c_η². The
+    samples' variance must follow that recursion (it is not the true marginal: the step plugs in the posterior
+    mean of x0 and drops its variance, so few steps lose variance)."""
+    c = 0.5
+    gauss = GaussianDenoiser(torch.zeros(1), torch.full((1,), c), SCHED)
+    ts = snap_times(torch.linspace(1.0, 1e-3, 4, dtype=torch.float64), SCHED).tolist()
+    ab = lambda t: (SCHED.alpha(torch.tensor(t)).item(), SCHED.sigma(torch.tensor(t)).item())  # noqa: E731
+    a, s = ab(ts[0])
+    var = a**2 * c**2 + s**2  # x_T from the exact marginal at t = 1
+    x_T = torch.randn(40000, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * math.sqrt(var)
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        (a, s), (a_n, s_n) = ab(t), ab(t_next)
+        g = a * c**2 / (a**2 * c**2 + s**2)
+        c_eta = s_n / s * math.sqrt(1 - (a / a_n) ** 2)
+        k = a_n * g + math.sqrt(s_n**2 - c_eta**2) * (1 - a * g) / s
+        var = k**2 * var + c_eta**2
+    gen = torch.Generator().manual_seed(1)
+    out = SOLVER_REGISTRY["ddim_eta1"].run(gauss, x_T, torch.tensor(ts, dtype=torch.float64), SCHED,
+                                           noise=lambda x: torch.randn(x.shape, generator=gen, dtype=x.dtype))
+    assert out.var().item() == pytest.approx(var, rel=0.03)

@@ -284,8 +284,9 @@ def _heun_times(schedule: VPSchedule, s: float, t: float, nfes: int) -> list[flo
 class SolverSpec:
     """Everything the project knows about one solver, looked up by name through `get_solver`.
 
-    adapter(denoisers, x, ts, schedule, nfes) runs the pure solver function `function` with nfes = the NFEs of
-    every step; step_times(schedule, s, t, nfes) gives the snapped times of one step's NFEs in NFE order.
+    adapter(denoisers, x, ts, schedule, nfes, noise) runs the pure solver function `function` with nfes = the NFEs
+    of every step (noise: the per-sample noise of a stochastic solver, None for the ODE solvers);
+    step_times(schedule, s, t, nfes) gives the snapped times of one step's NFEs in NFE order.
     """
 
     name: str
@@ -295,6 +296,7 @@ class SolverSpec:
     nfe_per_step: tuple[int, int]   # (fewest, most) NFEs per step
     multistep: bool                 # keeps denoiser outputs across steps
     paper: str
+    stochastic: bool = False        # draws fresh noise every step: needs `noise` (a SampleNoise) to run
 
     @property
     def default_nfe_per_step(self) -> int:
@@ -338,10 +340,13 @@ class SolverSpec:
                               " (leave it unset)")
         return self.step_nfes(1, [order])[0]
 
-    def run(self, denoisers, x: Tensor, ts, schedule: VPSchedule, orders: Sequence[int] | None = None) -> Tensor:
-        """Integrate x from ts[0] to ts[-1]; NFE j uses denoisers[j] (or the one callable); orders as step_nfes."""
+    def run(self, denoisers, x: Tensor, ts, schedule: VPSchedule, orders: Sequence[int] | None = None,
+            noise=None) -> Tensor:
+        """Integrate x from ts[0] to ts[-1]; NFE j uses denoisers[j] (or the one callable); orders as step_nfes.
+        A stochastic solver needs `noise` (a SampleNoise of the batch's sample indices, so that image i is the
+        same whatever the batch size); the ODE solvers ignore it."""
         nfes = self.step_nfes(len(snap_times(ts, schedule)) - 1, orders)
-        return self.adapter(denoisers, x, ts, schedule, nfes)
+        return self.adapter(denoisers, x, ts, schedule, nfes, noise)
 
     def nfe_times(self, ts, orders: Sequence[int] | None, schedule: VPSchedule) -> list[float]:
         """The time each NFE evaluates at, in NFE order: exactly the (float32-snapped) t the denoiser receives."""
@@ -350,30 +355,37 @@ class SolverSpec:
         return [u for i, k in enumerate(nfes) for u in self.step_times(schedule, ts[i], ts[i + 1], k)]
 
 
-# Adapters to the common signature (denoisers, x, ts, schedule, nfes): module-level, so a SolverSpec pickles.
-def _run_ddim(ds, x, ts, schedule, nfes):
+# Adapters to the common signature (denoisers, x, ts, schedule, nfes, noise): module-level, so a SolverSpec pickles.
+def _run_ddim(ds, x, ts, schedule, nfes, noise):
     return ddim(ds, x, ts, schedule)
 
 
-def _run_dpm_solver(ds, x, ts, schedule, nfes):
+def _run_ddim_eta1(ds, x, ts, schedule, nfes, noise):
+    return ddim(ds, x, ts, schedule, eta=1.0, noise=noise)
+
+
+def _run_dpm_solver(ds, x, ts, schedule, nfes, noise):
     return dpm_solver(ds, x, ts, nfes, schedule)
 
 
-def _run_dpm_solver_pp_2m(ds, x, ts, schedule, nfes):
+def _run_dpm_solver_pp_2m(ds, x, ts, schedule, nfes, noise):
     return dpm_solver_pp(ds, x, ts, schedule, order=2)
 
 
-def _run_dpm_solver_pp_3m(ds, x, ts, schedule, nfes):
+def _run_dpm_solver_pp_3m(ds, x, ts, schedule, nfes, noise):
     return dpm_solver_pp(ds, x, ts, schedule, order=3)
 
 
-def _run_heun(ds, x, ts, schedule, nfes):
+def _run_heun(ds, x, ts, schedule, nfes, noise):
     return heun(ds, x, ts, schedule)
 
 
 SOLVER_REGISTRY: dict[str, SolverSpec] = {spec.name: spec for spec in (
     SolverSpec("ddim", function=ddim, adapter=_run_ddim, step_times=_starts, nfe_per_step=(1, 1),
                multistep=False, paper="Song et al. 2021, DDIM (ICLR), eta = 0"),
+    # the sampler the AYS KLUB is derived for (Sabour et al. 2024): DDIM with eta = 1, i.e. ancestral DDPM steps
+    SolverSpec("ddim_eta1", function=ddim, adapter=_run_ddim_eta1, step_times=_starts, nfe_per_step=(1, 1),
+               multistep=False, paper="Song et al. 2021, DDIM (ICLR), eta = 1 (stochastic)", stochastic=True),
     SolverSpec("dpm_solver", function=dpm_solver, adapter=_run_dpm_solver, step_times=_dpm_times,
                nfe_per_step=(1, 3), multistep=False, paper="Lu et al. 2022, DPM-Solver (NeurIPS), singlestep 1-3"),
     SolverSpec("dpm_solver++", function=dpm_solver_pp, adapter=_run_dpm_solver_pp_2m, step_times=_starts,
@@ -383,6 +395,12 @@ SOLVER_REGISTRY: dict[str, SolverSpec] = {spec.name: spec for spec in (
     SolverSpec("heun", function=heun, adapter=_run_heun, step_times=_heun_times, nfe_per_step=(2, 2),
                multistep=False, paper="Karras et al. 2022, EDM (NeurIPS), Algorithm 1"),
 )}
+
+
+# The solvers a search and its baselines enumerate. Stochastic DDIM is left out: it is the sampler AYS's KLUB is
+# derived for, not a fast one (benchmarks/RESULTS.md, AYS section), and its fresh noise per step would make the
+# predictor's FID records noisier; it stays one `solver=` / `sampler:ddim_eta1` away.
+ODE_SOLVERS: tuple[str, ...] = tuple(sorted(n for n, spec in SOLVER_REGISTRY.items() if not spec.stochastic))
 
 
 def get_solver(name) -> SolverSpec:

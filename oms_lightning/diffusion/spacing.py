@@ -9,9 +9,11 @@ import math
 import torch
 from torch import Tensor
 
+from .ays import kl_optimal_sigmas
 from .noise_schedule import VPSchedule
 
-SPACINGS = ("time_uniform", "time_quadratic", "logsnr_uniform", "karras")
+SPACINGS = ("time_uniform", "time_quadratic", "logsnr_uniform", "karras", "kl_optimal")
+KL_OPTIMAL_C = 0.5  # the data's scale in [-1, 1] (AYS's c)
 
 
 def default_t_end(n_steps: int) -> float:
@@ -41,10 +43,14 @@ def timesteps(kind: str, n_steps: int, schedule: VPSchedule, t_start: float = 1.
         # DPM-Solver (Lu et al. 2022): uniform in half-logSNR λ
         lam_s, lam_e = schedule.lambda_(t_s), schedule.lambda_(t_e)
         ts = schedule.t_of_lambda(lam_s + (lam_e - lam_s) * u)
-    else:
+    elif kind == "karras":
         # EDM ρ-spacing (Karras et al. 2022, eq. 5) in σ̃ = σ/α = exp(−λ)
         s_max, s_min = schedule.edm_sigma(t_s), schedule.edm_sigma(t_e)
         sig = (s_max ** (1 / rho) + u * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+        ts = schedule.t_of_edm_sigma(sig)
+    else:
+        # AYS's closed-form schedule for Gaussian data of std c: arctan(σ̃/c) uniform (see ays.kl_optimal_sigmas)
+        sig = kl_optimal_sigmas(schedule.edm_sigma(t_e).item(), schedule.edm_sigma(t_s).item(), n_steps, KL_OPTIMAL_C)
         ts = schedule.t_of_edm_sigma(sig)
     ts[0], ts[-1] = t_s, t_e          # pin the endpoints exactly (round-trips through λ lose ulps)
     validate_times(ts, schedule)

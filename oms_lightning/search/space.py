@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from oms_lightning.diffusion.noise_schedule import VPSchedule
-from oms_lightning.diffusion.solvers import SOLVER_REGISTRY, get_solver
+from oms_lightning.diffusion.solvers import ODE_SOLVERS, SOLVER_REGISTRY, get_solver
 from oms_lightning.diffusion.spacing import SPACINGS, default_t_end, timesteps
 from oms_lightning.errors import UserError
 from oms_lightning.schedule import SLOTS_PER_STEP, ModelSchedule, ScheduleError, schedule_key
@@ -559,8 +559,8 @@ def make_space(kind: str, members: Sequence[str], noise: VPSchedule, size: int):
 
 def make_spaces(kind: str, members: Sequence[str], noise: VPSchedule, size: int) -> list:
     """The spaces a search runs: one, or for kind "all" OMS-DPM's slot space (⌈size/3⌉ steps, its logSNR grid) and
-    a SamplerSpace per registry solver (time genes on)."""
+    a SamplerSpace per ODE solver of the registry (time genes on), the same solvers the baselines enumerate."""
     if kind != "all":
         return [make_space(kind, members, noise, size)]
     return [make_space("dpm_solver", members, noise, -(-size // SLOTS_PER_STEP))] + [
-        make_space(f"sampler:{s}", members, noise, size) for s in SOLVER_SPACES]
+        make_space(f"sampler:{s}", members, noise, size) for s in ODE_SOLVERS]
