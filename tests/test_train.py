@@ -175,7 +175,7 @@ def test_default_sample_grid_is_dpm_solver_pp_2m(compose):
 
 @pytest.mark.parametrize("overrides, message", [
     (["sampling.solver=nope"], r"invalid value sampling.solver='nope': unknown solver 'nope'; choose one of: ddim, "
-                               r"dpm_solver, dpm_solver\+\+, dpm_solver\+\+3m, heun"),
+                               r"ddim_eta1, dpm_solver, dpm_solver\+\+, dpm_solver\+\+3m, heun"),
     (["sampling.solver=dpm_solver_pp"], r"did you mean 'dpm_solver\+\+'"),
     (["sampling.solver=dpm_solver", "sampling.order=4"], "invalid value sampling.order=4: dpm_solver allows 1–3"),
 ])
