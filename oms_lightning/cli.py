@@ -8,8 +8,6 @@ from pathlib import Path
 
 from oms_lightning.errors import UserError
 
-HYDRA_OWN = {".hydra", "train.log", "search.log", "sample.log"}  # what Hydra itself puts in a run folder
-
 
 def exit_on_user_error(task):
     """Wrap a Hydra task so a UserError prints `error: <what and how to fix>` and exits with status 2, and a failed
@@ -47,13 +45,12 @@ def one_line_per_event() -> None:
 
     import lightning  # noqa: F401 - its import installs the handler removed here
 
-    lightning_log = logging.getLogger("lightning")
-    if logging.getLogger().handlers:
+    root, lightning_log = logging.getLogger(), logging.getLogger("lightning")
+    if root.handlers:
         for handler in list(lightning_log.handlers):
             lightning_log.removeHandler(handler)
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        for handler in logging.getLogger(name).handlers + logging.getLogger().handlers:
-            handler.addFilter(_drop_silenced)
+    for handler in root.handlers + lightning_log.handlers:
+        handler.addFilter(_drop_silenced)
     for pattern in SILENCED_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
 
@@ -67,8 +64,10 @@ def remove_empty_run_folder() -> None:
 
     if not HydraConfig.initialized():
         return
-    folder = Path(HydraConfig.get().runtime.output_dir)
-    if folder.is_dir() and {p.name for p in folder.iterdir()} <= HYDRA_OWN:
+    hydra = HydraConfig.get()
+    folder = Path(hydra.runtime.output_dir)
+    hydra_own = {".hydra", f"{hydra.job.name}.log"}  # what Hydra itself puts in a run folder
+    if folder.is_dir() and {p.name for p in folder.iterdir()} <= hydra_own:
         shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -15,8 +15,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import torch
-
 TEMP_SUFFIX = ".tmp"
 
 
@@ -76,6 +74,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    import torch  # here, so that plain text and JSON writers do not pay for importing torch
+
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 

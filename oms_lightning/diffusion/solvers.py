@@ -398,7 +398,8 @@ SOLVER_REGISTRY: dict[str, SolverSpec] = {spec.name: spec for spec in (
 
 
 # The solvers a search and its baselines enumerate. Stochastic DDIM is left out: it is the sampler AYS's KLUB is
-# derived for, not a fast one (benchmarks/RESULTS.md, AYS section), and its fresh noise per step would make the
+# derived for, not a fast one (each ancestral step drops the posterior variance of x0, see the Gaussian variance
+# test in tests/test_solvers.py; not yet measured on digits), and its fresh noise per step would make the
 # predictor's FID records noisier; it stays one `solver=` / `sampler:ddim_eta1` away.
 ODE_SOLVERS: tuple[str, ...] = tuple(sorted(n for n, spec in SOLVER_REGISTRY.items() if not spec.stochastic))
 

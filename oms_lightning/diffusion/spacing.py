@@ -50,7 +50,8 @@ def timesteps(kind: str, n_steps: int, schedule: VPSchedule, t_start: float = 1.
         ts = schedule.t_of_edm_sigma(sig)
     else:
         # AYS's closed-form schedule for Gaussian data of std c: arctan(σ̃/c) uniform (see ays.kl_optimal_sigmas)
-        sig = kl_optimal_sigmas(schedule.edm_sigma(t_e).item(), schedule.edm_sigma(t_s).item(), n_steps, KL_OPTIMAL_C)
+        s_max, s_min = schedule.edm_sigma(t_s).item(), schedule.edm_sigma(t_e).item()
+        sig = kl_optimal_sigmas(s_min, s_max, n_steps, KL_OPTIMAL_C)
         ts = schedule.t_of_edm_sigma(sig)
     ts[0], ts[-1] = t_s, t_e          # pin the endpoints exactly (round-trips through λ lose ulps)
     validate_times(ts, schedule)

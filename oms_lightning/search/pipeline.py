@@ -63,12 +63,14 @@ def _train_missing(cfg: DictConfig, missing: list[str]) -> None:
     from oms_lightning.train_job import train
 
     for m in missing:
+        train_cfg = compose("train", overrides=[f"model={m}", f"data={cfg.data.name}",
+                                                f"paths.checkpoints={cfg.paths.checkpoints}", *cfg.zoo.train_overrides])
         # a search killed while training this member left its training state: continue it, never start over
-        resume = (Path(cfg.paths.checkpoints) / str(cfg.data.name) / m / "last.ckpt").is_file()
+        resume = (Path(train_cfg.paths.run_dir) / "last.ckpt").is_file()
+        if resume:
+            train_cfg.ckpt_path = "last"
         log(f"{'resuming' if resume else 'training'} missing zoo member {m!r} ({', '.join(cfg.zoo.train_overrides)})")
-        train(compose("train", overrides=[f"model={m}", f"data={cfg.data.name}",
-                                          f"paths.checkpoints={cfg.paths.checkpoints}", *cfg.zoo.train_overrides,
-                                          *(["ckpt_path=last"] if resume else [])]))
+        train(train_cfg)
 
 
 def resolve_budgets(cfg: DictConfig, latency: dict[str, float]) -> list[float]:
