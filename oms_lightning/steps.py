@@ -78,7 +78,7 @@ def ays_sigmas(steps_file: dict, n_steps: int) -> torch.Tensor:
 
 def times_from_sigmas(sigmas, noise: VPSchedule) -> list[float]:
     ts = t_of_sigma(noise, sigmas)
-    ts[0] = min(1.0, ts[0].item())  # σ(1) round-trips to 1 ± ulps
+    ts[0] = 1.0 if abs(ts[0].item() - 1.0) < 1e-9 else ts[0].item()  # σ(1) round-trips to 1 ± ulps
     ts[-1] = max(noise.t_min, ts[-1].item())
     return validate_times(ts, noise).tolist()
 

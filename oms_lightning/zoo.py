@@ -273,10 +273,14 @@ class Zoo:
         model_schedule.validate(self.names)
         return [self._denoisers[m] for m in model_schedule.members_per_nfe]
 
-    def fingerprint(self) -> str:
-        """Short hex sha256 over the member names and their weight digests; changes when a member is retrained."""
+    def fingerprint(self, names: Sequence[str] | None = None) -> str:
+        """Short hex sha256 over the member names and their weight digests; changes when a member is retrained.
+        With `names`, that of the zoo holding just those members (what an AYS steps file of one member carries)."""
+        names = self.names if names is None else sorted(names)
+        for n in names:
+            self.member(n)
         h = hashlib.sha256()
-        for n in self.names:
+        for n in names:
             h.update(f"{n}={self._digests[n]};".encode())
         return h.hexdigest()[:16]
 

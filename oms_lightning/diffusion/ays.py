@@ -441,7 +441,7 @@ def _pass_seed(seed: int, level: int, sweep: int, parity: int) -> int:
     return int(np.random.SeedSequence([seed, level, sweep, parity]).generate_state(1)[0])
 
 
-def _record_seed(seed: int) -> int:
+def record_seed(seed: int) -> int:
     return int(np.random.SeedSequence([seed, 2**31 - 1]).generate_state(1)[0])
 
 
@@ -553,7 +553,7 @@ def optimize(denoiser_sigma_fn: SigmaDenoiser, data_samples: Tensor, sigma_min: 
     search = _Search(denoiser_sigma_fn, data_samples, c, n_mc, int(seed), n_candidates, shrink, batch_size, device)
 
     def record(level: LevelRecord, sweep: int, s: Tensor):
-        est = klub(denoiser_sigma_fn, data_samples, s, c, n_mc, _record_seed(int(seed)), batch_size, device)
+        est = klub(denoiser_sigma_fn, data_samples, s, c, n_mc, record_seed(int(seed)), batch_size, device)
         q = float(quality_fn(s.clone())) if quality_fn is not None else None
         level.sweeps.append(SweepRecord(sweep, est.total, q, s.tolist()))
         if on_sweep is not None:
