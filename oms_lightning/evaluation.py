@@ -33,12 +33,13 @@ from scipy import stats
 
 from oms_lightning.diffusion.noise_schedule import VPSchedule
 from oms_lightning.diffusion.solvers import ODE_SOLVERS, SOLVER_REGISTRY
-from oms_lightning.diffusion.spacing import SPACINGS, default_t_end, timesteps
+from oms_lightning.diffusion.spacing import SPACINGS, default_t_end
 from oms_lightning.errors import UserError
 from oms_lightning.metrics import LOWER_IS_BETTER, METRICS
 from oms_lightning.predictor.records import schedule_key
 from oms_lightning.sampling import generate
 from oms_lightning.schedule import ModelSchedule
+from oms_lightning.steps import AYS, AYSTable, spacing_times
 
 PRIMARY = "fid"
 CONFIDENCE = 0.95
@@ -200,13 +201,19 @@ def compare(evaluation: Evaluation, contenders: Mapping[str, ModelSchedule], ref
 
 # ----------------------------------------------------------------------------------------------- baselines
 def single_member_sampler(member: str, solver: str, order: int | None, spacing: str, nfe: int,
-                          noise: VPSchedule) -> ModelSchedule | None:
+                          noise: VPSchedule, ays: AYSTable | None = None) -> ModelSchedule | None:
     """One member with one sampler at exactly `nfe` NFEs, or None if the sampler cannot make that many.
 
     A solver with a variable NFE count per step (singlestep DPM-Solver-k) reaches any NFE as DPM-Solver's "fast"
     variant does: ⌊nfe/k⌋ steps of order k and one last, lower-order step for the remainder. A fixed-count solver
-    (Heun: 2) makes only multiples of its count.
+    (Heun: 2) makes only multiples of its count. Spacing `ays` takes the member's AYS steps for this solver from
+    `ays` (None when there are none).
     """
+    levels = None
+    if spacing == AYS:
+        levels = (ays or {}).get((member, solver))
+        if levels is None:
+            return None
     spec = SOLVER_REGISTRY[solver]
     if spec.variable_order:
         orders = [order] * (nfe // order) + ([nfe % order] if nfe % order else [])
@@ -216,7 +223,7 @@ def single_member_sampler(member: str, solver: str, order: int | None, spacing: 
         if nfe % per_step:
             return None
         steps, orders = nfe // per_step, None
-    times = timesteps(spacing, steps, noise, t_end=default_t_end(nfe)).tolist()
+    times = spacing_times(spacing, steps, noise, t_end=default_t_end(nfe), ays=levels)
     label = solver if order is None else f"{solver}-{order}"
     return ModelSchedule.single(member, times, solver=solver, orders=orders,
                                 meta={"member": member, "sampler": label, "solver": solver, "order": order,
@@ -245,25 +252,28 @@ def fitting_nfes(latency: float, budget: float, nfes: str | int) -> list[int]:
 
 def single_member_baselines(members: Sequence[str], noise: VPSchedule, latency: Mapping[str, float], budget: float,
                             nfes: str | int = "all", spacings: Sequence[str] = SPACINGS,
-                            samplers: Sequence[tuple[str, int | None]] = SAMPLERS) -> list[ModelSchedule]:
+                            samplers: Sequence[tuple[str, int | None]] = SAMPLERS,
+                            ays: AYSTable | None = None) -> list[ModelSchedule]:
     """Every member × sampler × spacing at the NFEs of `fitting_nfes` (samplers that cannot make an NFE — Heun at an
-    odd one — take the next one down). Each schedule's meta names its member, sampler, spacing and NFE."""
+    odd one — take the next one down); with `ays`, also every member and solver that has AYS steps on them. Each
+    schedule's meta names its member, sampler, spacing and NFE."""
     out: dict[str, ModelSchedule] = {}
+    spacings = tuple(spacings) + ((AYS,) if ays and AYS not in spacings else ())
     for member in members:
         wanted = fitting_nfes(latency[member], budget, nfes)
         for solver, order in samplers:
             for spacing in spacings:
                 for nfe in wanted:
-                    s = single_member_sampler(member, solver, order, spacing, nfe, noise)
+                    s = single_member_sampler(member, solver, order, spacing, nfe, noise, ays)
                     if s is None and nfe > 1:
-                        s = single_member_sampler(member, solver, order, spacing, nfe - 1, noise)
+                        s = single_member_sampler(member, solver, order, spacing, nfe - 1, noise, ays)
                     if s is not None:
                         out.setdefault(schedule_key(s), s)
     return list(out.values())
 
 
 def cost_at_equal_quality(evaluation: Evaluation, family: ModelSchedule, target: float, latency: float,
-                          max_cost: float, known_nfe: int | None = None) -> dict | None:
+                          max_cost: float, known_nfe: int | None = None, ays: AYSTable | None = None) -> dict | None:
     """Cheapest NFE of `family`'s sampler (member, solver, spacing as in its meta) whose mean FID over the
     evaluation seeds is ≤ target, up to max_cost. Bisection over NFE within each t_end regime (`t_end_regimes`),
     assuming quality improves with NFE inside a regime (a non-monotone dip there could be missed); the cheapest
@@ -272,9 +282,9 @@ def cost_at_equal_quality(evaluation: Evaluation, family: ModelSchedule, target:
     noise = evaluation.zoo.schedule
 
     def at(nfe: int) -> ModelSchedule:
-        s = single_member_sampler(m["member"], m["solver"], m["order"], m["spacing"], nfe, noise)
+        s = single_member_sampler(m["member"], m["solver"], m["order"], m["spacing"], nfe, noise, ays)
         return s if s is not None else single_member_sampler(m["member"], m["solver"], m["order"], m["spacing"],
-                                                             nfe + 1, noise)
+                                                             nfe + 1, noise, ays)
 
     spec = SOLVER_REGISTRY[m["solver"]]
     step = 1 if spec.variable_order else spec.default_nfe_per_step

@@ -30,7 +30,7 @@ from oms_lightning.io import atomic_path, atomic_write_text
 from oms_lightning.metrics import FIDEvaluator, SampleMetrics, default_extractor_for
 from oms_lightning.sampling import generate, single_member_schedule
 from oms_lightning.schedule import ModelSchedule
-from oms_lightning.steps import AYS, ays_sigmas, load_steps, save_steps, steps_path, times_from_sigmas
+from oms_lightning.steps import AYS, ays_levels, ays_sigmas, load_steps, save_steps, steps_path, times_from_sigmas
 from oms_lightning.zoo import Zoo, resolve_device
 
 
@@ -287,7 +287,7 @@ def evaluate(cfg: DictConfig, settings: dict, zoo: Zoo, datamodule, evaluator: F
         evaluation = Evaluation(zoo, metrics, settings["eval_seeds"], int(e.n), int(e.batch_size), progress=log)
         noise_floor = metrics.noise_floor(int(e.n), seed=settings["eval_seeds"][0])
     for steps in e.steps:
-        ays_schedule = schedule_of(ays_sigmas(payload, int(steps)))
+        ays_schedule = schedule_of(ays_sigmas(ays_levels(payload), int(steps)))
         t_end = ays_schedule.times[-1]
         rows = {}
         for sp in SPACINGS:

@@ -19,7 +19,7 @@ from oms_lightning.images import save_grid, to_uint8
 from oms_lightning.io import atomic_path, atomic_write_text
 from oms_lightning.sampling import generate, single_member_schedule
 from oms_lightning.schedule import ModelSchedule
-from oms_lightning.steps import AYS, find_steps
+from oms_lightning.steps import AYS, ays_levels, find_steps
 from oms_lightning.zoo import Zoo, latency_path, load_or_profile, resolve_device
 
 
@@ -37,8 +37,8 @@ def load_zoo_and_schedule(cfg: DictConfig, device) -> tuple[Zoo, ModelSchedule]:
     names = [member_name(cfg)] if loaded is None else list(loaded.member_names)
     zoo = Zoo.load(cfg.paths.checkpoints, str(cfg.data.name), names=names, device=device)
     if loaded is None:
-        ays = (find_steps(cfg.paths.checkpoints, str(cfg.data.name), names[0], zoo.fingerprint(), str(cfg.solver))
-               if cfg.spacing == AYS else None)
+        ays = (ays_levels(find_steps(cfg.paths.checkpoints, str(cfg.data.name), names[0], zoo.fingerprint(),
+                                     str(cfg.solver))) if cfg.spacing == AYS else None)
         loaded = single_member_schedule(names[0], str(cfg.solver), cfg.steps, zoo.schedule, order=cfg.order,
                                         spacing=str(cfg.spacing), t_end=cfg.t_end, ays=ays)
     return zoo, loaded.validate(zoo.names, t_min=zoo.schedule.t_min)

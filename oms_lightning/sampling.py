@@ -27,9 +27,9 @@ def solve(model_schedule: ModelSchedule, denoisers: Sequence[Callable], x: Tenso
 
 def single_member_schedule(member: str, solver: str, steps: int, noise: VPSchedule, order: int | None = None,
                            spacing: str = "logsnr_uniform", t_end: float | None = None,
-                           ays: dict | None = None) -> ModelSchedule:
+                           ays=None) -> ModelSchedule:
     """The ordinary sampler as a schedule: one member everywhere, `steps` steps of a spacing (a standard one, or
-    `ays` with its loaded steps file, see `oms_lightning.steps`).
+    `ays` with the σ levels of its steps file, see `oms_lightning.steps`).
 
     `order` is the NFEs per step of a variable-order solver (singlestep DPM-Solver, 1–3; default 1); the other
     solvers take their registry NFEs per step (multistep/DDIM 1, Heun 2) and refuse another order.

@@ -9,6 +9,7 @@ the KLUB and sample quality of every sweep, the chosen sweep, and the settings.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -66,10 +67,40 @@ def load_steps(path: str | Path, member: str, fingerprint: str, solver: str) -> 
     return d
 
 
-def ays_sigmas(steps_file: dict, n_steps: int) -> torch.Tensor:
-    """n_steps + 1 noise levels: the optimised level with exactly n_steps steps, else log-linear interpolation of the
-    finest level (AYS's rule for other step counts)."""
-    levels = {len(lv["sigmas"]) - 1: lv["sigmas"] for lv in steps_file["levels"]}
+def ays_levels(steps_file: dict) -> tuple[tuple[float, ...], ...]:
+    """The σ schedules of a loaded steps file, one per refinement level: all that sampling needs from it."""
+    return tuple(tuple(float(v) for v in lv["sigmas"]) for lv in steps_file["levels"])
+
+
+# (member, solver) → that member's AYS σ levels for that solver: the AYS files a search found
+AYSTable = Mapping[tuple[str, str], tuple[tuple[float, ...], ...]]
+AYS_GRID = "ays:"
+
+
+def ays_grid(member: str) -> str:
+    """A search space's name for the time grid of `member`'s AYS schedule (usable by any member assignment)."""
+    return f"{AYS_GRID}{member}"
+
+
+def ays_table(checkpoints: str | Path, data_name: str, fingerprints: Mapping[str, str],
+              solvers: Sequence[str]) -> tuple[dict, list[tuple[str, str]]]:
+    """The AYS files of these members' weights (member → its own fingerprint) for these solvers: (table, the
+    (member, solver) pairs without one). A file that does not load is refused with its reason."""
+    table, missing = {}, []
+    for member, fp in sorted(fingerprints.items()):
+        for solver in solvers:
+            path = steps_path(checkpoints, data_name, member, fp, solver)
+            if path.is_file():
+                table[(member, solver)] = ays_levels(load_steps(path, member, fp, solver))
+            else:
+                missing.append((member, solver))
+    return table, missing
+
+
+def ays_sigmas(levels, n_steps: int) -> torch.Tensor:
+    """n_steps + 1 noise levels from a steps file's σ `levels` (`ays_levels`): the optimised level with exactly
+    n_steps steps, else log-linear interpolation of the finest level (AYS's rule for other step counts)."""
+    levels = {len(lv) - 1: lv for lv in levels}
     if n_steps in levels:
         return torch.tensor(levels[n_steps], dtype=torch.float64)
     finest = max(levels)
@@ -84,9 +115,9 @@ def times_from_sigmas(sigmas, noise: VPSchedule) -> list[float]:
 
 
 def spacing_times(spacing: str, n_steps: int, noise: VPSchedule, t_end: float | None = None, *,
-                  ays: dict | None = None) -> list[float]:
-    """n_steps + 1 times (noisy → clean) of a standard spacing or, for `ays`, of the loaded steps file `ays` (its own
-    ends: the optimiser kept them fixed, so `t_end` does not apply)."""
+                  ays=None) -> list[float]:
+    """n_steps + 1 times (noisy → clean) of a standard spacing or, for `ays`, of the σ levels `ays` of a steps file
+    (`ays_levels`; their own ends: the optimiser kept them fixed, so `t_end` does not apply)."""
     if spacing == AYS:
         if ays is None:
             raise UserError("spacing=ays needs an optimised steps file; none was given")

@@ -47,10 +47,47 @@ def run_search(root, *args):
                           timeout=600)
 
 
+def write_ays(root, member="tiny", solver="dpm_solver++"):
+    """An AYS steps file for `member`'s weights (an EDM schedule stands in for an optimised one)."""
+    from oms_lightning.diffusion.ays import edm_sigmas, insert_log_midpoints, sigma_of_t
+    from oms_lightning.diffusion.noise_schedule import VPSchedule
+    from oms_lightning.steps import save_steps, steps_path
+
+    fp = Zoo.load(root, "digits", [member]).fingerprint()
+    noise = VPSchedule()
+    four = edm_sigmas(sigma_of_t(noise, 1e-3).item(), sigma_of_t(noise, 1.0).item(), 4, rho=5.0)
+    levels = [{"sigmas": four.tolist()}, {"sigmas": insert_log_midpoints(four).tolist()}]
+    return save_steps(steps_path(root, "digits", member, fp, solver),
+                      {"member": member, "fingerprint": fp, "solver": solver, "levels": levels})
+
+
+def test_the_search_finds_the_ays_steps_of_its_members_weights(zoo_root, compose):
+    from oms_lightning.errors import UserError
+    from oms_lightning.search.pipeline import load_ays
+
+    zoo = Zoo.load(zoo_root, "digits", ["small", "tiny"])
+    cfg = compose("search", tiny_search_args(zoo_root)[:-2])
+    assert load_ays(cfg, zoo) == {}
+    write_ays(zoo_root)
+    table = load_ays(cfg, zoo)
+    assert list(table) == [("tiny", "dpm_solver++")] and len(table[("tiny", "dpm_solver++")]) == 2
+    cfg.ays = "off"
+    assert load_ays(cfg, zoo) == {}
+    cfg.ays = "always"
+    with pytest.raises(UserError, match="choose auto"):
+        load_ays(cfg, zoo)
+    cfg.ays = "auto"
+    write_ays(zoo_root).write_text("{")
+    with pytest.raises(UserError, match="not JSON"):
+        load_ays(cfg, zoo)
+
+
 @pytest.mark.slow
 def test_search_py_end_to_end_then_multirun_reuses_the_cache(zoo_root):
+    write_ays(zoo_root)  # tiny's AYS steps join the time grids and the baselines
     r = run_search(zoo_root, "budget=60")
     assert r.returncode == 0, r.stderr[-4000:]
+    assert "AYS steps of this zoo's weights: tiny/dpm_solver++" in r.stdout
     run = zoo_root / "run"
     summary = json.loads((run / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary)

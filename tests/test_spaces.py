@@ -9,7 +9,7 @@ from oms_lightning.errors import UserError
 from oms_lightning.evaluation import single_member_baselines, single_member_sampler
 from oms_lightning.schedule import schedule_key
 from oms_lightning.search.evolution import evolve
-from oms_lightning.search.space import (JITTER_MAX, SPACE_KINDS, Genome, SamplerSpace, make_space, make_spaces,
+from oms_lightning.search.space import (JITTER_MAX, SPACE_KINDS, Genome, SamplerSpace, encode_exactly, make_space, make_spaces,
                                         sampler_anchors)
 
 NOISE = VPSchedule()
@@ -124,3 +124,59 @@ def test_search_finds_a_single_member_sampler_that_is_the_optimum():
     r = evolve(space, target_objective(target), cost, 12.0, population=20, children=20, generations=60, seed=0,
                null_prob=0.5)
     assert schedule_key(r.best.schedule) == schedule_key(target) and r.best.score == 0.0
+
+
+# ----------------------------------------------------------------------------------------------- AYS time grids
+def ays_levels_for(scale: float):
+    """Two refinement levels of a made-up AYS schedule (EDM-like, distinct per member through `scale`)."""
+    from oms_lightning.diffusion.ays import edm_sigmas, insert_log_midpoints, sigma_of_t
+
+    lo, hi = sigma_of_t(NOISE, 1e-3).item(), sigma_of_t(NOISE, 1.0).item()
+    ten = edm_sigmas(lo, hi, 5, rho=scale)
+    return (tuple(ten.tolist()), tuple(insert_log_midpoints(ten).tolist()))
+
+
+AYS = {("a", "dpm_solver++"): ays_levels_for(5.0), ("b", "dpm_solver++"): ays_levels_for(9.0),
+       ("a", "ddim"): ays_levels_for(3.0)}
+
+
+def test_ays_schedules_join_the_baselines_and_the_time_grids_of_their_solver():
+    from oms_lightning.steps import ays_sigmas, times_from_sigmas
+
+    s = single_member_sampler("a", "dpm_solver++", None, "ays", 5, NOISE, AYS)
+    assert s.times == pytest.approx(times_from_sigmas(ays_sigmas(AYS[("a", "dpm_solver++")], 5), NOISE))
+    assert s.meta["spacing"] == "ays"
+    assert single_member_sampler("c", "dpm_solver++", None, "ays", 5, NOISE, AYS) is None   # c has none
+    assert single_member_sampler("a", "heun", None, "ays", 6, NOISE, AYS) is None          # not for heun
+    with_ays = single_member_baselines(MEMBERS, NOISE, LATENCY, 24.0, nfes="all", ays=AYS)
+    plain = single_member_baselines(MEMBERS, NOISE, LATENCY, 24.0, nfes="all")
+    extra = [b for b in with_ays if b.meta["spacing"] == "ays"]
+    assert len(with_ays) == len(plain) + len(extra)
+    assert {(b.meta["member"], b.solver) for b in extra} == set(AYS)
+
+    space = make_space("sampler:dpm_solver++", MEMBERS, NOISE, 12, AYS)
+    assert space.spacings[-2:] == ("ays:a", "ays:b")
+    assert "ays:a" not in make_space("sampler:heun", MEMBERS, NOISE, 12, AYS).spacings
+    for b in extra:
+        if b.solver == "dpm_solver++" and len(b.steps) <= space.max_steps:
+            assert encode_exactly(space, b) is not None
+    # a mixed-member schedule on b's AYS grid: any member assignment may use any member's grid
+    g = Genome(np.array([[1], [2], [3], [1], [2]] + [[0]] * (space.max_steps - 5)), space.spacings.index("ays:b"),
+               np.zeros(space.max_steps - 1))
+    mixed = space.decode(g)
+    assert mixed.member_names == ["a", "b", "c"] and mixed.meta["spacing"] == "ays:b"
+    assert mixed.times == pytest.approx(times_from_sigmas(ays_sigmas(AYS[("b", "dpm_solver++")], 5), NOISE))
+
+
+def test_protocol_properties_with_ays_grids():
+    space = make_space("sampler:dpm_solver++", MEMBERS, NOISE, 12, AYS)
+    rng = np.random.default_rng(3)
+    seen = set()
+    for _ in range(60):
+        a, b = space.sample_genotype(rng, 0.5), space.sample_genotype(rng, 0.5)
+        for g in (space.mutate(a, rng), space.crossover(a, b, rng)):
+            space.decode(g).validate(MEMBERS, t_min=NOISE.t_min)
+            seen.add(space.spacings[g.spacing])
+    assert {"ays:a", "ays:b"} <= seen
+    with pytest.raises(UserError, match="spacings must be a non-empty subset"):
+        SamplerSpace(MEMBERS, "ddim", 4, NOISE, spacings=("karras", "ays:zz"))

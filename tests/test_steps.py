@@ -5,7 +5,7 @@ import torch
 from oms_lightning.diffusion.ays import edm_sigmas, sigma_of_t
 from oms_lightning.diffusion.noise_schedule import VPSchedule
 from oms_lightning.errors import UserError
-from oms_lightning.steps import find_steps, save_steps, spacing_times, steps_path
+from oms_lightning.steps import ays_levels, find_steps, save_steps, spacing_times, steps_path
 
 NOISE = VPSchedule()
 
@@ -19,7 +19,7 @@ def write(tmp_path, fingerprint="abc", solver="ddim"):
 
 def test_steps_file_round_trips_into_times(tmp_path):
     write(tmp_path)
-    d = find_steps(tmp_path, "digits", "small", "abc", "ddim")
+    d = ays_levels(find_steps(tmp_path, "digits", "small", "abc", "ddim"))
     ten = spacing_times("ays", 10, NOISE, ays=d)
     assert len(ten) == 11 and ten[0] == pytest.approx(1.0) and ten[-1] == pytest.approx(1e-3)
     assert all(a > b for a, b in zip(ten, ten[1:]))

@@ -17,6 +17,7 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from oms_lightning.diffusion.solvers import ODE_SOLVERS
 from oms_lightning.errors import UserError
 from oms_lightning.evaluation import (Evaluation, check_fresh_seeds, compare, cost_at_equal_quality,
                                      fitting_nfes, single_member_baselines)
@@ -29,6 +30,7 @@ from oms_lightning.predictor.records import RecordStore, fid_settings, settings_
 from oms_lightning.schedule import ModelSchedule, schedule_key
 from oms_lightning.search.callback import SearchCallback
 from oms_lightning.search.report import print_details, print_table, report_outcomes
+from oms_lightning.steps import AYSTable, ays_table, optimize_command
 from oms_lightning.search.space import encode_exactly, make_spaces, random_schedules, single_member_anchors
 from oms_lightning.zoo import (Zoo, latency_path, load_or_profile, resolve_device, time_schedules,
                               train_command)
@@ -71,6 +73,21 @@ def _train_missing(cfg: DictConfig, missing: list[str]) -> None:
             train_cfg.ckpt_path = "last"
         log(f"{'resuming' if resume else 'training'} missing zoo member {m!r} ({', '.join(cfg.zoo.train_overrides)})")
         train(train_cfg)
+
+
+def load_ays(cfg: DictConfig, zoo: Zoo) -> dict:
+    """`ays=auto`: the AYS steps files of the zoo's members (their own weights) for the ODE solvers, which join the
+    search's time grids and the baselines; `ays=off`: none."""
+    if cfg.ays not in ("auto", "off"):
+        raise UserError(f"ays={cfg.ays!r}: choose auto (use the members' optimize_steps.py files) or off")
+    if cfg.ays == "off":
+        return {}
+    table, missing = ays_table(cfg.paths.checkpoints, str(cfg.data.name),
+                               {m: zoo.fingerprint([m]) for m in zoo.names}, ODE_SOLVERS)
+    found = ", ".join(f"{m}/{s}" for m, s in table) or "none"
+    log(f"AYS steps of this zoo's weights: {found}" + (
+        f" (add one with `{optimize_command(missing[0][0], missing[0][1], str(cfg.data.name))}`)" if missing else ""))
+    return table
 
 
 def resolve_budgets(cfg: DictConfig, latency: dict[str, float]) -> list[float]:
@@ -217,11 +234,13 @@ def waiting_for(holder: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
-def choose_baseline(cfg: DictConfig, zoo: Zoo, profile, budget: float, rerank) -> tuple[ModelSchedule, list[dict]]:
+def choose_baseline(cfg: DictConfig, zoo: Zoo, profile, budget: float, rerank,
+                    ays: AYSTable) -> tuple[ModelSchedule, list[dict]]:
     """The strongest single-member sampler within the budget, chosen on the selection seed: every member × solver
-    × spacing at the NFEs `evaluation.baseline_nfes` allows. Returns (the chosen schedule, every candidate's record)."""
+    × spacing (AYS included where a member has steps) at the NFEs `evaluation.baseline_nfes` allows. Returns (the
+    chosen schedule, every candidate's record)."""
     candidates = single_member_baselines(zoo.names, zoo.schedule, profile.latency, budget,
-                                         nfes=cfg.search.evaluation.baseline_nfes)
+                                         nfes=cfg.search.evaluation.baseline_nfes, ays=ays)
     log(f"budget {1000 * budget:.0f} ms: choosing the baseline among {len(candidates)} single-member samplers "
         f"(selection seed {cfg.search.rerank.seed}, cached)")
     records = [{**r, "cost": profile.cost(s)} for r, s in zip(rerank(candidates), candidates)]
@@ -229,7 +248,7 @@ def choose_baseline(cfg: DictConfig, zoo: Zoo, profile, budget: float, rerank) -
     return candidates[i], records
 
 
-def seeds_fn(cfg: DictConfig, zoo: Zoo, profile):
+def seeds_fn(cfg: DictConfig, zoo: Zoo, profile, ays: AYSTable):
     """seeds(space, budget, cache) → the genotypes of the best single-member samplers within the budget that are
     points of the space, by predicted score (at most half a population): the search starts where baselines end."""
     n = max(1, int(cfg.search.evolution.population) // 2)
@@ -238,7 +257,7 @@ def seeds_fn(cfg: DictConfig, zoo: Zoo, profile):
     def seeds(space, budget: float, cache) -> list:
         if budget not in by_budget:
             by_budget[budget] = single_member_baselines(zoo.names, zoo.schedule, profile.latency, budget,
-                                                        nfes="largest")
+                                                        nfes="largest", ays=ays)
         pairs = [(s, g) for s in by_budget[budget] if (g := encode_exactly(space, s)) is not None]
         if not pairs:
             return []
@@ -260,13 +279,13 @@ def candidates(results: list, top_k: int, per_space: int) -> list[ModelSchedule]
 
 
 def evaluate_budget(cfg: DictConfig, zoo: Zoo, profile, results: list, spaces: list, rerank, evaluation: Evaluation,
-                    noise_floor: dict, predictor_metrics: dict) -> dict:
+                    noise_floor: dict, predictor_metrics: dict, ays: AYSTable) -> dict:
     """One budget, in order: choose the baseline on the selection seed, re-rank the search's candidates (and the
     baseline itself when the spaces contain it: a search never loses to a point it could have chosen) on the same
     seed, score winner and baseline on fresh seeds (paired intervals, verdicts), cost at equal quality, wall time,
     predictor τ near the budget."""
     budget = results[0].budget
-    baseline, baseline_records = choose_baseline(cfg, zoo, profile, budget, rerank)
+    baseline, baseline_records = choose_baseline(cfg, zoo, profile, budget, rerank, ays)
     top = candidates(results, cfg.search.rerank.top_k, cfg.search.rerank.top_per_space)
     expressible = any(encode_exactly(space, baseline) is not None for space in spaces)
     if expressible and schedule_key(baseline) not in {schedule_key(s) for s in top}:
@@ -278,7 +297,7 @@ def evaluate_budget(cfg: DictConfig, zoo: Zoo, profile, results: list, spaces: l
                          noise_floor=noise_floor)
     equal = cost_at_equal_quality(evaluation, baseline, evaluation.mean(winner), profile.latency[baseline.meta["member"]],
                                   max_cost=cfg.search.evaluation.equal_quality_max_budgets * budget,
-                                  known_nfe=baseline.nfe)
+                                  known_nfe=baseline.nfe, ays=ays)
     log(f"budget {1000 * budget:.0f} ms: timing winner and baseline, interleaved")
     walls = time_schedules(zoo, [winner, baseline], profile.batch_size, rounds=cfg.search.evaluation.timing_rounds)
     test = predictor_metrics.get("test_predictions")
@@ -313,7 +332,8 @@ def run(cfg: DictConfig) -> list[dict]:
     datamodule = instantiate(cfg.data.module)
     evaluator = FIDEvaluator(default_extractor_for(str(cfg.data.name)), datamodule,
                              cache_dir=Path(cfg.paths.checkpoints) / str(cfg.data.name), device=device)
-    spaces = make_spaces(str(cfg.search.space.kind), zoo.names, zoo.schedule, int(cfg.search.space.size))
+    ays = load_ays(cfg, zoo)
+    spaces = make_spaces(str(cfg.search.space.kind), zoo.names, zoo.schedule, int(cfg.search.space.size), ays)
     records, store = build_dataset(cfg, zoo, spaces, evaluator, profile, cache)
 
     from oms_lightning.tracking import make_logger
@@ -323,7 +343,7 @@ def run(cfg: DictConfig) -> list[dict]:
     callback = SearchCallback(spaces, profile.cost, budgets, seed=cfg.seed,
                               evolution={**OmegaConf.to_container(cfg.search.evolution, resolve=True),
                                          "null_prob": cfg.search.dataset.null_prob},
-                              seeds=seeds_fn(cfg, zoo, profile))
+                              seeds=seeds_fn(cfg, zoo, profile, ays))
     predictor, predictor_metrics = train_or_load_predictor(cfg, zoo, records, cache, logger,
                                                            max_steps=max(sp.max_steps for sp in spaces))
     callback.search(predictor)
@@ -337,7 +357,7 @@ def run(cfg: DictConfig) -> list[dict]:
     rerank = rerank_fn(cfg, zoo, evaluator, profile, cache)
     with file_lock(cache / ".evaluation.lock", waiting=waiting_for):  # the selection and evaluation stores
         outcomes = [evaluate_budget(cfg, zoo, profile, callback.results[b], spaces, rerank, evaluation, noise_floor,
-                                    predictor_metrics) for b in budgets]
+                                    predictor_metrics, ays) for b in budgets]
 
     run_dir = Path(cfg.paths.run_dir)
     summaries = report_outcomes(outcomes, zoo, profile, run_dir, store_size=len(store), logger=logger,

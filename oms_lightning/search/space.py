@@ -26,6 +26,7 @@ import torch
 from oms_lightning.diffusion.noise_schedule import VPSchedule
 from oms_lightning.diffusion.solvers import ODE_SOLVERS, SOLVER_REGISTRY, get_solver
 from oms_lightning.diffusion.spacing import SPACINGS, default_t_end, timesteps
+from oms_lightning.steps import AYS, AYS_GRID, AYSTable, ays_grid, spacing_times
 from oms_lightning.errors import UserError
 from oms_lightning.schedule import SLOTS_PER_STEP, ModelSchedule, ScheduleError, schedule_key
 
@@ -381,18 +382,23 @@ class SamplerSpace(SlotGenes, RandomGenotypes):
     spacings: tuple[str, ...] = SPACINGS
     time_genes: bool = True
     time_mutation_prob: float = 0.3
+    ays: tuple[tuple[str, tuple[tuple[float, ...], ...]], ...] = ()  # (member, its AYS σ levels for this solver)
 
     def __post_init__(self):
         object.__setattr__(self, "members", tuple(self.members))
-        object.__setattr__(self, "spacings", tuple(self.spacings))
+        object.__setattr__(self, "ays", tuple((m, tuple(map(tuple, lv))) for m, lv in self.ays))
+        # each member's AYS schedule is one more time grid, `ays:<member>`, open to every member assignment
+        spacings = tuple(self.spacings) + tuple(n for n in (ays_grid(m) for m, _ in self.ays) if n not in self.spacings)
+        object.__setattr__(self, "spacings", spacings)
         if list(self.members) != sorted(set(self.members)) or not self.members:
             raise ScheduleError(f"members must be the zoo's sorted, unique names, got {list(self.members)}")
         get_solver(self.solver)
         if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps < 1:
             raise ScheduleError(f"max_steps must be a positive integer, got {self.max_steps!r}")
-        unknown = [sp for sp in self.spacings if sp not in SPACINGS]
+        known = (*SPACINGS, *(ays_grid(m) for m, _ in self.ays))
+        unknown = [sp for sp in self.spacings if sp not in known]
         if not self.spacings or unknown:
-            raise ScheduleError(f"spacings must be a non-empty subset of {list(SPACINGS)}, got {list(self.spacings)}")
+            raise ScheduleError(f"spacings must be a non-empty subset of {list(known)}, got {list(self.spacings)}")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -460,8 +466,16 @@ class SamplerSpace(SlotGenes, RandomGenotypes):
         used = np.round(np.asarray(g.jitter)[: max(len(rows) - 1, 0)], 6) if self.time_genes else ()
         return g.spacing, tuple(rows), tuple(float(v) for v in used)
 
+    def grid(self, spacing: int, n_steps: int, nfe: int) -> torch.Tensor:
+        """The unshifted times of spacing index `spacing`: a standard spacing, or a member's AYS schedule."""
+        name = self.spacings[spacing]
+        if name.startswith(AYS_GRID):
+            levels = dict(self.ays)[name[len(AYS_GRID):]]
+            return torch.tensor(spacing_times(AYS, n_steps, self.noise, ays=levels), dtype=torch.float64)
+        return timesteps(name, n_steps, self.noise, t_end=default_t_end(nfe))
+
     def times(self, spacing: int, n_steps: int, nfe: int, jitter: np.ndarray | None = None) -> list[float]:
-        times = timesteps(self.spacings[spacing], n_steps, self.noise, t_end=default_t_end(nfe))
+        times = self.grid(spacing, n_steps, nfe)
         jitter = np.zeros(0) if jitter is None or not self.time_genes else np.asarray(jitter)[: n_steps - 1]
         if n_steps < 2 or not np.any(jitter):
             return times.tolist()
@@ -543,9 +557,10 @@ def sampler_steps(solver: str, max_nfe: int) -> int:
     return max(1, max_nfe // lo if lo == hi else -(-max_nfe // 2))
 
 
-def make_space(kind: str, members: Sequence[str], noise: VPSchedule, size: int):
+def make_space(kind: str, members: Sequence[str], noise: VPSchedule, size: int, ays: AYSTable | None = None):
     """"dpm_solver": SlotSpace with `size` steps × 3 slots; "ddim" / "dpm_solver++": GridSpace of `size` entries;
-    "sampler:<solver>": a SamplerSpace of that registry solver holding its samplers up to `size` NFEs."""
+    "sampler:<solver>": a SamplerSpace of that registry solver holding its samplers up to `size` NFEs, with the
+    members' AYS schedules for that solver (`ays`) as time grids of their own."""
     members = tuple(members)
     if kind == "dpm_solver":
         return SlotSpace(members, size, noise)
@@ -553,14 +568,16 @@ def make_space(kind: str, members: Sequence[str], noise: VPSchedule, size: int):
         return GridSpace(members, size, noise, kind)
     if kind.startswith("sampler:") and kind.split(":", 1)[1] in SOLVER_REGISTRY:
         solver = kind.split(":", 1)[1]
-        return SamplerSpace(members, solver, sampler_steps(solver, size), noise)
+        own = tuple(sorted((m, lv) for (m, s), lv in (ays or {}).items() if s == solver and m in members))
+        return SamplerSpace(members, solver, sampler_steps(solver, size), noise, ays=own)
     raise ScheduleError(f"unknown search space {kind!r}; choose one of {', '.join(SPACE_KINDS)}")
 
 
-def make_spaces(kind: str, members: Sequence[str], noise: VPSchedule, size: int) -> list:
+def make_spaces(kind: str, members: Sequence[str], noise: VPSchedule, size: int,
+                ays: AYSTable | None = None) -> list:
     """The spaces a search runs: one, or for kind "all" OMS-DPM's slot space (⌈size/3⌉ steps, its logSNR grid) and
     a SamplerSpace per ODE solver of the registry (time genes on), the same solvers the baselines enumerate."""
     if kind != "all":
-        return [make_space(kind, members, noise, size)]
+        return [make_space(kind, members, noise, size, ays)]
     return [make_space("dpm_solver", members, noise, -(-size // SLOTS_PER_STEP))] + [
-        make_space(f"sampler:{s}", members, noise, size) for s in ODE_SOLVERS]
+        make_space(f"sampler:{s}", members, noise, size, ays) for s in ODE_SOLVERS]
