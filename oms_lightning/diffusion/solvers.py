@@ -14,6 +14,11 @@ always sees exactly the time the update formula assumes. Notation: h = λ_t − 
 
 `SOLVER_REGISTRY` (end of this file) is the one place that knows the solvers by name: how to run each over a model
 schedule, how many NFEs a step may have, and at which times the NFEs evaluate. Adding a solver = one entry there.
+
+Each solver is written once, as a `Stepper` (its steps one at a time, returning the plain update and the step's IIA
+correction features, see IIA_FEATURE_SETS); the solver function integrates with it. IIA coefficients (fitted by
+`oms_lightning.diffusion.iia`) enter through `corrected`, the one correction line all solvers share, via
+`SolverSpec.run(..., coefficients=, feature_set=)`.
 """
 from __future__ import annotations
 
@@ -106,7 +111,150 @@ def _randn_like(noise, x: Tensor) -> Tensor:
     return noise.randn_like(x) if hasattr(noise, "randn_like") else noise(x)
 
 
+# ----------------------------------------------------------------------------------------------- steppers, IIA
+# IIA (Zhang, Kenta, Kleijn, ICLR 2024, §3) corrects step i as x_{i+1} = update_i + Σ_k c_{i,k} f_{i,k}, where the
+# features f are the step's gradient terms and differences of consecutive denoiser outputs. A feature set names the
+# features a step exposes, in coefficient order. Every feature is a term of the step's own update, or a difference
+# scaled by the coefficient of the term it differences, so c = 0.1 means "10% more of that term": coefficients are
+# O(1) and comparable across steps (the fit also normalises the features, see iia.fit_step).
+#   eps        −σ_t (e^h − 1) ε_i                 the ε term of DDIM = DPM-Solver-1, x_t = α_t/α_s x − σ_t(e^h − 1) ε
+#   eps_diff   −σ_t (e^h − 1) (ε_i − ε_{i−1})     its difference with the previous step's ε (as in multistep ε solvers)
+#   x0_diff    α_t (1 − e^{−h}) (D_i − D_{i−1})   D difference, scaled by the x0 coefficient J_0 = 1 − e^{−h} of the
+#                                                exponential integrator x_t = σ_t/σ_s x + α_t J_0 D (DPM-Solver++);
+#                                                Heun: (1 − σ̃'/σ̃)(D_i − D_{i−1}) in x̃ space, the same J_0, with
+#                                                D_i the step's predictor output (the in-step one is `corrector`)
+#   euler      (σ̃' − σ̃) d                        EDM Heun's Euler (predictor) term, d = (x̃ − D)/σ̃, in x̃ = x/α
+#   corrector  (σ̃' − σ̃) (d' − d)/2              its trapezoidal corrector term: update = x̃ + euler + corrector. It
+#                                                is the step's own D difference, −(σ̃' − σ̃)/(2σ̃') (D' − D), exactly
+# Differences with the previous step are zero at the first step (no previous output): their coefficient fits to 0.
+# `full` is every feature of a one-NFE step: the most accurate sampler on Gaussian data (tests/test_iia.py). After a
+# plain DDIM step ε_1 − ε_0 = −(α_1/σ_1)(D_1 − D_0), which makes eps_diff = x0_diff exactly, so `full` is singular
+# at step 1 of DDIM and DPM-Solver++ (whose first step is DDIM) and the fit falls back to a ridge there (warning).
+# `eps` is the one coefficient per step the authors fit for Stable Diffusion's IIA-DDIM. (A rescaled x0 term
+# α_t J_0 D_i was tried on Gaussian data and gained nothing over x0_diff.)
+IIA_FEATURE_SETS: dict[str, tuple[str, ...]] = {
+    "eps": ("eps",),
+    "eps_diff": ("eps_diff",),
+    "x0_diff": ("x0_diff",),
+    "full": ("eps", "eps_diff", "x0_diff"),
+    "edm": ("euler", "corrector", "x0_diff"),
+}
+
+
+def corrected(update: Tensor, features: Sequence[Tensor], coefficients: Sequence[float]) -> Tensor:
+    """IIA's corrected step update + Σ_k c_k f_k: the one line every solver shares (Zhang et al. 2024, §3).
+
+    Zero coefficients are skipped, so all-zero coefficients return the plain update itself, bit for bit."""
+    for c, f in zip(coefficients, features, strict=True):
+        if c != 0.0:
+            update = update + c * f
+    return update
+
+
+def _difference(new: Tensor, old: Tensor | None, scale: float) -> Tensor:
+    """scale·(new − old); zeros at the first step, which has no previous output."""
+    return torch.zeros_like(new) if old is None else scale * (new - old)
+
+
+class _StartOutputs:
+    """IIA features of a step with one NFE, at its start (DDIM, multistep DPM-Solver++): the step's ε term and the
+    differences of its ε and x0 with the previous step's (see IIA_FEATURE_SETS for the scaling)."""
+
+    def __init__(self):
+        self.x0 = self.eps = None                            # the previous step's outputs
+
+    def features(self, stepper: "Stepper", x: Tensor, x0: Tensor, s: float, t: float) -> list[Tensor]:
+        if not stepper.features:
+            return []
+        a_s, sig_s, l_s = _coeffs(stepper.schedule, s)
+        a_t, sig_t, l_t = _coeffs(stepper.schedule, t)
+        h = l_t - l_s
+        # the x0 coefficient of x_t = σ_t/σ_s x + α_t(1 − e^{−h}) x0 and the ε one of x_t = α_t/α_s x − σ_t(e^h − 1) ε
+        x0_scale, eps_scale = a_t * -math.expm1(-h), -sig_t * math.expm1(h)
+        eps = eps_from_x0(x, x0, a_s, sig_s) if {"eps", "eps_diff"} & set(stepper.features) else None
+        features = stepper._pick({"x0_diff": lambda: _difference(x0, self.x0, x0_scale),
+                                  "eps": lambda: eps_scale * eps,
+                                  "eps_diff": lambda: _difference(eps, self.eps, eps_scale)})
+        self.x0, self.eps = x0, eps
+        return features
+
+
+class Stepper:
+    """One solver's steps taken one at a time: `step(state)` → (update, features), the plain update of the next step
+    and its IIA features (a list of tensors shaped like the state; empty without a feature set).
+
+    The state is x itself, except for EDM Heun, which integrates x̃ = x/α: `to_state(x)` enters the state space at
+    ts[0] and `to_x(state, i)` leaves it at ts[i] (both linear). Steps must be taken in order, because multistep
+    solvers (and the IIA differences) keep the previous denoiser outputs, evaluated on whatever states were passed.
+    ds: one denoiser per NFE; ts: snapped times as floats; nfes: NFEs of each step; features: feature names.
+    """
+
+    def __init__(self, ds: Sequence, ts: Sequence[float], schedule: VPSchedule, nfes: Sequence[int],
+                 features: Sequence[str] = ()):
+        self.ds, self.ts, self.schedule, self.nfes = list(ds), list(ts), schedule, list(nfes)
+        self.features = tuple(features)
+        self.first_nfe = [sum(self.nfes[:i]) for i in range(len(self.nfes))]
+        self.i = 0                                           # the next step to take
+
+    @property
+    def n_steps(self) -> int:
+        return len(self.nfes)
+
+    def step_denoisers(self, i: int) -> list:
+        """The denoisers of step i's NFEs, in NFE order."""
+        return self.ds[self.first_nfe[i]:self.first_nfe[i] + self.nfes[i]]
+
+    def to_state(self, x: Tensor) -> Tensor:
+        return x
+
+    def to_x(self, state: Tensor, i: int) -> Tensor:
+        return state
+
+    def step(self, state: Tensor) -> tuple[Tensor, list[Tensor]]:
+        if self.i >= self.n_steps:
+            raise SolverError(f"all {self.n_steps} steps are taken; a new run needs a new stepper")
+        i, self.i = self.i, self.i + 1
+        return self._step(i, self.step_denoisers(i), state)
+
+    def _step(self, i: int, ds: list, state: Tensor) -> tuple[Tensor, list[Tensor]]:
+        raise NotImplementedError
+
+    def _pick(self, available: dict[str, Callable[[], Tensor]]) -> list[Tensor]:
+        """The requested features, in order, computing only those."""
+        return [available[name]() for name in self.features]
+
+    def integrate(self, x: Tensor, coefficients: Sequence[Sequence[float]] | None = None) -> Tensor:
+        """All steps from x at ts[0]; with (checked) per-step coefficients, each step is IIA-corrected."""
+        state = self.to_state(x)
+        for i in range(self.n_steps):
+            update, features = self.step(state)
+            state = update if coefficients is None else corrected(update, features, coefficients[i])
+        return self.to_x(state, self.n_steps)
+
+
 # ----------------------------------------------------------------------------------------------- DDIM
+class DDIMStepper(Stepper):
+    """DDIM steps (Song et al. 2021, eq. 12 and 16): x_{t'} = α' x̂0 + sqrt(σ'² − c²) ε̂ + c z,
+    c = η · σ'/σ · sqrt(1 − α²/α'²). Features (η = 0 only): eps, eps_diff, x0_diff (_StartOutputs)."""
+
+    def __init__(self, ds, ts, schedule, nfes, features=(), eta: float = 0.0, noise=None):
+        super().__init__(ds, ts, schedule, nfes, features)
+        self.eta, self.noise = eta, noise
+        self.outputs = _StartOutputs()
+
+    def _step(self, i, ds, x):
+        t, t_next = self.ts[i], self.ts[i + 1]
+        a, s, _ = _coeffs(self.schedule, t)
+        a_n, s_n, _ = _coeffs(self.schedule, t_next)
+        x0 = _call(ds[0], x, t)
+        eps = eps_from_x0(x, x0, a, s)
+        c = self.eta * s_n / s * math.sqrt(max(0.0, 1.0 - (a / a_n) ** 2))
+        update = a_n * x0 + math.sqrt(max(0.0, s_n**2 - c**2)) * eps
+        if c > 0:
+            update = update + c * _randn_like(self.noise, update)
+        return update, self.outputs.features(self, x, x0, t, t_next)
+
+
 def ddim(denoisers, x: Tensor, ts, schedule: VPSchedule, eta: float = 0.0, noise=None) -> Tensor:
     """DDIM (Song et al. 2021, eq. 12 and 16); eta = 0 is deterministic (= DPM-Solver-1), NFE = steps.
 
@@ -117,18 +265,8 @@ def ddim(denoisers, x: Tensor, ts, schedule: VPSchedule, eta: float = 0.0, noise
         raise ValueError(f"eta must be >= 0, got {eta}")
     if eta > 0 and noise is None:
         _randn_like(noise, x)
-    ds = per_nfe(denoisers, len(ts) - 1)
-    for i in range(len(ts) - 1):
-        t, t_next = ts[i].item(), ts[i + 1].item()
-        a, s, _ = _coeffs(schedule, t)
-        a_n, s_n, _ = _coeffs(schedule, t_next)
-        x0 = _call(ds[i], x, t)
-        eps = eps_from_x0(x, x0, a, s)
-        c = eta * s_n / s * math.sqrt(max(0.0, 1.0 - (a / a_n) ** 2))
-        x = a_n * x0 + math.sqrt(max(0.0, s_n**2 - c**2)) * eps
-        if c > 0:
-            x = x + c * _randn_like(noise, x)
-    return x
+    n = len(ts) - 1
+    return DDIMStepper(per_nfe(denoisers, n), ts.tolist(), schedule, [1] * n, eta=eta, noise=noise).integrate(x)
 
 
 # ----------------------------------------------------------------------------------------------- DPM-Solver
@@ -175,6 +313,13 @@ def _dpm_step_3(ds, x, s, t, schedule):
 _DPM_STEPS = {1: _dpm_step_1, 2: _dpm_step_2, 3: _dpm_step_3}
 
 
+class DPMSolverStepper(Stepper):
+    """Singlestep DPM-Solver steps of order nfes[i]. No IIA features yet (its registry entry offers none)."""
+
+    def _step(self, i, ds, x):
+        return _DPM_STEPS[self.nfes[i]](ds, x, self.ts[i], self.ts[i + 1], self.schedule), self._pick({})
+
+
 def dpm_solver(denoisers, x: Tensor, ts, orders: Sequence[int], schedule: VPSchedule) -> Tensor:
     """Singlestep DPM-Solver (Lu et al. 2022) in ε form; step i has order orders[i] ∈ {1, 2, 3}.
 
@@ -186,12 +331,7 @@ def dpm_solver(denoisers, x: Tensor, ts, orders: Sequence[int], schedule: VPSche
         raise ValueError(f"need one order per step: {len(ts) - 1} steps but {len(orders)} orders")
     if any(o not in _DPM_STEPS for o in orders):
         raise ValueError(f"orders must be 1, 2 or 3, got {orders}")
-    ds = per_nfe(denoisers, sum(orders))
-    j = 0
-    for i, order in enumerate(orders):
-        x = _DPM_STEPS[order](ds[j:j + order], x, ts[i].item(), ts[i + 1].item(), schedule)
-        j += order
-    return x
+    return DPMSolverStepper(per_nfe(denoisers, sum(orders)), ts.tolist(), schedule, orders).integrate(x)
 
 
 # ----------------------------------------------------------------------------------------------- DPM-Solver++
@@ -200,6 +340,38 @@ def _phi_integrals(h: float) -> tuple[float, float, float]:
     j0 = -math.expm1(-h)
     j1 = h - j0
     return j0, j1, h * h - 2 * j1
+
+
+class DPMSolverPPStepper(Stepper):
+    """Multistep DPM-Solver++ steps (see dpm_solver_pp). Features: eps, eps_diff, x0_diff (_StartOutputs)."""
+
+    def __init__(self, ds, ts, schedule, nfes, features=(), order: int = 2, lower_order_final: bool = True):
+        super().__init__(ds, ts, schedule, nfes, features)
+        self.order, self.lower_order_final = order, lower_order_final
+        self.hist: list[tuple[float, Tensor]] = []          # (λ, x0) of the last evaluations, newest last
+        self.outputs = _StartOutputs()
+
+    def _step(self, i, ds, x):
+        n = self.n_steps
+        s, t = self.ts[i], self.ts[i + 1]
+        _, sig_s, l_s = _coeffs(self.schedule, s)
+        a_t, sig_t, l_t = _coeffs(self.schedule, t)
+        hist = self.hist = (self.hist + [(l_s, _call(ds[0], x, s))])[-3:]
+        k = min(self.order, i + 1, n - i) if self.lower_order_final and n < 15 else min(self.order, i + 1)
+        j0, j1, j2 = _phi_integrals(l_t - l_s)
+        m0 = hist[-1][1]
+        update = j0 * m0
+        if k >= 2:
+            h0 = l_s - hist[-2][0]
+            d01 = (m0 - hist[-2][1]) / h0                     # first divided difference
+            if k == 3:
+                h1 = hist[-2][0] - hist[-3][0]
+                d12 = (hist[-2][1] - hist[-3][1]) / h1
+                d012 = (d01 - d12) / (h0 + h1)               # second divided difference
+                update = update + j1 * (d01 + h0 * d012) + j2 * d012
+            else:
+                update = update + j1 * d01
+        return sig_t / sig_s * x + a_t * update, self.outputs.features(self, x, m0, s, t)
 
 
 def dpm_solver_pp(denoisers, x: Tensor, ts, schedule: VPSchedule, order: int = 2,
@@ -216,32 +388,44 @@ def dpm_solver_pp(denoisers, x: Tensor, ts, schedule: VPSchedule, order: int = 2
         raise ValueError(f"order must be 1, 2 or 3, got {order}")
     ts = snap_times(ts, schedule)
     n = len(ts) - 1
-    ds = per_nfe(denoisers, n)
-    hist: list[tuple[float, Tensor]] = []                   # (λ, x0) of the last evaluations, newest last
-    for i in range(n):
-        s, t = ts[i].item(), ts[i + 1].item()
-        _, sig_s, l_s = _coeffs(schedule, s)
-        a_t, sig_t, l_t = _coeffs(schedule, t)
-        hist = (hist + [(l_s, _call(ds[i], x, s))])[-3:]
-        k = min(order, i + 1, n - i) if lower_order_final and n < 15 else min(order, i + 1)
-        j0, j1, j2 = _phi_integrals(l_t - l_s)
-        m0 = hist[-1][1]
-        update = j0 * m0
-        if k >= 2:
-            h0 = l_s - hist[-2][0]
-            d01 = (m0 - hist[-2][1]) / h0                     # first divided difference
-            if k == 3:
-                h1 = hist[-2][0] - hist[-3][0]
-                d12 = (hist[-2][1] - hist[-3][1]) / h1
-                d012 = (d01 - d12) / (h0 + h1)               # second divided difference
-                update = update + j1 * (d01 + h0 * d012) + j2 * d012
-            else:
-                update = update + j1 * d01
-        x = sig_t / sig_s * x + a_t * update
-    return x
+    return DPMSolverPPStepper(per_nfe(denoisers, n), ts.tolist(), schedule, [1] * n, order=order,
+                              lower_order_final=lower_order_final).integrate(x)
 
 
 # ----------------------------------------------------------------------------------------------- EDM Heun
+class HeunStepper(Stepper):
+    """EDM Heun steps in x̃ = x/α space (see heun). Features: euler, corrector, x0_diff."""
+
+    def __init__(self, ds, ts, schedule, nfes, features=()):
+        super().__init__(ds, ts, schedule, nfes, features)
+        self.prev_x0 = None
+
+    def _alpha(self, i: int) -> float:
+        return _coeffs(self.schedule, self.ts[i])[0]
+
+    def to_state(self, x):
+        return x / self._alpha(0)
+
+    def to_x(self, state, i):
+        return self._alpha(i) * state
+
+    def _step(self, i, ds, xt):
+        t, t_next = self.ts[i], self.ts[i + 1]
+        a, _, l_ = _coeffs(self.schedule, t)
+        a_n, _, l_n = _coeffs(self.schedule, t_next)
+        sig, sig_n = math.exp(-l_), math.exp(-l_n)
+        x0 = _call(ds[0], a * xt, t)
+        d = (xt - x0) / sig
+        x_pred = xt + (sig_n - sig) * d                      # Euler predictor
+        d_n = (x_pred - _call(ds[1], a_n * x_pred, t_next)) / sig_n
+        update = xt + (sig_n - sig) * 0.5 * (d + d_n)        # trapezoidal corrector
+        features = self._pick({"euler": lambda: (sig_n - sig) * d,
+                               "corrector": lambda: (sig_n - sig) * 0.5 * (d_n - d),
+                               "x0_diff": lambda: _difference(x0, self.prev_x0, -math.expm1(l_ - l_n))})
+        self.prev_x0 = x0
+        return update, features
+
+
 def heun(denoisers, x: Tensor, ts, schedule: VPSchedule) -> Tensor:
     """EDM's deterministic Heun sampler (Karras et al. 2022, Algorithm 1) in σ̃ = σ/α space.
 
@@ -250,19 +434,7 @@ def heun(denoisers, x: Tensor, ts, schedule: VPSchedule) -> Tensor:
     """
     ts = snap_times(ts, schedule)
     n = len(ts) - 1
-    ds = per_nfe(denoisers, 2 * n)
-    a, _, l_ = _coeffs(schedule, ts[0].item())
-    xt, sig = x / a, math.exp(-l_)
-    for i in range(n):
-        t, t_next = ts[i].item(), ts[i + 1].item()
-        a_n, _, l_n = _coeffs(schedule, t_next)
-        sig_n = math.exp(-l_n)
-        d = (xt - _call(ds[2 * i], a * xt, t)) / sig
-        x_pred = xt + (sig_n - sig) * d                      # Euler predictor
-        d_n = (x_pred - _call(ds[2 * i + 1], a_n * x_pred, t_next)) / sig_n
-        xt = xt + (sig_n - sig) * 0.5 * (d + d_n)            # trapezoidal corrector
-        a, sig = a_n, sig_n
-    return a * xt
+    return HeunStepper(per_nfe(denoisers, 2 * n), ts.tolist(), schedule, [2] * n).integrate(x)
 
 
 # ----------------------------------------------------------------------------------------------- registry
@@ -286,7 +458,10 @@ class SolverSpec:
 
     adapter(denoisers, x, ts, schedule, nfes, noise) runs the pure solver function `function` with nfes = the NFEs
     of every step (noise: the per-sample noise of a stochastic solver, None for the ODE solvers);
-    step_times(schedule, s, t, nfes) gives the snapped times of one step's NFEs in NFE order.
+    step_times(schedule, s, t, nfes) gives the snapped times of one step's NFEs in NFE order;
+    make_stepper(ds, ts, schedule, nfes, noise, features) builds the per-step form (a Stepper, ds one denoiser per
+    NFE, ts snapped floats) that exposes each step's update and IIA features; feature_sets names the IIA feature sets
+    (IIA_FEATURE_SETS) the steps can expose.
     """
 
     name: str
@@ -296,7 +471,9 @@ class SolverSpec:
     nfe_per_step: tuple[int, int]   # (fewest, most) NFEs per step
     multistep: bool                 # keeps denoiser outputs across steps
     paper: str
+    make_stepper: Callable
     stochastic: bool = False        # draws fresh noise every step: needs `noise` (a SampleNoise) to run
+    feature_sets: tuple[str, ...] = ()
 
     @property
     def default_nfe_per_step(self) -> int:
@@ -341,12 +518,72 @@ class SolverSpec:
         return self.step_nfes(1, [order])[0]
 
     def run(self, denoisers, x: Tensor, ts, schedule: VPSchedule, orders: Sequence[int] | None = None,
-            noise=None) -> Tensor:
+            noise=None, *, coefficients: Sequence[Sequence[float]] | None = None,
+            feature_set: str | None = None) -> Tensor:
         """Integrate x from ts[0] to ts[-1]; NFE j uses denoisers[j] (or the one callable); orders as step_nfes.
         A stochastic solver needs `noise` (a SampleNoise of the batch's sample indices, so that image i is the
-        same whatever the batch size); the ODE solvers ignore it."""
-        nfes = self.step_nfes(len(snap_times(ts, schedule)) - 1, orders)
-        return self.adapter(denoisers, x, ts, schedule, nfes, noise)
+        same whatever the batch size); the ODE solvers ignore it.
+
+        With `coefficients` (one list per step, one float per feature of `feature_set`, e.g. from
+        oms_lightning.diffusion.iia) every step is IIA-corrected; all-zero coefficients give the plain result bit
+        for bit."""
+        if coefficients is None:
+            self.feature_names(feature_set)                  # checked, though a plain run computes no features
+            nfes = self.step_nfes(len(snap_times(ts, schedule)) - 1, orders)
+            return self.adapter(denoisers, x, ts, schedule, nfes, noise)
+        stepper = self.stepper(denoisers, ts, schedule, orders, noise, feature_set=feature_set)
+        return stepper.integrate(x, self.check_coefficients(coefficients, stepper.n_steps, feature_set))
+
+    def feature_names(self, feature_set: str | None) -> tuple[str, ...]:
+        """The features of one of this solver's IIA feature sets, in coefficient order (none for None)."""
+        if feature_set is None:
+            return ()
+        if isinstance(feature_set, str) and feature_set in self.feature_sets:
+            return IIA_FEATURE_SETS[feature_set]
+        if not self.feature_sets:
+            why = "it is stochastic" if self.stochastic else "none implemented yet"
+            with_features = ", ".join(n for n, s in SOLVER_REGISTRY.items() if s.feature_sets)
+            raise SolverError(f"{self.name} supports no IIA feature sets ({why}), got feature set {feature_set!r}; "
+                              f"solvers with IIA features: {with_features}")
+        raise SolverError(f"{self.name} has no IIA feature set {feature_set!r}; it supports: "
+                          f"{', '.join(self.feature_sets)}")
+
+    def stepper(self, denoisers, ts, schedule: VPSchedule, orders: Sequence[int] | None = None, noise=None, *,
+                feature_set: str | None = None) -> "Stepper":
+        """The per-step form of this solver over ts (a fresh Stepper), exposing `feature_set`'s IIA features."""
+        features = self.feature_names(feature_set)
+        ts = snap_times(ts, schedule)
+        nfes = self.step_nfes(len(ts) - 1, orders)
+        if self.stochastic and noise is None:
+            raise SolverError(f"{self.name} is stochastic and needs `noise` (a SampleNoise) to run")
+        return self.make_stepper(per_nfe(denoisers, sum(nfes)), ts.tolist(), schedule, nfes, noise, features)
+
+    def check_coefficients(self, coefficients, n_steps: int, feature_set: str | None) -> list[tuple[float, ...]]:
+        """IIA coefficients as one tuple of floats per step; SolverError naming the step for a wrong count, a
+        non-finite value or a missing feature set."""
+        if feature_set is None:
+            raise SolverError(f"IIA coefficients need a feature_set; {self.name} supports: "
+                              f"{', '.join(self.feature_sets) or 'none'}")
+        names = self.feature_names(feature_set)
+        steps = list(coefficients)
+        if len(steps) != n_steps:
+            raise SolverError(f"IIA coefficients: {n_steps} steps but {len(steps)} per-step entries")
+        return [self._step_coefficients(i, step, feature_set, names) for i, step in enumerate(steps)]
+
+    @staticmethod
+    def _step_coefficients(i: int, given, feature_set: str, names: tuple[str, ...]) -> tuple[float, ...]:
+        try:
+            step = None if isinstance(given, (str, bytes)) else list(given)
+        except TypeError:
+            step = None
+        if step is None or len(step) != len(names):
+            raise SolverError(f"IIA coefficients of step {i}: expected {len(names)} number(s), one per feature of "
+                              f"{feature_set!r} ({', '.join(names)}), got {given!r}")
+        values = [c.item() if isinstance(c, Tensor) and c.numel() == 1 else c for c in step]
+        for k, c in enumerate(values):
+            if isinstance(c, bool) or not isinstance(c, numbers.Real) or not math.isfinite(c):
+                raise SolverError(f"IIA coefficient {k} ({names[k]}) of step {i} must be a finite number, got {c!r}")
+        return tuple(float(c) for c in values)
 
     def nfe_times(self, ts, orders: Sequence[int] | None, schedule: VPSchedule) -> list[float]:
         """The time each NFE evaluates at, in NFE order: exactly the (float32-snapped) t the denoiser receives."""
@@ -380,20 +617,55 @@ def _run_heun(ds, x, ts, schedule, nfes, noise):
     return heun(ds, x, ts, schedule)
 
 
+# Stepper factories, common signature (ds, ts, schedule, nfes, noise, features), module-level for pickling too.
+def _ddim_stepper(ds, ts, schedule, nfes, noise, features):
+    return DDIMStepper(ds, ts, schedule, nfes, features)
+
+
+def _ddim_eta1_stepper(ds, ts, schedule, nfes, noise, features):
+    return DDIMStepper(ds, ts, schedule, nfes, features, eta=1.0, noise=noise)
+
+
+def _dpm_solver_stepper(ds, ts, schedule, nfes, noise, features):
+    return DPMSolverStepper(ds, ts, schedule, nfes, features)
+
+
+def _dpm_solver_pp_2m_stepper(ds, ts, schedule, nfes, noise, features):
+    return DPMSolverPPStepper(ds, ts, schedule, nfes, features, order=2)
+
+
+def _dpm_solver_pp_3m_stepper(ds, ts, schedule, nfes, noise, features):
+    return DPMSolverPPStepper(ds, ts, schedule, nfes, features, order=3)
+
+
+def _heun_stepper(ds, ts, schedule, nfes, noise, features):
+    return HeunStepper(ds, ts, schedule, nfes, features)
+
+
+# feature_sets: the IIA feature sets of each solver (Zhang et al. 2024 fit IIA-DDIM, IIA-EDM and IIA-DPM-Solver++),
+# the first the one to try first (the best on Gaussian data, tests/test_iia.py). None yet for singlestep dpm_solver
+# (its inner NFEs would need features of their own), none for stochastic DDIM (IIA fits a deterministic map).
+ONE_NFE_FEATURE_SETS = ("full", "eps", "eps_diff", "x0_diff")   # DDIM and multistep DPM-Solver++ (_StartOutputs)
 SOLVER_REGISTRY: dict[str, SolverSpec] = {spec.name: spec for spec in (
     SolverSpec("ddim", function=ddim, adapter=_run_ddim, step_times=_starts, nfe_per_step=(1, 1),
-               multistep=False, paper="Song et al. 2021, DDIM (ICLR), eta = 0"),
+               multistep=False, paper="Song et al. 2021, DDIM (ICLR), eta = 0", make_stepper=_ddim_stepper,
+               feature_sets=ONE_NFE_FEATURE_SETS),
     # the sampler the AYS KLUB is derived for (Sabour et al. 2024): DDIM with eta = 1, i.e. ancestral DDPM steps
     SolverSpec("ddim_eta1", function=ddim, adapter=_run_ddim_eta1, step_times=_starts, nfe_per_step=(1, 1),
-               multistep=False, paper="Song et al. 2021, DDIM (ICLR), eta = 1 (stochastic)", stochastic=True),
+               multistep=False, paper="Song et al. 2021, DDIM (ICLR), eta = 1 (stochastic)",
+               make_stepper=_ddim_eta1_stepper, stochastic=True),
     SolverSpec("dpm_solver", function=dpm_solver, adapter=_run_dpm_solver, step_times=_dpm_times,
-               nfe_per_step=(1, 3), multistep=False, paper="Lu et al. 2022, DPM-Solver (NeurIPS), singlestep 1-3"),
+               nfe_per_step=(1, 3), multistep=False, paper="Lu et al. 2022, DPM-Solver (NeurIPS), singlestep 1-3",
+               make_stepper=_dpm_solver_stepper),
     SolverSpec("dpm_solver++", function=dpm_solver_pp, adapter=_run_dpm_solver_pp_2m, step_times=_starts,
-               nfe_per_step=(1, 1), multistep=True, paper="Lu et al. 2022b, DPM-Solver++ multistep 2M"),
+               nfe_per_step=(1, 1), multistep=True, paper="Lu et al. 2022b, DPM-Solver++ multistep 2M",
+               make_stepper=_dpm_solver_pp_2m_stepper, feature_sets=ONE_NFE_FEATURE_SETS),
     SolverSpec("dpm_solver++3m", function=dpm_solver_pp, adapter=_run_dpm_solver_pp_3m, step_times=_starts,
-               nfe_per_step=(1, 1), multistep=True, paper="Lu et al. 2022b, DPM-Solver++ multistep 3M"),
+               nfe_per_step=(1, 1), multistep=True, paper="Lu et al. 2022b, DPM-Solver++ multistep 3M",
+               make_stepper=_dpm_solver_pp_3m_stepper, feature_sets=ONE_NFE_FEATURE_SETS),
     SolverSpec("heun", function=heun, adapter=_run_heun, step_times=_heun_times, nfe_per_step=(2, 2),
-               multistep=False, paper="Karras et al. 2022, EDM (NeurIPS), Algorithm 1"),
+               multistep=False, paper="Karras et al. 2022, EDM (NeurIPS), Algorithm 1", make_stepper=_heun_stepper,
+               feature_sets=("edm",)),
 )}
 
 
