@@ -22,7 +22,20 @@ def solve(model_schedule: ModelSchedule, denoisers: Sequence[Callable], x: Tenso
     """Integrate from x at the schedule's first time to its last, NFE j using denoisers[j]; `sample_noise` feeds a
     stochastic solver."""
     ts = torch.tensor(model_schedule.times, dtype=torch.float64)
-    return get_solver(model_schedule.solver).run(denoisers, x, ts, noise, model_schedule.orders, noise=sample_noise)
+    c = model_schedule.correction
+    return get_solver(model_schedule.solver).run(
+        denoisers, x, ts, noise, model_schedule.orders, noise=sample_noise,
+        coefficients=None if c is None else [list(row) for row in c.coefficients],
+        feature_set=None if c is None else c.feature_set)
+
+
+def check_correction_weights(zoo, model_schedule: ModelSchedule) -> None:
+    """IIA coefficients apply only to the weights they were fitted on (their members' zoo fingerprint)."""
+    c = model_schedule.correction
+    if c is not None and c.weights != zoo.fingerprint(model_schedule.member_names):
+        raise UserError(f"the IIA coefficients of this schedule were fitted on other weights of "
+                        f"{', '.join(model_schedule.member_names)} ({c.weights}, the zoo has "
+                        f"{zoo.fingerprint(model_schedule.member_names)}): refit them with fit_coefficients.py")
 
 
 def single_member_schedule(member: str, solver: str, steps: int, noise: VPSchedule, order: int | None = None,
@@ -54,6 +67,7 @@ def generate(zoo, model_schedule: ModelSchedule, n: int, seed: int = 0, batch_si
     if n < 1:
         raise UserError(f"number of samples must be positive, got {n}")
     model_schedule.validate(zoo.names, t_min=zoo.schedule.t_min)
+    check_correction_weights(zoo, model_schedule)
     denoisers = zoo.denoisers_for(model_schedule)
     stochastic = get_solver(model_schedule.solver).stochastic
     out = []

@@ -12,7 +12,9 @@ multistep dpm_solver++ / dpm_solver++3m and ddim exactly 1, EDM's heun exactly 2
 Steps are numbered from 0 (the noisy end) in messages. Member names are only checked against a zoo in
 `validate(known_members=...)`; construction checks everything else.
 
-On disk a schedule is JSON (`to_dict`, `save`, `load`) tagged `"format": "oms-lightning/model-schedule-v1"`.
+On disk a schedule is JSON (`to_dict`, `save`, `load`) tagged `"format": "oms-lightning/model-schedule-v1"`, or
+`-v2` when it carries IIA coefficients (`Correction`: feature set, one row per step, and the fingerprints of the
+weights and times they were fitted for).
 `meta` is a free-form JSON object (cost, fid, data, zoo, ...) that takes no part in equality.
 
 The OMS-DPM reference code encodes a schedule as K triplets of integers (`to_slots` / `from_slots`):
@@ -34,6 +36,7 @@ from .diffusion.solvers import SolverError, SolverSpec, get_solver
 from .errors import UserError
 
 FORMAT = "oms-lightning/model-schedule-v1"
+FORMAT_V2 = "oms-lightning/model-schedule-v2"   # v1 + optional IIA coefficients ("correction"); v1 files still load
 
 SLOTS_PER_STEP = 3
 _TIME_TOL = 1e-12
@@ -94,12 +97,49 @@ class Step:
 
 
 @dataclass(frozen=True)
+class Correction:
+    """IIA coefficients of one schedule (Zhang, Kenta, Kleijn, ICLR 2024): `coefficients[k]` holds one float per
+    feature of `feature_set` (the solver registry's IIA_FEATURE_SETS) for step k. They are fitted for exact
+    weights and times, so they carry both: `weights` is `Zoo.fingerprint(member_names)` at fitting time and
+    `plain_key` the `schedule_key` of the uncorrected schedule (its solver, times and members)."""
+
+    feature_set: str
+    coefficients: tuple[tuple[float, ...], ...]
+    weights: str
+    plain_key: str
+
+    def __post_init__(self):
+        try:
+            rows = tuple(tuple(float(c) for c in row) for row in self.coefficients)
+        except (TypeError, ValueError):
+            raise ScheduleError(f"IIA coefficients must be one list of numbers per step, got {self.coefficients!r}") \
+                from None
+        object.__setattr__(self, "coefficients", rows)
+        for name in ("feature_set", "weights", "plain_key"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ScheduleError(f"IIA correction: {name} must be a non-empty string, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict:
+        return {"feature_set": self.feature_set, "coefficients": [list(r) for r in self.coefficients],
+                "weights": self.weights, "plain_key": self.plain_key}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "Correction":
+        keys = {"feature_set", "coefficients", "weights", "plain_key"}
+        if not isinstance(d, Mapping) or set(d) != keys:
+            raise ScheduleError(f"'correction' must be an object with exactly the keys {sorted(keys)}, got {d!r}")
+        return cls(d["feature_set"], d["coefficients"], d["weights"], d["plain_key"])
+
+
+@dataclass(frozen=True)
 class ModelSchedule:
-    """K steps from noisy to clean, each with its time interval and the member name of every NFE."""
+    """K steps from noisy to clean, each with its time interval and the member name of every NFE; optionally the
+    IIA coefficients of every step (`correction`), which take part in equality and in `schedule_key`."""
 
     steps: tuple[Step, ...]
     solver: str = "dpm_solver"
     meta: dict = field(default_factory=dict, compare=False)
+    correction: Correction | None = None
 
     def __post_init__(self):
         steps = self.steps
@@ -123,6 +163,35 @@ class ModelSchedule:
             raise ScheduleError(f"meta must be a dict, got {type(self.meta).__name__}")
         object.__setattr__(self, "meta", dict(self.meta))
         self._check_structure()
+        if self.correction is not None:
+            self._check_correction()
+
+    def _check_correction(self) -> None:
+        """The coefficients fit this solver, step count and feature set, and were fitted for these very times and
+        members (the plain schedule's key); ScheduleError naming the step or what differs otherwise."""
+        c = self.correction
+        if isinstance(c, Mapping):
+            c = Correction.from_dict(c)
+            object.__setattr__(self, "correction", c)
+        if not isinstance(c, Correction):
+            raise ScheduleError(f"correction must be a Correction, got {type(c).__name__}")
+        try:
+            _solver(self.solver).check_coefficients([list(r) for r in c.coefficients], len(self.steps), c.feature_set)
+        except SolverError as e:
+            raise ScheduleError(str(e)) from None
+        if c.plain_key != schedule_key(self.plain()):
+            raise ScheduleError("the IIA coefficients were fitted for other times, members or solver than this "
+                                "schedule's (a fingerprint mismatch): refit them with fit_coefficients.py")
+
+    def plain(self) -> "ModelSchedule":
+        """The same schedule without IIA coefficients."""
+        return self if self.correction is None else dataclasses.replace(self, correction=None)
+
+    def with_correction(self, feature_set: str, coefficients, weights: str) -> "ModelSchedule":
+        """A copy carrying IIA coefficients fitted for these times and members, on the weights `weights`."""
+        plain = self.plain()
+        return dataclasses.replace(plain, correction=Correction(feature_set, coefficients, weights,
+                                                                schedule_key(plain)))
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -250,12 +319,16 @@ class ModelSchedule:
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict:
-        return {
-            "format": FORMAT,
+        """v1 for a plain schedule (readable by every version), v2 when it carries IIA coefficients."""
+        d = {
+            "format": FORMAT if self.correction is None else FORMAT_V2,
             "solver": self.solver,
             "steps": [{"t_start": s.t_start, "t_end": s.t_end, "members": list(s.members)} for s in self.steps],
             "meta": dict(self.meta),
         }
+        if self.correction is not None:
+            d["correction"] = self.correction.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: Any, source: str | os.PathLike | None = None) -> "ModelSchedule":
@@ -269,9 +342,9 @@ class ModelSchedule:
             fail(f"a model schedule must be a JSON object, got {type(d).__name__}")
         if "format" not in d:
             fail(f"not an oms-lightning model schedule (no 'format' key; expected {FORMAT!r})")
-        if d["format"] != FORMAT:
-            fail(f"unsupported format {d['format']!r}; expected {FORMAT!r}")
-        allowed = {"format", "solver", "steps", "meta"}
+        if d["format"] not in (FORMAT, FORMAT_V2):
+            fail(f"unsupported format {d['format']!r}; expected {FORMAT!r} or {FORMAT_V2!r}")
+        allowed = {"format", "solver", "steps", "meta"} | ({"correction"} if d["format"] == FORMAT_V2 else set())
         extra = sorted(set(d) - allowed, key=str)
         if extra:
             fail(f"unexpected key(s) {extra}; allowed: {sorted(allowed)}")
@@ -305,7 +378,8 @@ class ModelSchedule:
                 fail(f"steps[{k}].members must be a list of member names, got {mem!r}")
             steps.append((float(s["t_start"]), float(s["t_end"]), tuple(mem)))
         try:
-            return cls(tuple(steps), d["solver"], dict(meta))
+            correction = Correction.from_dict(d["correction"]) if "correction" in d else None
+            return cls(tuple(steps), d["solver"], dict(meta), correction)
         except ScheduleError as e:
             raise ScheduleError(where + str(e)) from None
 
@@ -430,7 +504,8 @@ class ModelSchedule:
                 parts.append(f"[{','.join(prev)}]" + (f"×{run}" if run > 1 else ""))
             prev, run = key, 1
         t = self.times
-        return f"{self.solver}: {' '.join(parts)} | t {t[0]!r}→{t[-1]!r}, NFE {self.nfe}"
+        iia = f" + IIA {self.correction.feature_set}" if self.correction is not None else ""
+        return f"{self.solver}{iia}: {' '.join(parts)} | t {t[0]!r}→{t[-1]!r}, NFE {self.nfe}"
 
     def __str__(self) -> str:
         return self.compact()
@@ -442,6 +517,10 @@ def schedule_key(schedule: ModelSchedule) -> str:
     canon = {"solver": schedule.solver,
              "times": [round(float(t), 9) for t in schedule.times],
              "members": [list(s.members) for s in schedule.steps]}
+    if schedule.correction is not None:  # (plain schedules keep the keys they always had)
+        c = schedule.correction
+        canon["correction"] = {"feature_set": c.feature_set,
+                               "coefficients": [[round(v, 9) for v in row] for row in c.coefficients]}
     return hashlib.sha256(json.dumps(canon, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:24]
 
 

@@ -164,3 +164,17 @@ def test_sample_py_unknown_preset_lists_the_known_ones(tmp_path):
     r = run_sample(tmp_path, "model=huge")
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "error: unknown model 'huge'; choose one of: large, medium, small, tiny (configs/model/)"]
+
+
+# ----------------------------------------------------------------------------------------------- IIA coefficients
+def test_iia_coefficients_ride_in_the_schedule_and_are_refused_for_other_weights(zoo, tmp_path):
+    plain = ModelSchedule.from_times_and_members([1.0, 0.5, 0.2, 1e-3], ["a", "b", "a"], solver="dpm_solver++")
+    zero = plain.with_correction("eps", [[0.0], [0.0], [0.0]], zoo.fingerprint(["a", "b"]))
+    assert torch.equal(generate(zoo, zero, 4, seed=1), generate(zoo, plain, 4, seed=1))   # bit for bit
+    fitted = plain.with_correction("eps", [[0.1], [-0.05], [0.02]], zoo.fingerprint(["a", "b"]))
+    assert not torch.equal(generate(zoo, fitted, 4, seed=1), generate(zoo, plain, 4, seed=1))
+    write_member(tmp_path / "other", "a", TINY, seed=5)   # a retrained member: other weights
+    write_member(tmp_path / "other", "b", SMALL, seed=1)
+    retrained = Zoo.load(tmp_path / "other", "digits", ["a", "b"])
+    with pytest.raises(UserError, match="fitted on other weights.*fit_coefficients.py"):
+        generate(retrained, fitted, 2)

@@ -350,3 +350,53 @@ def test_files_written_atomically_get_the_usual_permissions(sched, tmp_path):
     finally:
         os.umask(mask)
     assert (tmp_path / "schedule.json").stat().st_mode & 0o777 == 0o644
+
+
+# ----------------------------------------------------------------------------------------------- v2: IIA coefficients
+def corrected_schedule(coefficients=((0.1,), (0.0,), (-0.2,))):
+    plain = ModelSchedule.from_times_and_members([1.0, 0.6, 0.3, 0.01], ["a", "b", "a"], solver="ddim")
+    return plain, plain.with_correction("eps", coefficients, weights="w123")
+
+
+def test_v2_round_trip_identity_and_v1_compatibility(tmp_path):
+    from oms_lightning.schedule import FORMAT_V2, schedule_key
+
+    plain, iia = corrected_schedule()
+    assert iia != plain and schedule_key(iia) != schedule_key(plain) and iia.plain() == plain
+    assert corrected_schedule()[1] == iia and hash(corrected_schedule()[1]) == hash(iia)
+    assert schedule_key(corrected_schedule(((0.1,), (0.0,), (-0.3,)))[1]) != schedule_key(iia)
+    path = iia.save(tmp_path / "s.json")
+    assert json.loads(path.read_text())["format"] == FORMAT_V2
+    again = ModelSchedule.load(path)
+    assert again == iia and again.correction.coefficients == ((0.1,), (0.0,), (-0.2,))
+    assert json.loads(plain.to_json())["format"] == FORMAT            # a plain schedule stays v1
+    assert ModelSchedule.load(plain.save(tmp_path / "p.json")) == plain
+    assert "+ IIA eps" in iia.compact()
+
+
+@pytest.mark.parametrize("coefficients, match", [
+    (((0.1,), (0.0,)), "one row per step|3 steps"),
+    (((0.1,), (float("nan"),), (0.0,)), "step 1"),
+    (((0.1, 0.2), (0.0,), (0.0,)), "step 0"),
+])
+def test_bad_coefficients_are_refused_naming_the_step(coefficients, match):
+    with pytest.raises(ScheduleError, match=match):
+        corrected_schedule(coefficients)
+
+
+def test_coefficients_for_other_times_members_or_feature_sets_are_refused(tmp_path):
+    _, iia = corrected_schedule()
+    d = iia.to_dict()
+    d["steps"][1]["t_end"] = d["steps"][2]["t_start"] = 0.35          # edited times
+    with pytest.raises(ScheduleError, match="fitted for other times, members or solver.*fit_coefficients.py"):
+        ModelSchedule.from_dict(d)
+    d = iia.to_dict()
+    d["correction"]["feature_set"] = "edm"
+    with pytest.raises(ScheduleError, match="no IIA feature set 'edm'"):
+        ModelSchedule.from_dict(d)
+    d = iia.to_dict()
+    d["format"] = FORMAT
+    with pytest.raises(ScheduleError, match="unexpected key"):          # v1 has no coefficients
+        ModelSchedule.from_dict(d)
+    with pytest.raises(ScheduleError, match="exactly the keys"):
+        ModelSchedule.from_dict({**iia.to_dict(), "correction": {"feature_set": "eps"}})
