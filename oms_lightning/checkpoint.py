@@ -18,7 +18,9 @@ import torch
 from oms_lightning.diffusion.noise_schedule import VPSchedule
 from oms_lightning.errors import UserError
 from oms_lightning.io import atomic_torch_save
-from oms_lightning.nets import UNet
+from torch import nn
+
+from oms_lightning.nets import build_net
 
 MEMBER_FORMAT = "oms-lightning/member-v1"
 
@@ -28,10 +30,16 @@ class Member:
     """A trained zoo member: its network (EMA weights, eval mode) and what it was trained on."""
 
     name: str
-    net: UNet
+    net: nn.Module
     schedule: VPSchedule
     data: dict
     meta: dict
+    t_range: tuple[float, float] = (0.0, 1.0)   # times it may run at (a multi-decoder stage: its own stage only)
+
+    def valid_at(self, t: float) -> bool:
+        """Whether this member may run at time t (a stage [0, t1] includes its lower end, (t_k, t_k+1] does not)."""
+        lo, hi = self.t_range
+        return (lo <= t if lo == 0.0 else lo < t) and t <= hi
 
     @property
     def num_parameters(self) -> int:
@@ -77,7 +85,7 @@ def load_member(path: str | Path, map_location: str | torch.device = "cpu") -> M
         raise UserError(f"{path} is not an oms-lightning zoo member (format {obj.get('format')!r}, expected "
                         f"{MEMBER_FORMAT!r}). Members are written by `python train.py model=<name>`.")
     data = obj["data"]
-    net = UNet(image_channels=data["channels"], image_size=data["image_size"], **obj["net"])
+    net = build_net(obj["net"], data["image_size"], data["channels"])
     try:
         net.load_state_dict(obj["state_dict"])
     except RuntimeError as e:

@@ -19,7 +19,7 @@ from oms_lightning.diffusion.seeding import SampleNoise, per_sample_noise
 from oms_lightning.diffusion.solvers import SolverError, get_solver
 from oms_lightning.diffusion.spacing import SPACINGS, timesteps
 from oms_lightning.errors import UserError
-from oms_lightning.nets import UNet
+from oms_lightning.nets import build_net
 from oms_lightning.steps import AYS
 
 # `sampling` of configs/train.yaml; a checkpoint's saved hparams may predate a key (e.g. order).
@@ -56,7 +56,7 @@ class DiffusionModule(L.LightningModule):
                  sampling: dict | None = None, channels_last: bool = False, compile: bool = False):
         super().__init__()
         self.save_hyperparameters()
-        self.net = UNet(image_channels=data["channels"], image_size=data["image_size"], **net)
+        self.net = build_net(net, data["image_size"], data["channels"])
         self.schedule = VPSchedule.from_dict(noise)
         self.sampling = {**DEFAULT_SAMPLING, **(sampling or {})}
         self.sample_nfe_per_step = check_sampling(self.sampling)
@@ -74,16 +74,26 @@ class DiffusionModule(L.LightningModule):
 
     # --- objective ---
     def diffusion_loss(self, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return self.per_sample_loss(x0, generator)[0].mean()
+
+    def per_sample_loss(self, x0: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """(‖ε̂ − ε‖² / dim per sample, the t drawn for each sample)."""
         t_min = self.schedule.t_min
         t = t_min + (1 - t_min) * torch.rand(x0.shape[0], generator=generator, device=x0.device)
         eps = torch.randn(x0.shape, generator=generator, device=x0.device)
         alpha, sigma = (self.schedule.alpha(t).view(-1, 1, 1, 1), self.schedule.sigma(t).view(-1, 1, 1, 1))
         x_t = (alpha * x0 + sigma * eps).contiguous(memory_format=self.memory_format)
-        return F.mse_loss(self.net(x_t, t).float(), eps)
+        return F.mse_loss(self.net(x_t, t).float(), eps, reduction="none").flatten(1).mean(1), t
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        loss = self.diffusion_loss(batch)
+        per_sample, t = self.per_sample_loss(batch)
+        loss = per_sample.mean()
         self.log("train/loss", loss, prog_bar=True)
+        if hasattr(self.net, "stage_of"):  # a multi-decoder net: each decoder's loss on its own stage
+            stages = self.net.stage_of(t)
+            for k in range(self.net.num_stages):
+                if (stages == k).any():
+                    self.log(f"train/loss_stage{k}", per_sample[stages == k].mean())
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
@@ -141,10 +151,11 @@ def module_from_config(cfg: Any, data_name: str, image_size: int, channels: int)
     """Build the module from the composed Hydra config (resolving the size preset for this resolution)."""
     from omegaconf import OmegaConf
 
-    from oms_lightning.nets import preset_for
+    from oms_lightning.nets import preset_net
 
-    arch = preset_for(cfg.model, image_size)
-    net = {**arch, "dropout": float(cfg.model.dropout)}
+    net = preset_net(cfg.model, image_size)
+    if net.get("network") == "multidecoder":
+        net["boundaries"] = stage_boundaries(cfg, data_name, len(net["decoder_channels"]))
     return DiffusionModule(
         net=net,
         noise=OmegaConf.to_container(cfg.diffusion, resolve=True),
@@ -156,3 +167,17 @@ def module_from_config(cfg: Any, data_name: str, image_size: int, channels: int)
         compile=bool(cfg.perf.compile),
     )
 
+
+def stage_boundaries(cfg: Any, data_name: str, stages: int) -> list[float]:
+    """A multi-decoder preset's stage boundaries: `model.boundaries` if given, else the stages file that
+    cluster_stages.py wrote for this data (checked against the stage count and the noise schedule)."""
+    from omegaconf import OmegaConf
+
+    from oms_lightning.diffusion.stages import validate_boundaries
+
+    if cfg.model.get("boundaries") is not None:
+        return list(validate_boundaries(list(cfg.model.boundaries), stages=stages, t_min=float(cfg.diffusion.t_min)))
+    from oms_lightning.stages_file import load_stages, stages_path
+
+    noise = OmegaConf.to_container(cfg.diffusion, resolve=True)
+    return list(load_stages(stages_path(cfg.paths.checkpoints, data_name), stages=stages, noise=noise))

@@ -54,7 +54,7 @@ from oms_lightning.diffusion.noise_schedule import VPSchedule
 from oms_lightning.errors import UserError
 from oms_lightning.io import atomic_write_text, file_lock
 from oms_lightning.sampling import generate
-from oms_lightning.schedule import ModelSchedule
+from oms_lightning.schedule import ModelSchedule, ScheduleError
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,42 @@ def _state_digest(member: Member) -> str:
     return h.hexdigest()
 
 
+STAGE_MARK = ".s"   # `multistage.s1`: stage 1's path (shared encoder + its decoder) of the member file multistage.ckpt
+
+
+def split_member_name(name: str) -> tuple[str, int | None]:
+    """(member file stem, stage index or None): `multistage.s1` → ("multistage", 1); `small` → ("small", None)."""
+    base, mark, stage = name.rpartition(STAGE_MARK)
+    if mark and base and stage.isdigit():
+        return base, int(stage)
+    return name, None
+
+
+def stage_member(parent: Member, stage: int) -> Member:
+    """Stage `stage` of a multi-decoder member as a member of its own, valid only inside its stage."""
+    from oms_lightning.nets import StagePath
+
+    if not hasattr(parent.net, "stage_path"):
+        raise UserError(f"{parent.name!r} is not a multi-decoder network: it has no stage {stage} (member names "
+                        f"ending in {STAGE_MARK}<k> are the stage paths of a multistage member)")
+    if not 0 <= stage < parent.net.num_stages:
+        raise UserError(f"{parent.name!r} has stages 0..{parent.net.num_stages - 1}, not {stage}")
+    path = StagePath(parent.net, stage)
+    return dataclasses.replace(parent, name=f"{parent.name}{STAGE_MARK}{stage}", net=path, t_range=path.t_range)
+
+
+def _peek_stage_names(path: Path) -> list[str]:
+    """The stage members of a multi-decoder member file (from its stored architecture, without its weights)."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        net = obj.get("net", {})
+    except Exception:  # noqa: BLE001 - load_member reports it
+        return []
+    if net.get("network") != "multidecoder":
+        return []
+    return [f"{obj.get('member', path.stem)}{STAGE_MARK}{k}" for k in range(len(net.get("decoder_channels", ())))]
+
+
 def _is_member_file(path: Path) -> bool:
     """False only for a readable PyTorch file that is not a zoo member (e.g. a Lightning checkpoint).
 
@@ -181,7 +217,7 @@ class Zoo:
             names = []
             for p in found:
                 if _is_member_file(p):
-                    names.append(p.stem)
+                    names += [p.stem] + _peek_stage_names(p)
                 else:
                     log.warning("skipping %s: not a zoo member file", p)
             if not names:
@@ -195,7 +231,7 @@ class Zoo:
             if not names:
                 raise UserError("the zoo needs at least one member name, got an empty list")
         names = sorted(set(names))
-        missing = [n for n in names if not (folder / f"{n}.ckpt").is_file()]
+        missing = [n for n in names if not (folder / f"{split_member_name(n)[0]}.ckpt").is_file()]
         if missing:
             cmds = "\n".join(f"  {train_command(n, data_name)}" for n in missing)
             raise UserError(f"zoo member(s) {', '.join(missing)} not found in {folder} "
@@ -203,15 +239,21 @@ class Zoo:
 
         members: dict[str, Member] = {}
         digests: dict[str, str] = {}
+        files: dict[str, tuple[Member, str]] = {}     # one load per file: stage members share its modules
         for n in names:
-            path = folder / f"{n}.ckpt"
-            m = load_member(path)
-            if m.name != n:
-                raise UserError(f"{path} holds member {m.name!r}, not {n!r}; rename the file to {m.name}.ckpt "
-                                f"or retrain with `{train_command(n, data_name)}`")
-            digests[n] = _state_digest(m)  # hashed on the CPU, before the move
-            m.net.to(device=dev, dtype=dtype).eval().requires_grad_(False)
-            members[n] = m
+            base, stage = split_member_name(n)
+            if base not in files:
+                path = folder / f"{base}.ckpt"
+                m = load_member(path)
+                if m.name != base:
+                    raise UserError(f"{path} holds member {m.name!r}, not {base!r}; rename the file to "
+                                    f"{m.name}.ckpt or retrain with `{train_command(base, data_name)}`")
+                digest = _state_digest(m)  # hashed on the CPU, before the move
+                m.net.to(device=dev, dtype=dtype).eval().requires_grad_(False)
+                files[base] = (m, digest)
+            parent, digest = files[base]
+            members[n] = parent if stage is None else stage_member(parent, stage)
+            digests[n] = digest if stage is None else f"{digest}:stage{stage}"
         cls._check_compatible(members, folder)
         return cls(members, data_name, Path(root), dev, dtype, digests)
 
@@ -269,9 +311,36 @@ class Zoo:
         return self._denoisers[name]
 
     def denoisers_for(self, model_schedule: ModelSchedule) -> list[EpsDenoiser]:
-        """One denoiser per NFE of the schedule, in NFE order; ScheduleError if it names an unknown member."""
+        """One denoiser per NFE of the schedule, in NFE order; ScheduleError if it names an unknown member or runs
+        a member outside its valid time range."""
         model_schedule.validate(self.names)
+        self.check_time_ranges(model_schedule)
         return [self._denoisers[m] for m in model_schedule.members_per_nfe]
+
+    def time_range(self, name: str) -> tuple[float, float]:
+        return self.member(name).t_range
+
+    def out_of_range(self, model_schedule: ModelSchedule) -> list[tuple[int, int, str, float]]:
+        """(step, NFE of the step, member, t) of every NFE whose member may not run at its time: every NFE time
+        counts, inner points of singlestep solvers and Heun's corrector included (the registry's nfe_times)."""
+        from oms_lightning.diffusion.solvers import get_solver
+
+        if all(self.member(m).t_range == (0.0, 1.0) for m in model_schedule.member_names):
+            return []
+        times = iter(get_solver(model_schedule.solver).nfe_times(model_schedule.times, model_schedule.orders,
+                                                                  self.schedule))
+        return [(k, j, m, t) for k, step in enumerate(model_schedule.steps) for j, (m, t) in
+                enumerate(zip(step.members, times)) if not self.member(m).valid_at(t)]
+
+    def check_time_ranges(self, model_schedule: ModelSchedule) -> None:
+        bad = self.out_of_range(model_schedule)
+        if bad:
+            k, j, m, t = bad[0]
+            lo, hi = self.time_range(m)
+            raise ScheduleError(f"step {k} NFE {j} runs member {m!r} at t={t:.6g}, outside its valid range "
+                                f"{'[' if lo == 0 else '('}{lo:g}, {hi:g}] (a multi-decoder stage is trained on its "
+                                f"own stage only); use the routed member {split_member_name(m)[0]!r} or another "
+                                f"stage there" + (f" ({len(bad)} NFEs are out of range)" if len(bad) > 1 else ""))
 
     def fingerprint(self, names: Sequence[str] | None = None) -> str:
         """Short hex sha256 over the member names and their weight digests; changes when a member is retrained.
@@ -446,6 +515,9 @@ def profile_latency(zoo: Zoo, batch_size: int, warmup: int = 3, repeats: int = 1
 
 def _net_on(zoo: Zoo, name: str, dev: torch.device) -> torch.nn.Module:
     net = zoo.net(name)
+    if getattr(net, "allow_outside_range", True) is False:
+        net = copy.copy(net)                 # a stage path, profiled at PROFILE_TIME whatever its range: its cost
+        net.allow_outside_range = True       # does not depend on t (the copy shares the modules)
     return net if dev == zoo.device else copy.deepcopy(net).to(dev)
 
 

@@ -5,9 +5,10 @@ from omegaconf import OmegaConf
 
 from conftest import CONFIGS
 from oms_lightning.errors import UserError
-from oms_lightning.nets import UNet, build_unet, preset_for
+from oms_lightning.nets import UNet, build_preset, preset_for
 
 PRESETS = sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml"))
+STAGES = {"multistage": {"boundaries": [0.3, 0.7]}}   # a multi-decoder preset takes them from its stages file
 
 
 def preset(name):
@@ -17,7 +18,7 @@ def preset(name):
 @pytest.mark.parametrize("name", PRESETS)
 @pytest.mark.parametrize("size,channels", [(8, 1), (32, 3)])
 def test_every_preset_maps_images_to_same_shape(name, size, channels):
-    net = build_unet(preset(name), size, channels).eval()
+    net = build_preset(preset(name), size, channels, **STAGES.get(name, {})).eval()
     x = torch.randn(2, channels, size, size)
     out = net(x, torch.tensor([0.5, 1e-4]))
     assert out.shape == x.shape and torch.isfinite(out).all()
@@ -25,7 +26,7 @@ def test_every_preset_maps_images_to_same_shape(name, size, channels):
 
 def test_large_on_cifar10_is_ddpm_35_7m_network():
     with torch.device("meta"):
-        net = build_unet(preset("large"), 32, 3)
+        net = build_preset(preset("large"), 32, 3)
     assert sum(p.numel() for p in net.parameters()) == 35_746_307
 
 
@@ -33,7 +34,7 @@ def test_presets_grow_in_size_on_digits():
     counts = []
     for name in ["tiny", "small", "medium", "large"]:
         with torch.device("meta"):
-            counts.append(sum(p.numel() for p in build_unet(preset(name), 8, 1).parameters()))
+            counts.append(sum(p.numel() for p in build_preset(preset(name), 8, 1).parameters()))
     assert counts == sorted(counts) and counts[-1] > 8 * counts[0]
 
 

@@ -90,12 +90,12 @@ def test_fresh_start_refuses_to_clobber_an_existing_run(compose, tmp_path):
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml")))
 def test_every_experiment_config_composes(compose, experiment):
     from oms_lightning.config import validate_train_config
-    from oms_lightning.nets import build_unet
+    from oms_lightning.nets import build_preset
 
     cfg = compose("train", [f"experiment={experiment}"])
     validate_train_config(cfg)
     with torch.device("meta"):
-        build_unet(cfg.model, int(cfg.data.image_size), int(cfg.data.channels))
+        build_preset(cfg.model, int(cfg.data.image_size), int(cfg.data.channels))
 
 
 def test_paper_recipe_is_exact(compose):
