@@ -180,6 +180,7 @@ def run_optimizer(cfg: DictConfig, settings: dict, zoo: Zoo, datamodule, evaluat
                 logger.log_metrics({"ays/klub": last.klub, "ays/quality_fid": last.quality, "ays/steps": level.steps,
                                     "ays/sweep": last.sweep}, step=counter["sweeps"])
 
+    started = time.perf_counter()
     if state is not None:
         done = sum(len(lv["sweeps"]) for lv in state["levels"])
         log(f"resuming the interrupted optimisation ({done} sweeps done) from {partial_path(path)}")
@@ -202,6 +203,7 @@ def run_optimizer(cfg: DictConfig, settings: dict, zoo: Zoo, datamodule, evaluat
         batch_size=int(o.batch_size), device=zoo.device)
     bar.close()
     payload = steps_payload(result, settings, fingerprint, zoo, data, str(cfg.data.name), int(o.batch_size))
+    payload["optimize_seconds"] = round(time.perf_counter() - started, 1)  # of this run (a resumed one: its part)
     save_steps(path, payload)
     partial_path(path).unlink(missing_ok=True)
     if logger:
@@ -299,6 +301,7 @@ def evaluate(cfg: DictConfig, settings: dict, zoo: Zoo, datamodule, evaluator: F
         comparisons.append({"steps": int(steps), "nfe": ays_schedule.nfe, "t_end": t_end,
                             "ays_schedule": ays_schedule.times, "vs": rows})
     return {"member": settings["member"], "solver": settings["solver"], "settings": settings,
+            "optimize_seconds": payload.get("optimize_seconds"),
             "seeds": settings["eval_seeds"], "n": int(e.n), "noise_floor": noise_floor, "comparisons": comparisons,
             "chosen": [{"steps": lv["steps"], "chosen_sweep": lv["chosen_sweep"],
                         "klub": next(sw["klub"] for sw in lv["sweeps"] if sw["sweep"] == lv["chosen_sweep"]),
