@@ -36,11 +36,6 @@ class Member:
     meta: dict
     t_range: tuple[float, float] = (0.0, 1.0)   # times it may run at (a multi-decoder stage: its own stage only)
 
-    def valid_at(self, t: float) -> bool:
-        """Whether this member may run at time t (a stage [0, t1] includes its lower end, (t_k, t_k+1] does not)."""
-        lo, hi = self.t_range
-        return (lo <= t if lo == 0.0 else lo < t) and t <= hi
-
     @property
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.net.parameters())

@@ -53,6 +53,7 @@ from oms_lightning.diffusion.denoiser import EpsDenoiser
 from oms_lightning.diffusion.noise_schedule import VPSchedule
 from oms_lightning.errors import UserError
 from oms_lightning.io import atomic_write_text, file_lock
+from oms_lightning.member_ranges import FULL, MemberRanges
 from oms_lightning.sampling import generate
 from oms_lightning.schedule import ModelSchedule, ScheduleError
 
@@ -320,17 +321,13 @@ class Zoo:
     def time_range(self, name: str) -> tuple[float, float]:
         return self.member(name).t_range
 
-    def out_of_range(self, model_schedule: ModelSchedule) -> list[tuple[int, int, str, float]]:
-        """(step, NFE of the step, member, t) of every NFE whose member may not run at its time: every NFE time
-        counts, inner points of singlestep solvers and Heun's corrector included (the registry's nfe_times)."""
-        from oms_lightning.diffusion.solvers import get_solver
+    def ranges(self) -> MemberRanges:
+        """The valid time ranges of the members restricted to part of the time axis (multi-decoder stages)."""
+        return MemberRanges(tuple((n, *m.t_range) for n, m in self._members.items() if m.t_range != FULL))
 
-        if all(self.member(m).t_range == (0.0, 1.0) for m in model_schedule.member_names):
-            return []
-        times = iter(get_solver(model_schedule.solver).nfe_times(model_schedule.times, model_schedule.orders,
-                                                                  self.schedule))
-        return [(k, j, m, t) for k, step in enumerate(model_schedule.steps) for j, (m, t) in
-                enumerate(zip(step.members, times)) if not self.member(m).valid_at(t)]
+    def out_of_range(self, model_schedule: ModelSchedule) -> list[tuple[int, int, str, float]]:
+        """(step, NFE of the step, member, t) of every NFE whose member may not run at its time."""
+        return self.ranges().out_of_range(model_schedule, self.schedule)
 
     def check_time_ranges(self, model_schedule: ModelSchedule) -> None:
         bad = self.out_of_range(model_schedule)

@@ -180,3 +180,31 @@ def test_protocol_properties_with_ays_grids():
     assert {"ays:a", "ays:b"} <= seen
     with pytest.raises(UserError, match="spacings must be a non-empty subset"):
         SamplerSpace(MEMBERS, "ddim", 4, NOISE, spacings=("karras", "ays:zz"))
+
+
+# ----------------------------------------------------------------------------------------------- valid time ranges
+STAGED = ("a", "m", "m.s0", "m.s1")          # a plain member, a routed multi-decoder net and two of its stages
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_spaces_only_make_assignments_inside_the_members_time_ranges(kind):
+    from oms_lightning.member_ranges import MemberRanges
+
+    ranges = MemberRanges((("m.s0", 0.0, 0.4), ("m.s1", 0.4, 1.0)))
+    space = make_space(kind, STAGED, NOISE, 12, ranges=ranges)
+    rng = np.random.default_rng(0)
+    unit = np.array([1.0, 2.0, 1.5, 0.5])
+    latency = dict(zip(STAGED, unit))
+    used = set()
+    for _ in range(30):
+        a, b = space.sample_genotype(rng, 0.5), space.sample_genotype(rng, 0.5)
+        for g in (a, space.mutate(a, rng), space.crossover(a, b, rng),
+                  space.repair(a, rng, unit, 6.0, 8.0, lambda x: space.decode(x).cost(latency))):
+            s = space.decode(g)
+            assert ranges.out_of_range(s, NOISE) == [], s.compact()
+            used |= set(s.member_names)
+    assert {"m.s0", "m.s1"} <= used            # the stages are used, where they are valid
+    # an evolution on it never proposes an out-of-range schedule
+    result = evolve(space, lambda ss: [len(x.member_names) - x.nfe for x in ss], lambda x: x.cost(latency), 10.0,
+                    population=8, children=8, generations=4, seed=0)
+    assert all(ranges.out_of_range(c.schedule, NOISE) == [] for c in result.population)

@@ -59,7 +59,9 @@ def snap_times(ts, schedule: VPSchedule) -> Tensor:
 
     Times are host-side scalars (coefficients are python floats), so a grid handed over on a GPU is brought to
     the CPU first."""
-    t32 = validate_times(torch.as_tensor(ts).cpu(), schedule).to(torch.float32)
+    # a python list must not become float32 before validation: 1e-4 would round below t_min = 1e-4
+    ts = ts if isinstance(ts, Tensor) else torch.tensor(ts, dtype=torch.float64)
+    t32 = validate_times(ts.cpu(), schedule).to(torch.float32)
     low = t32.double() < schedule.t_min                    # e.g. t_min = 1e-4 rounds just below itself
     t32[low] = torch.nextafter(t32[low], torch.tensor(1.0))
     return validate_times(t32.to(torch.float64), schedule)

@@ -90,6 +90,12 @@ def load_ays(cfg: DictConfig, zoo: Zoo) -> dict:
     return table
 
 
+def in_range(zoo: Zoo, schedules: list[ModelSchedule]) -> list[ModelSchedule]:
+    """The schedules whose every NFE runs a member inside its valid time range: a multi-decoder stage alone over
+    the whole trajectory is no sampler (its decoder never saw the other stages)."""
+    return [s for s in schedules if not zoo.out_of_range(s)]
+
+
 def resolve_budgets(cfg: DictConfig, latency: dict[str, float]) -> list[float]:
     """Budgets in seconds per batch: `budgets=[...]` (one predictor, a frontier) or `budget=` (ms per batch;
     default: `default_budget_nfe` NFEs of the costliest member)."""
@@ -141,7 +147,7 @@ def build_dataset(cfg: DictConfig, zoo: Zoo, spaces: list, evaluator, profile,
     schedules = []
     for i, space in enumerate(spaces):
         schedules += random_schedules(space, per_space, seed=cfg.seed + i, null_prob=d.null_prob, alpha=d.alpha)
-        schedules += single_member_anchors(space, d.anchor_nfes)
+        schedules += in_range(zoo, single_member_anchors(space, d.anchor_nfes))
     store = store_for(cache, "records", zoo, fid_settings(evaluator, d.n_samples, d.sample_seed))
     log(f"schedule→FID store {store.path}: {len(store)} records, {len(schedules)} schedules wanted")
     start = time.perf_counter()
@@ -239,8 +245,8 @@ def choose_baseline(cfg: DictConfig, zoo: Zoo, profile, budget: float, rerank,
     """The strongest single-member sampler within the budget, chosen on the selection seed: every member × solver
     × spacing (AYS included where a member has steps) at the NFEs `evaluation.baseline_nfes` allows. Returns (the
     chosen schedule, every candidate's record)."""
-    candidates = single_member_baselines(zoo.names, zoo.schedule, profile.latency, budget,
-                                         nfes=cfg.search.evaluation.baseline_nfes, ays=ays)
+    candidates = in_range(zoo, single_member_baselines(zoo.names, zoo.schedule, profile.latency, budget,
+                                                       nfes=cfg.search.evaluation.baseline_nfes, ays=ays))
     log(f"budget {1000 * budget:.0f} ms: choosing the baseline among {len(candidates)} single-member samplers "
         f"(selection seed {cfg.search.rerank.seed}, cached)")
     records = [{**r, "cost": profile.cost(s)} for r, s in zip(rerank(candidates), candidates)]
@@ -256,8 +262,8 @@ def seeds_fn(cfg: DictConfig, zoo: Zoo, profile, ays: AYSTable):
 
     def seeds(space, budget: float, cache) -> list:
         if budget not in by_budget:
-            by_budget[budget] = single_member_baselines(zoo.names, zoo.schedule, profile.latency, budget,
-                                                        nfes="largest", ays=ays)
+            by_budget[budget] = in_range(zoo, single_member_baselines(zoo.names, zoo.schedule, profile.latency,
+                                                                      budget, nfes="largest", ays=ays))
         pairs = [(s, g) for s in by_budget[budget] if (g := encode_exactly(space, s)) is not None]
         if not pairs:
             return []
@@ -333,7 +339,8 @@ def run(cfg: DictConfig) -> list[dict]:
     evaluator = FIDEvaluator(default_extractor_for(str(cfg.data.name)), datamodule,
                              cache_dir=Path(cfg.paths.checkpoints) / str(cfg.data.name), device=device)
     ays = load_ays(cfg, zoo)
-    spaces = make_spaces(str(cfg.search.space.kind), zoo.names, zoo.schedule, int(cfg.search.space.size), ays)
+    spaces = make_spaces(str(cfg.search.space.kind), zoo.names, zoo.schedule, int(cfg.search.space.size), ays,
+                         zoo.ranges())
     records, store = build_dataset(cfg, zoo, spaces, evaluator, profile, cache)
 
     from oms_lightning.tracking import make_logger

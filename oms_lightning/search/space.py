@@ -28,6 +28,7 @@ from oms_lightning.diffusion.solvers import ODE_SOLVERS, SOLVER_REGISTRY, get_so
 from oms_lightning.diffusion.spacing import SPACINGS, default_t_end, timesteps
 from oms_lightning.steps import AYS, AYS_GRID, AYSTable, ays_grid, spacing_times
 from oms_lightning.errors import UserError
+from oms_lightning.member_ranges import MemberRanges
 from oms_lightning.schedule import SLOTS_PER_STEP, ModelSchedule, ScheduleError, schedule_key
 
 
@@ -64,6 +65,24 @@ class SlotGenes:
     def _normalise(self, s: np.ndarray) -> np.ndarray:
         return s
 
+    def _within_ranges(self, g):
+        """g, with every NFE whose member may not run at its time (a multi-decoder stage outside its stage, see
+        `self.ranges`) given to a member that may: spaces sample, mutate, cross and repair only valid
+        assignments. Decoded slot order: used rows (or grid entries) are steps, their used slots the NFEs."""
+        ranges = getattr(self, "ranges", None)
+        if not ranges:
+            return g
+        bad = ranges.out_of_range(self.decode(g), self.noise)
+        if not bad:
+            return g
+        s = self._normalise(self.slots(g))
+        rows = [np.flatnonzero(s)] if s.ndim == 1 else [np.flatnonzero(r) for r in s]
+        where = ([[(i,)] for i in rows[0]] if s.ndim == 1
+                 else [[(r, c) for c in cols] for r, cols in enumerate(rows) if cols.size])
+        for k, j, m, t in bad:
+            s[where[k][j]] = self.members.index(ranges.replacement(m, t, self.members)) + 1
+        return self.with_slots(g, s)
+
     def n_slots(self) -> int:
         return int(np.prod(self.shape))
 
@@ -91,7 +110,7 @@ class SlotGenes:
         flat[idx] = rng.integers(0, len(self.members) + 1, size=k)
         if not flat.any():
             flat[idx[0]] = rng.integers(1, len(self.members) + 1)
-        return self.with_slots(g, self._normalise(s))
+        return self._within_ranges(self.with_slots(g, self._normalise(s)))
 
     def crossover(self, a, b, rng: np.random.Generator):
         """One-point crossover along the steps: rows 0..c-1 (the noisy end) from a, the rest from b."""
@@ -104,7 +123,7 @@ class SlotGenes:
         child[:cut] = sa[:cut]
         if not child.any():
             child.reshape(-1)[rng.integers(child.size)] = rng.integers(1, len(self.members) + 1)
-        return self._cross_rest(a, b, cut, self._normalise(child), rng)
+        return self._within_ranges(self._cross_rest(a, b, cut, self._normalise(child), rng))
 
     def _cross_rest(self, a, b, cut: int, child_slots: np.ndarray, rng):
         return self.with_slots(b, child_slots)
@@ -118,7 +137,7 @@ class SlotGenes:
         cheapest = int(np.argmin(unit))
         best, best_cost = None, -math.inf
         for _ in range(20 * flat.size + 50):
-            s = self._normalise(s)
+            s = self.slots(self._within_ranges(self.with_slots(g, self._normalise(s))))
             flat = s.reshape(-1)
             c = cost_of(self.with_slots(g, s))
             if c <= hi:
@@ -150,7 +169,7 @@ class SlotGenes:
                 down = np.flatnonzero(unit < unit[flat[i] - 1])
                 flat[i] = rng.choice(down) + 1 if down.size and rng.random() < 0.5 else 0
         if best is None:
-            return self.one_nfe(cheapest)
+            return self._within_ranges(self.one_nfe(cheapest))
         return self.with_slots(g, best)
 
 
@@ -164,7 +183,7 @@ class RandomGenotypes:
             genotype = 1 + rng.choice(len(self.members), size=self.shape, p=preference)
             genotype[rng.random(self.shape) < null_prob] = 0
             if genotype.any():
-                return self._random_rest(self._normalise(genotype), rng)
+                return self._within_ranges(self._random_rest(self._normalise(genotype), rng))
 
     def _random_rest(self, slots: np.ndarray, rng: np.random.Generator):
         return slots
@@ -180,6 +199,7 @@ class SlotSpace(SlotGenes, RandomGenotypes):
     members: tuple[str, ...]
     max_steps: int
     noise: VPSchedule
+    ranges: MemberRanges = MemberRanges()
 
     def __post_init__(self):
         if list(self.members) != sorted(set(self.members)) or not self.members:
@@ -263,6 +283,7 @@ class GridSpace(SlotGenes, RandomGenotypes):
     noise: VPSchedule
     solver: str = "ddim"
     t_end: float | None = None
+    ranges: MemberRanges = MemberRanges()
 
     def __post_init__(self):
         object.__setattr__(self, "members", tuple(self.members))
@@ -383,6 +404,7 @@ class SamplerSpace(SlotGenes, RandomGenotypes):
     time_genes: bool = True
     time_mutation_prob: float = 0.3
     ays: tuple[tuple[str, tuple[tuple[float, ...], ...]], ...] = ()  # (member, its AYS σ levels for this solver)
+    ranges: MemberRanges = MemberRanges()
 
     def __post_init__(self):
         object.__setattr__(self, "members", tuple(self.members))
@@ -444,14 +466,14 @@ class SamplerSpace(SlotGenes, RandomGenotypes):
             return super().mutate(g, rng, slots)
         kind = rng.random()
         if kind < 1 / 3 or self.max_steps < 2:
-            return Genome(self.slots(g), int(rng.integers(len(self.spacings))), g.jitter)
+            return self._within_ranges(Genome(self.slots(g), int(rng.integers(len(self.spacings))), g.jitter))
         if kind < 2 / 3:
-            return Genome(self.slots(g), g.spacing, np.zeros(self.max_steps - 1))
+            return self._within_ranges(Genome(self.slots(g), g.spacing, np.zeros(self.max_steps - 1)))
         jitter = np.array(g.jitter, dtype=np.float64)
         k = min(int(rng.integers(1, 4)), jitter.size)
         idx = rng.choice(jitter.size, size=k, replace=False)
         jitter[idx] = np.clip(jitter[idx] + rng.normal(0.0, 0.25, size=k), -JITTER_MAX, JITTER_MAX)
-        return Genome(self.slots(g), g.spacing, jitter)
+        return self._within_ranges(Genome(self.slots(g), g.spacing, jitter))
 
     def _cross_rest(self, a: Genome, b: Genome, cut: int, child_slots: np.ndarray, rng) -> Genome:
         jitter = np.concatenate([np.asarray(a.jitter)[:cut], np.asarray(b.jitter)[cut:]])
@@ -557,27 +579,29 @@ def sampler_steps(solver: str, max_nfe: int) -> int:
     return max(1, max_nfe // lo if lo == hi else -(-max_nfe // 2))
 
 
-def make_space(kind: str, members: Sequence[str], noise: VPSchedule, size: int, ays: AYSTable | None = None):
+def make_space(kind: str, members: Sequence[str], noise: VPSchedule, size: int, ays: AYSTable | None = None,
+               ranges: MemberRanges = MemberRanges()):
     """"dpm_solver": SlotSpace with `size` steps × 3 slots; "ddim" / "dpm_solver++": GridSpace of `size` entries;
     "sampler:<solver>": a SamplerSpace of that registry solver holding its samplers up to `size` NFEs, with the
-    members' AYS schedules for that solver (`ays`) as time grids of their own."""
+    members' AYS schedules for that solver (`ays`) as time grids of their own. `ranges`: the members' valid time
+    ranges (multi-decoder stages), which every genotype the space makes respects."""
     members = tuple(members)
     if kind == "dpm_solver":
-        return SlotSpace(members, size, noise)
+        return SlotSpace(members, size, noise, ranges)
     if kind in GRID_SOLVERS:
-        return GridSpace(members, size, noise, kind)
+        return GridSpace(members, size, noise, kind, ranges=ranges)
     if kind.startswith("sampler:") and kind.split(":", 1)[1] in SOLVER_REGISTRY:
         solver = kind.split(":", 1)[1]
         own = tuple(sorted((m, lv) for (m, s), lv in (ays or {}).items() if s == solver and m in members))
-        return SamplerSpace(members, solver, sampler_steps(solver, size), noise, ays=own)
+        return SamplerSpace(members, solver, sampler_steps(solver, size), noise, ays=own, ranges=ranges)
     raise ScheduleError(f"unknown search space {kind!r}; choose one of {', '.join(SPACE_KINDS)}")
 
 
 def make_spaces(kind: str, members: Sequence[str], noise: VPSchedule, size: int,
-                ays: AYSTable | None = None) -> list:
+                ays: AYSTable | None = None, ranges: MemberRanges = MemberRanges()) -> list:
     """The spaces a search runs: one, or for kind "all" OMS-DPM's slot space (⌈size/3⌉ steps, its logSNR grid) and
     a SamplerSpace per ODE solver of the registry (time genes on), the same solvers the baselines enumerate."""
     if kind != "all":
-        return [make_space(kind, members, noise, size, ays)]
-    return [make_space("dpm_solver", members, noise, -(-size // SLOTS_PER_STEP))] + [
-        make_space(f"sampler:{s}", members, noise, size, ays) for s in ODE_SOLVERS]
+        return [make_space(kind, members, noise, size, ays, ranges)]
+    return [make_space("dpm_solver", members, noise, -(-size // SLOTS_PER_STEP), ranges=ranges)] + [
+        make_space(f"sampler:{s}", members, noise, size, ays, ranges) for s in ODE_SOLVERS]
