@@ -78,9 +78,14 @@ def build_trainer(cfg: DictConfig, logger, run_dir: Path) -> L.Trainer:
         ModelCheckpoint(dirpath=run_dir, save_top_k=0, save_last=True, every_n_train_steps=cfg.checkpoint_every),
         ThroughputMonitor(batch_size_fn=len),
     ]
+    extra = {}
+    if cfg.model.get("network") == "multidecoder" and cfg.trainer.get("strategy") == "ddp":
+        # a batch may hold no sample of some stage: that decoder then takes no part in the loss, which plain DDP
+        # refuses; this strategy lets it sit out the step
+        extra["strategy"] = "ddp_find_unused_parameters_true"
     try:
         return instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(run_dir),
-                           plugins=[AtomicCheckpointIO()])
+                           plugins=[AtomicCheckpointIO()], **extra)
     except MisconfigurationException as e:
         raise UserError(f"invalid trainer settings: {e}") from None
 

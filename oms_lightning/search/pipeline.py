@@ -32,8 +32,8 @@ from oms_lightning.search.callback import SearchCallback
 from oms_lightning.search.report import print_details, print_table, report_outcomes
 from oms_lightning.steps import AYSTable, ays_table, optimize_command
 from oms_lightning.search.space import encode_exactly, make_spaces, random_schedules, single_member_anchors
-from oms_lightning.zoo import (Zoo, latency_path, load_or_profile, resolve_device, time_schedules,
-                              train_command)
+from oms_lightning.zoo import (Zoo, latency_path, load_or_profile, resolve_device, split_member_name,
+                              time_schedules, train_command)
 
 
 def log(msg: str) -> None:
@@ -43,7 +43,8 @@ def log(msg: str) -> None:
 # ----------------------------------------------------------------------------------------------- zoo
 def missing_members(cfg: DictConfig) -> list[str]:
     folder = Path(cfg.paths.checkpoints) / str(cfg.data.name)
-    return [m for m in sorted(cfg.zoo.members) if not (folder / f"{m}.ckpt").is_file()]
+    files = sorted({split_member_name(m)[0] for m in cfg.zoo.members})   # `multistage.s0` lives in multistage.ckpt
+    return [m for m in files if not (folder / f"{m}.ckpt").is_file()]
 
 
 def ensure_zoo(cfg: DictConfig) -> None:
