@@ -168,6 +168,21 @@ def with_coefficients(plain: ModelSchedule, fit: iia.IIAFit, zoo: Zoo, settings:
                                      "reference_member": settings["reference_member"]}})
 
 
+def fit_schedule(zoo: Zoo, plain: ModelSchedule, calibration: dict, sub_steps: int = 10,
+                 feature_set: str | None = None) -> ModelSchedule | None:
+    """`plain` carrying IIA coefficients (its solver's first feature set unless given) fitted on `calibration`
+    noise ({n, held_out, seed}), or None when its solver has no IIA features: what `search.iia=rerank` applies to
+    the search's top candidates."""
+    spec = get_solver(plain.solver)
+    if not spec.feature_sets:
+        return None
+    settings = {"feature_set": feature_set or spec.feature_sets[0], "sub_steps": int(sub_steps),
+                "calibration": dict(calibration), "reference_member": None}
+    x_fit, x_held = calibration_noise(zoo, settings["calibration"])
+    fit, _ = run_fit(zoo, plain.plain(), settings, x_fit, x_held, None)
+    return with_coefficients(plain.plain(), fit, zoo, settings)
+
+
 def calibration_noise(zoo: Zoo, calibration: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Samples 0..n−1 of the calibration seed (the fit batch) and n..n+h−1 (the held-out batch): the same
     per-sample noise `generate` draws, so sample i of this seed is one image whatever the batch."""

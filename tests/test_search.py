@@ -176,3 +176,30 @@ def test_missing_members_are_trained_first_with_train_py_code(tmp_path):
     assert r.returncode == 0, r.stderr[-4000:]
     assert "training missing zoo member 'tiny'" in r.stdout and (tmp_path / "digits" / "tiny.ckpt").is_file()
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["n_records"] > 0
+
+
+@pytest.mark.slow
+def test_joint_search_writes_the_ablation_of_its_ingredients(zoo_root):
+    """search=joint: AYS grids, time genes and IIA coefficients on the re-ranked candidates; summary.json compares
+    members only, + times, the joint winner and the best single member with AYS + IIA on the evaluation seeds."""
+    from oms_lightning.evaluation import VERDICTS
+
+    write_ays(zoo_root)
+    r = run_search(zoo_root, "search=joint", "budget=60", "search.iia_calibration.n=16",
+                   "search.iia_calibration.held_out=8", "search.iia_calibration.sub_steps=2")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "fitting IIA" in r.stdout and "ablation: the same evolution with time fixed" in r.stdout
+    summary = json.loads((zoo_root / "run" / "summary.json").read_text())
+    rows = summary["ablation"]["rows"]
+    assert set(rows) == {"members_only", "members_and_times", "joint", "single_member_ays_iia", "baseline"}
+    assert rows["joint"]["schedule"] == summary["schedule"] and rows["baseline"]["verdict"] is None
+    assert all(rows[n]["verdict"] in VERDICTS for n in rows if n != "baseline")
+    assert all(row["cost"] <= 60 * (1 + 1e-9) for row in rows.values())
+    check_fresh_seed_protocol(zoo_root, summary)
+
+
+def test_bad_iia_setting_and_calibration_seed_overlap_are_refused(zoo_root):
+    r = run_search(zoo_root, "search.iia=always")
+    assert r.returncode == 2 and "search.iia='always'" in r.stderr
+    r = run_search(zoo_root, "search=joint", "search.iia_calibration.seed=100")
+    assert r.returncode == 2 and "the IIA calibration" in r.stderr

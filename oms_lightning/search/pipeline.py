@@ -9,6 +9,7 @@ turns per stage (file locks in the cache folder) and reuse each other's results.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -30,8 +31,8 @@ from oms_lightning.predictor.records import RecordStore, fid_settings, settings_
 from oms_lightning.schedule import ModelSchedule, schedule_key
 from oms_lightning.search.callback import SearchCallback
 from oms_lightning.search.report import print_details, print_table, report_outcomes
-from oms_lightning.steps import AYSTable, ays_table, optimize_command
-from oms_lightning.search.space import encode_exactly, make_spaces, random_schedules, single_member_anchors
+from oms_lightning.steps import AYS, AYSTable, ays_table, optimize_command
+from oms_lightning.search.space import SamplerSpace, encode_exactly, make_spaces, random_schedules, single_member_anchors
 from oms_lightning.zoo import (Zoo, latency_path, load_or_profile, resolve_device, split_member_name,
                               time_schedules, train_command)
 
@@ -130,8 +131,14 @@ def check_evaluation_settings(cfg: DictConfig) -> list[int]:
     if not isinstance(e.equal_quality_max_budgets, (int, float)) or e.equal_quality_max_budgets <= 0:
         raise UserError(f"invalid value search.evaluation.equal_quality_max_budgets={e.equal_quality_max_budgets!r}: "
                         f"expected a positive multiple of the budget")
-    return check_fresh_seeds(e.seeds, {"the schedule→FID dataset": cfg.search.dataset.sample_seed,
-                                       "the re-rank and baseline choice": cfg.search.rerank.seed})
+    if cfg.search.iia not in ("none", "rerank"):
+        raise UserError(f"search.iia={cfg.search.iia!r}: choose none or rerank (fit IIA coefficients for the top "
+                        f"candidates before the re-rank)")
+    used = {"the schedule→FID dataset": cfg.search.dataset.sample_seed,
+            "the re-rank and baseline choice": cfg.search.rerank.seed}
+    if cfg.search.iia == "rerank" or cfg.search.ablation:
+        used["the IIA calibration"] = cfg.search.iia_calibration.seed
+    return check_fresh_seeds(e.seeds, used)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -242,17 +249,17 @@ def waiting_for(holder: str) -> None:
 
 # ----------------------------------------------------------------------------------------------- evaluation
 def choose_baseline(cfg: DictConfig, zoo: Zoo, profile, budget: float, rerank,
-                    ays: AYSTable) -> tuple[ModelSchedule, list[dict]]:
+                    ays: AYSTable) -> tuple[ModelSchedule, list[dict], list[ModelSchedule]]:
     """The strongest single-member sampler within the budget, chosen on the selection seed: every member × solver
     × spacing (AYS included where a member has steps) at the NFEs `evaluation.baseline_nfes` allows. Returns (the
-    chosen schedule, every candidate's record)."""
+    chosen schedule, every candidate's record, the candidates best first)."""
     candidates = in_range(zoo, single_member_baselines(zoo.names, zoo.schedule, profile.latency, budget,
                                                        nfes=cfg.search.evaluation.baseline_nfes, ays=ays))
     log(f"budget {1000 * budget:.0f} ms: choosing the baseline among {len(candidates)} single-member samplers "
         f"(selection seed {cfg.search.rerank.seed}, cached)")
     records = [{**r, "cost": profile.cost(s)} for r, s in zip(rerank(candidates), candidates)]
-    i = min(range(len(records)), key=lambda j: records[j]["fid"])
-    return candidates[i], records
+    order = sorted(range(len(records)), key=lambda j: records[j]["fid"])
+    return candidates[order[0]], records, [candidates[j] for j in order]
 
 
 def seeds_fn(cfg: DictConfig, zoo: Zoo, profile, ays: AYSTable):
@@ -286,17 +293,20 @@ def candidates(results: list, top_k: int, per_space: int) -> list[ModelSchedule]
 
 
 def evaluate_budget(cfg: DictConfig, zoo: Zoo, profile, results: list, spaces: list, rerank, evaluation: Evaluation,
-                    noise_floor: dict, predictor_metrics: dict, ays: AYSTable) -> dict:
+                    noise_floor: dict, predictor_metrics: dict, ays: AYSTable, members_only: list | None) -> dict:
     """One budget, in order: choose the baseline on the selection seed, re-rank the search's candidates (and the
     baseline itself when the spaces contain it: a search never loses to a point it could have chosen) on the same
     seed, score winner and baseline on fresh seeds (paired intervals, verdicts), cost at equal quality, wall time,
     predictor τ near the budget."""
     budget = results[0].budget
-    baseline, baseline_records = choose_baseline(cfg, zoo, profile, budget, rerank, ays)
+    baseline, baseline_records, singles = choose_baseline(cfg, zoo, profile, budget, rerank, ays)
     top = candidates(results, cfg.search.rerank.top_k, cfg.search.rerank.top_per_space)
     expressible = any(encode_exactly(space, baseline) is not None for space in spaces)
     if expressible and schedule_key(baseline) not in {schedule_key(s) for s in top}:
         top.append(baseline)
+    plain_top = list(top)
+    if cfg.search.iia == "rerank":  # the corrected versions compete beside the plain ones (IIA may hurt FID)
+        top += with_iia(cfg, zoo, plain_top)
     reranked = rerank(top)
     w = min(range(len(reranked)), key=lambda j: reranked[j]["fid"])
     winner = top[w]
@@ -309,12 +319,55 @@ def evaluate_budget(cfg: DictConfig, zoo: Zoo, profile, results: list, spaces: l
     walls = time_schedules(zoo, [winner, baseline], profile.batch_size, rounds=cfg.search.evaluation.timing_rounds)
     test = predictor_metrics.get("test_predictions")
     near = rank_metrics_near(test["score"], test["fid"], test["cost"], budget) if test else None
-    return {"budget": budget, "results": results, "winner": winner, "winner_record": reranked[w],
+    ablation = (joint_ablation(cfg, zoo, profile, rerank, evaluation, noise_floor, baseline, singles, winner,
+                               plain_top, members_only) if members_only is not None else None)
+    return {"budget": budget, "results": results, "winner": winner, "winner_record": reranked[w], "ablation": ablation,
             "winner_is_baseline": schedule_key(winner) == schedule_key(baseline),
             "baseline": baseline, "baseline_records": baseline_records,
             "costs": {"searched": profile.cost(winner), "baseline": profile.cost(baseline)},
             "comparison": comparison, "equal": equal, "walls": walls, "tau_near_budget": near,
             "same_steps": same_steps_single_member(winner, zoo, rerank)}
+
+
+# ----------------------------------------------------------------------------------------------- joint search
+def with_iia(cfg: DictConfig, zoo: Zoo, schedules: list[ModelSchedule]) -> list[ModelSchedule]:
+    """The schedules with IIA coefficients fitted on the calibration seed (those whose solver has IIA features)."""
+    from oms_lightning.fit_coefficients_job import fit_schedule
+
+    c = cfg.search.iia_calibration
+    calibration = {"n": int(c.n), "held_out": int(c.held_out), "seed": int(c.seed)}
+    fitted = [fit_schedule(zoo, s, calibration, int(c.sub_steps)) for s in schedules if s.correction is None]
+    return [f for f in fitted if f is not None]
+
+
+def members_only_spaces(spaces: list) -> list:
+    """The same spaces with time fixed: each solver family on its logSNR-uniform grid, no time genes, no AYS grids
+    (OMS-DPM's search over members, extended to every solver family): the joint search's first ablation."""
+    return [dataclasses.replace(sp, time_genes=False, spacings=("logsnr_uniform",), ays=())
+            if isinstance(sp, SamplerSpace) else sp for sp in spaces]
+
+
+def best_on_selection_seed(schedules: list[ModelSchedule], rerank) -> ModelSchedule:
+    records = rerank(schedules)
+    return schedules[min(range(len(records)), key=lambda i: records[i]["fid"])]
+
+
+def joint_ablation(cfg: DictConfig, zoo: Zoo, profile, rerank, evaluation: Evaluation, noise_floor: dict,
+                   baseline: ModelSchedule, singles: list[ModelSchedule], winner: ModelSchedule,
+                   plain_top: list[ModelSchedule], members_only: list) -> dict:
+    """What each ingredient of the joint search buys, every contender chosen on the selection seed and scored on
+    the fresh seeds against the baseline: members only (time fixed) → + time genes and AYS grids → + IIA
+    coefficients (the winner) → and the best single member with its AYS times and IIA coefficients."""
+    k, per_space = cfg.search.rerank.top_k, cfg.search.rerank.top_per_space
+    single = next((s for s in singles if s.meta.get("spacing") == AYS), singles[0])   # its AYS times if it has any
+    contenders = {"members_only": best_on_selection_seed(candidates(members_only, k, per_space), rerank),
+                  "members_and_times": best_on_selection_seed(plain_top, rerank),
+                  "joint": winner,
+                  "single_member_ays_iia": best_on_selection_seed([single] + with_iia(cfg, zoo, [single]), rerank),
+                  "baseline": baseline}
+    comparison = compare(evaluation, contenders, reference="baseline", noise_floor=noise_floor)
+    return {"comparison": comparison, "schedules": {n: s.compact() for n, s in contenders.items()},
+            "costs_ms": {n: 1000 * profile.cost(s) for n, s in contenders.items()}}
 
 
 # ----------------------------------------------------------------------------------------------- the job
@@ -355,6 +408,12 @@ def run(cfg: DictConfig) -> list[dict]:
     predictor, predictor_metrics = train_or_load_predictor(cfg, zoo, records, cache, logger,
                                                            max_steps=max(sp.max_steps for sp in spaces))
     callback.search(predictor)
+    members_only = None
+    if cfg.search.ablation:
+        log("ablation: the same evolution with time fixed (members and solver families only)")
+        members_only = SearchCallback(members_only_spaces(spaces), profile.cost, budgets, seed=cfg.seed,
+                                      evolution=callback.evolution, seeds=seeds_fn(cfg, zoo, profile, ays)
+                                      ).search(predictor)
 
     e = cfg.search.evaluation
     sample_metrics = SampleMetrics(evaluator, datamodule)
@@ -365,7 +424,7 @@ def run(cfg: DictConfig) -> list[dict]:
     rerank = rerank_fn(cfg, zoo, evaluator, profile, cache)
     with file_lock(cache / ".evaluation.lock", waiting=waiting_for):  # the selection and evaluation stores
         outcomes = [evaluate_budget(cfg, zoo, profile, callback.results[b], spaces, rerank, evaluation, noise_floor,
-                                    predictor_metrics, ays) for b in budgets]
+                                    predictor_metrics, ays, members_only and members_only[b]) for b in budgets]
 
     run_dir = Path(cfg.paths.run_dir)
     summaries = report_outcomes(outcomes, zoo, profile, run_dir, store_size=len(store), logger=logger,

@@ -83,7 +83,21 @@ def summarise(o: dict, profile, store_size: int, predictor_metrics: dict, settin
         "schedules_scored": sum(r.evaluated for r in o["results"]),
         "winner_family": o["winner"].solver, "winner_is_baseline": o["winner_is_baseline"],
         "latency_ms": {k: ms(v) for k, v in profile.latency.items()}, "latency_spread": dict(profile.spread),
+        "ablation": ablation_rows(o.get("ablation")),
     }
+
+
+def ablation_rows(ablation: dict | None) -> dict | None:
+    """search=joint: per ingredient, its schedule, cost, fresh-seed FID and interval, and its verdict against the
+    baseline (and the full comparison)."""
+    if ablation is None:
+        return None
+    c = ablation["comparison"]["contenders"]
+    return {"rows": {n: {"schedule": ablation["schedules"][n], "cost": ablation["costs_ms"][n],
+                         "fid_mean": row["fid"]["mean"], "fid_ci": row["fid"]["ci"],
+                         "diff_vs_baseline_ci": row["fid"].get("diff_ci"), "verdict": row["fid"].get("verdict")}
+                     for n, row in c.items()},
+            "comparison": ablation["comparison"]}
 
 
 def _pm(mean: float, ci) -> str:
