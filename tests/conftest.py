@@ -36,6 +36,17 @@ def compose():
     return _compose
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny nets and data: on a shared, busy 2-core machine two OpenMP threads spin-wait on each
+    other and made such modules ~20x slower than one thread. Use with `pytestmark = pytest.mark.usefixtures(...)`;
+    restored afterwards for the rest of the session."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def digits():
     """The embedded digits data module, set up once per test session."""

@@ -23,13 +23,7 @@ T_END = 1e-3
 SIGMA_MIN, SIGMA_MAX = ays.sigma_of_t(SCHED, T_END).item(), ays.sigma_of_t(SCHED, 1.0).item()   # ≈ 0.0316, 152
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: thread hand-offs would cost more than the arithmetic."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny nets: see conftest.one_thread
 
 
 def gaussian_data(std=C, n=4096, seed=0):

@@ -16,14 +16,7 @@ TINY_ARGS = ["steps=3", "sub_steps=2", "fine_steps=10", "logger=none", "fit_coef
 NO_FID = "fit_coefficients.evaluation.n=0"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny nets on a shared 2-core machine: thread hand-offs cost far more than the arithmetic (measured 2.3 s
-    with one thread against 41 s with two for the in-process runs below)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny nets: see conftest.one_thread
 
 
 @pytest.fixture

@@ -16,14 +16,7 @@ MIXED_T = torch.tensor([0.05, 0.3, 0.31, 0.7, 0.71, 1.0], dtype=torch.float64)
 MIXED_STAGES = [0, 0, 1, 1, 2, 2]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These nets and data are tiny: on a shared, busy 2-core machine two OpenMP threads spin-wait on each other
-    and made this file ~20x slower than one thread. Restored afterwards for the rest of the session."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny nets: see conftest.one_thread
 
 
 def count(params):

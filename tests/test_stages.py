@@ -15,14 +15,7 @@ from oms_lightning.errors import UserError
 SCHEDULE = VPSchedule()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These nets and data are tiny: on a shared, busy 2-core machine two OpenMP threads spin-wait on each other
-    and made this file ~20x slower than one thread. Restored afterwards for the rest of the session."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny nets: see conftest.one_thread
 
 
 def two_cluster_data(n_per_cluster=6, level=0.5, spread=0.05, seed=0):

@@ -22,8 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from oms_lightning.diffusion.stages import stage_index, validate_boundaries
-from oms_lightning.nets.unet import AttentionBlock, Downsample, Level, ResBlock, Upsample, group_norm, \
-    sinusoidal_embedding
+from oms_lightning.nets.unet import down_path, run_down_path, run_up_path, sinusoidal_embedding, up_path
 
 __all__ = ["MultiDecoderUNet", "StagePath", "SharedEncoder", "StageDecoder", "MULTIDECODER_PRESETS",
            "multidecoder_preset", "unet_state_dict_to_multidecoder"]
@@ -40,46 +39,20 @@ class SharedEncoder(nn.Module):
                  num_res_blocks: int, attention_resolutions: Sequence[int], num_heads: int, dropout: float,
                  time_scale: float):
         super().__init__()
-        if image_size % 2 ** (len(channel_mult) - 1):
-            raise ValueError(f"image size {image_size} is not divisible by 2^{len(channel_mult) - 1} "
-                             f"(channel_mult {list(channel_mult)} downsamples {len(channel_mult) - 1} times)")
         self.channels, self.time_scale = channels, time_scale
         self.emb_dim = emb_dim = 4 * channels
         self.time_embed = nn.Sequential(nn.Linear(channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.head = nn.Conv2d(image_channels, channels, 3, padding=1)
-
-        # Skip widths are kept as channel multipliers so that every decoder can scale them to its own width.
-        self.skip_mults: list[int] = [1]
-        self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
-        c, res = channels, image_size
-        for i, m in enumerate(channel_mult):
-            w = channels * m
-            self.down.append(Level([c] + [w] * num_res_blocks, emb_dim, dropout, res in attention_resolutions,
-                                   num_heads))
-            c = w
-            self.skip_mults += [m] * num_res_blocks
-            if i < len(channel_mult) - 1:
-                self.downsample.append(Downsample(c))
-                self.skip_mults.append(m)
-                res //= 2
-        self.mid = nn.ModuleList([ResBlock(c, c, emb_dim, dropout), AttentionBlock(c, num_heads),
-                                  ResBlock(c, c, emb_dim, dropout)])
+        # skip widths as channel multipliers, so that every decoder can scale them to its own width
+        self.down, self.downsample, self.mid, self.skip_mults = down_path(
+            image_size, channels, channel_mult, num_res_blocks, emb_dim, dropout, attention_resolutions, num_heads)
 
     def embed_time(self, t: Tensor, dtype: torch.dtype) -> Tensor:
         return self.time_embed(sinusoidal_embedding(t * self.time_scale, self.channels).to(dtype))
 
     def forward(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
         emb = self.embed_time(t, x.dtype)
-        h = self.head(x)
-        skips = [h]
-        for i, level in enumerate(self.down):
-            for block, attn in zip(level.blocks, level.attn):
-                h = attn(block(h, emb))
-                skips.append(h)
-            if i < len(self.downsample):
-                h = self.downsample[i](h)
-                skips.append(h)
-        h = self.mid[2](self.mid[1](self.mid[0](h, emb)), emb)
+        h, skips = run_down_path(self.down, self.downsample, self.mid, self.head(x), emb)
         return emb, h, skips
 
 
@@ -104,32 +77,14 @@ class StageDecoder(nn.Module):
         self.mid_proj = _project(enc_ch * channel_mult[-1], channels * channel_mult[-1])
         self.skip_proj = nn.ModuleList(_project(enc_ch * m, channels * m) for m in encoder.skip_mults)
 
-        skips = [channels * m for m in encoder.skip_mults]
-        c, res = channels * channel_mult[-1], image_size // 2 ** (len(channel_mult) - 1)
-        self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
-        for i, m in reversed(list(enumerate(channel_mult))):
-            w = channels * m
-            level = Level([c] + [w] * (num_res_blocks + 1), emb_dim, dropout, res in attention_resolutions,
-                          num_heads)
-            # As in UNet: each up block also receives one skip connection concatenated to its input.
-            level.blocks = nn.ModuleList(ResBlock(c_in + skips.pop(), w, emb_dim, dropout)
-                                         for c_in in [c] + [w] * num_res_blocks)
-            self.up.append(level)
-            c = w
-            if i > 0:
-                self.upsample.append(Upsample(c))
-                res *= 2
-        self.tail = nn.Sequential(group_norm(c), nn.SiLU(), nn.Conv2d(c, image_channels, 3, padding=1))
+        self.up, self.upsample, self.tail = up_path(
+            [channels * m for m in channel_mult], [channels * m for m in encoder.skip_mults],
+            channels * channel_mult[-1], image_size // 2 ** (len(channel_mult) - 1), image_channels, num_res_blocks,
+            emb_dim, dropout, attention_resolutions, num_heads)
 
     def forward(self, emb: Tensor, h: Tensor, skips: list[Tensor]) -> Tensor:
         skips = [proj(s) for proj, s in zip(self.skip_proj, skips)]
-        h = self.mid_proj(h)
-        for i, level in enumerate(self.up):
-            for block, attn in zip(level.blocks, level.attn):
-                h = attn(block(torch.cat([h, skips.pop()], dim=1), emb))
-            if i < len(self.upsample):
-                h = self.upsample[i](h)
-        return self.tail(h)
+        return run_up_path(self.up, self.upsample, self.tail, self.mid_proj(h), skips, emb)
 
 
 class MultiDecoderUNet(nn.Module):

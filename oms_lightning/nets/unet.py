@@ -105,60 +105,88 @@ class UNet(nn.Module):
                  attention_resolutions: Sequence[int] = (16,), num_heads: int = 1, dropout: float = 0.1,
                  time_scale: float = 1000.0):
         super().__init__()
-        if image_size % 2 ** (len(channel_mult) - 1):
-            raise ValueError(f"image size {image_size} is not divisible by 2^{len(channel_mult) - 1} "
-                             f"(channel_mult {list(channel_mult)} downsamples {len(channel_mult) - 1} times)")
         self.channels, self.time_scale = channels, time_scale
         emb_dim = 4 * channels
         self.time_embed = nn.Sequential(nn.Linear(channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.head = nn.Conv2d(image_channels, channels, 3, padding=1)
-
-        widths = [channels * m for m in channel_mult]
-        self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
-        skips, c, res = [channels], channels, image_size
-        for i, w in enumerate(widths):
-            self.down.append(Level([c] + [w] * num_res_blocks, emb_dim, dropout, res in attention_resolutions,
-                                   num_heads))
-            c = w
-            skips += [w] * num_res_blocks
-            if i < len(widths) - 1:
-                self.downsample.append(Downsample(c))
-                skips.append(c)
-                res //= 2
-
-        self.mid = nn.ModuleList([ResBlock(c, c, emb_dim, dropout), AttentionBlock(c, num_heads),
-                                  ResBlock(c, c, emb_dim, dropout)])
-
-        self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
-        for i, w in reversed(list(enumerate(widths))):
-            level = Level([c] + [w] * (num_res_blocks + 1), emb_dim, dropout, res in attention_resolutions,
-                          num_heads)
-            # Each up block also receives one skip connection concatenated to its input.
-            level.blocks = nn.ModuleList(ResBlock(c_in + skips.pop(), w, emb_dim, dropout)
-                                         for c_in in [c] + [w] * num_res_blocks)
-            self.up.append(level)
-            c = w
-            if i > 0:
-                self.upsample.append(Upsample(c))
-                res *= 2
-        self.tail = nn.Sequential(group_norm(c), nn.SiLU(), nn.Conv2d(c, image_channels, 3, padding=1))
+        self.down, self.downsample, self.mid, skip_mults = down_path(
+            image_size, channels, channel_mult, num_res_blocks, emb_dim, dropout, attention_resolutions, num_heads)
+        widths, skips = [channels * m for m in channel_mult], [channels * m for m in skip_mults]
+        c, res = widths[-1], image_size // 2 ** (len(channel_mult) - 1)
+        self.up, self.upsample, self.tail = up_path(widths, skips, c, res, image_channels, num_res_blocks, emb_dim,
+                                                    dropout, attention_resolutions, num_heads)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
         emb = self.time_embed(sinusoidal_embedding(t * self.time_scale, self.channels).to(x.dtype))
-        h = self.head(x)
-        hs = [h]
-        for i, level in enumerate(self.down):
-            for block, attn in zip(level.blocks, level.attn):
-                h = attn(block(h, emb))
-                hs.append(h)
-            if i < len(self.downsample):
-                h = self.downsample[i](h)
-                hs.append(h)
-        h = self.mid[2](self.mid[1](self.mid[0](h, emb)), emb)
-        for i, level in enumerate(self.up):
-            for block, attn in zip(level.blocks, level.attn):
-                h = attn(block(torch.cat([h, hs.pop()], dim=1), emb))
-            if i < len(self.upsample):
-                h = self.upsample[i](h)
-        return self.tail(h)
+        h, hs = run_down_path(self.down, self.downsample, self.mid, self.head(x), emb)
+        return run_up_path(self.up, self.upsample, self.tail, h, hs, emb)
+
+
+def down_path(image_size: int, channels: int, channel_mult: Sequence[int], num_res_blocks: int, emb_dim: int,
+              dropout: float, attention_resolutions: Sequence[int],
+              num_heads: int) -> tuple[nn.ModuleList, nn.ModuleList, nn.ModuleList, list[int]]:
+    """The encoder half (down, downsample, mid) from `channels` at full resolution, and the skip connections'
+    widths as multiples of `channels` in the order they are made (a decoder of another width scales them)."""
+    if image_size % 2 ** (len(channel_mult) - 1):
+        raise ValueError(f"image size {image_size} is not divisible by 2^{len(channel_mult) - 1} "
+                         f"(channel_mult {list(channel_mult)} downsamples {len(channel_mult) - 1} times)")
+    down, downsample, skip_mults = nn.ModuleList(), nn.ModuleList(), [1]
+    c, res = channels, image_size
+    for i, m in enumerate(channel_mult):
+        w = channels * m
+        down.append(Level([c] + [w] * num_res_blocks, emb_dim, dropout, res in attention_resolutions, num_heads))
+        c = w
+        skip_mults += [m] * num_res_blocks
+        if i < len(channel_mult) - 1:
+            downsample.append(Downsample(c))
+            skip_mults.append(m)
+            res //= 2
+    mid = nn.ModuleList([ResBlock(c, c, emb_dim, dropout), AttentionBlock(c, num_heads),
+                         ResBlock(c, c, emb_dim, dropout)])
+    return down, downsample, mid, skip_mults
+
+
+def run_down_path(down: nn.ModuleList, downsample: nn.ModuleList, mid: nn.ModuleList, h: Tensor,
+                  emb: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """Forward through `down_path`'s modules: (the middle block's output, every skip feature in order)."""
+    skips = [h]
+    for i, level in enumerate(down):
+        for block, attn in zip(level.blocks, level.attn):
+            h = attn(block(h, emb))
+            skips.append(h)
+        if i < len(downsample):
+            h = downsample[i](h)
+            skips.append(h)
+    return mid[2](mid[1](mid[0](h, emb)), emb), skips
+
+
+def up_path(widths: Sequence[int], skips: Sequence[int], c: int, res: int, image_channels: int, num_res_blocks: int,
+            emb_dim: int, dropout: float, attention_resolutions: Sequence[int],
+            num_heads: int) -> tuple[nn.ModuleList, nn.ModuleList, nn.Sequential]:
+    """The decoder half (up, upsample, tail) from c channels at resolution res to the image: level widths
+    `widths` reversed, each block also fed one skip connection of the widths `skips` (consumed from the end)."""
+    skips = list(skips)
+    up, upsample = nn.ModuleList(), nn.ModuleList()
+    for i, w in reversed(list(enumerate(widths))):
+        level = Level([c] + [w] * (num_res_blocks + 1), emb_dim, dropout, res in attention_resolutions, num_heads)
+        # Each up block also receives one skip connection concatenated to its input.
+        level.blocks = nn.ModuleList(ResBlock(c_in + skips.pop(), w, emb_dim, dropout)
+                                     for c_in in [c] + [w] * num_res_blocks)
+        up.append(level)
+        c = w
+        if i > 0:
+            upsample.append(Upsample(c))
+            res *= 2
+    return up, upsample, nn.Sequential(group_norm(c), nn.SiLU(), nn.Conv2d(c, image_channels, 3, padding=1))
+
+
+def run_up_path(up: nn.ModuleList, upsample: nn.ModuleList, tail: nn.Module, h: Tensor, skips: list[Tensor],
+                emb: Tensor) -> Tensor:
+    """Forward through `up_path`'s modules, popping one skip per block."""
+    for i, level in enumerate(up):
+        for block, attn in zip(level.blocks, level.attn):
+            h = attn(block(torch.cat([h, skips.pop()], dim=1), emb))
+        if i < len(upsample):
+            h = upsample[i](h)
+    return tail(h)
