@@ -155,6 +155,10 @@ def load_plain_schedule(cfg: DictConfig, settings: dict, device) -> tuple[Zoo, M
     reference = settings["reference_member"]
     if reference is not None and reference not in zoo:
         zoo = Zoo.load(cfg.paths.checkpoints, str(cfg.data.name), names=[*zoo.names, reference], device=device)
+    if reference is not None and zoo.time_range(reference) != (0.0, 1.0):
+        raise UserError(f"reference_member={reference!r} may run only at t in {zoo.time_range(reference)} (a "
+                        f"multi-decoder stage), but the fine reference runs over every step; use its routed member "
+                        f"or a plain member")
     return zoo, plain
 
 
