@@ -208,3 +208,23 @@ def test_spaces_only_make_assignments_inside_the_members_time_ranges(kind):
     result = evolve(space, lambda ss: [len(x.member_names) - x.nfe for x in ss], lambda x: x.cost(latency), 10.0,
                     population=8, children=8, generations=4, seed=0)
     assert all(ranges.out_of_range(c.schedule, NOISE) == [] for c in result.population)
+
+
+def test_the_joint_space_with_time_frozen_is_the_members_only_search():
+    """members_only_spaces (the joint search's first ablation): no time genes, no AYS grids, every schedule on its
+    family's logSNR-uniform grid — what remains to search is the members (and the step count)."""
+    from oms_lightning.diffusion.spacing import default_t_end, timesteps
+    from oms_lightning.search.pipeline import members_only_spaces
+
+    joint = make_spaces("all", MEMBERS, NOISE, 12, AYS)
+    frozen = members_only_spaces(joint)
+    assert [type(s) for s in frozen] == [type(s) for s in joint]
+    rng = np.random.default_rng(5)
+    for space in frozen:
+        if not isinstance(space, SamplerSpace):
+            continue
+        assert not space.time_genes and space.spacings == ("logsnr_uniform",) and space.ays == ()
+        for _ in range(20):
+            s = space.decode(space.mutate(space.sample_genotype(rng, 0.5), rng))
+            grid = timesteps("logsnr_uniform", len(s.steps), NOISE, t_end=default_t_end(s.nfe)).tolist()
+            assert s.times == pytest.approx(grid, abs=1e-12)
