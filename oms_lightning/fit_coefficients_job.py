@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
+from tqdm.auto import tqdm
 from omegaconf import DictConfig, OmegaConf
 
 from oms_lightning.diffusion import iia
@@ -205,12 +206,12 @@ def run_fit(zoo: Zoo, plain: ModelSchedule, settings: dict, x_fit, x_held, refer
         f"{settings['calibration']['seed']}), fine reference from "
         + (f"member {settings['reference_member']}" if reference is not None else "each step's own members"))
     started = time.perf_counter()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), tqdm(total=len(plain), desc="IIA fit", unit="step", leave=False) as bar:
         # a singular or ill-conditioned step falls back to a ridge; the per-step lines below say so (`fallback`)
         warnings.simplefilter("ignore", iia.IIAFitWarning)
         fit = iia.fit_coefficients(plain.solver, zoo.denoisers_for(plain), _times(plain), plain.orders,
                                    zoo.schedule, x_fit, x_held, settings["feature_set"], settings["sub_steps"],
-                                   reference=reference)
+                                   reference=reference, on_step=lambda i, step: bar.update())
     seconds = time.perf_counter() - started
     for i, step in enumerate(fit.steps):
         log(step_line(i, step, fit.features))

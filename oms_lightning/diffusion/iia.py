@@ -26,7 +26,7 @@ import math
 import numbers
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -274,13 +274,14 @@ def _advance_with_reference(spec: SolverSpec, run: Stepper, state: Tensor, refer
 @torch.no_grad()
 def fit_coefficients(solver, denoisers, ts, orders, schedule: VPSchedule, x_fit: Tensor, x_held: Tensor,
                      feature_set: str, M: int = 10, *, reference=None,
-                     ridges: Sequence[float] = DEFAULT_RIDGES) -> IIAFit:
+                     ridges: Sequence[float] = DEFAULT_RIDGES,
+                     on_step: Callable[[int, "StepFit"], None] | None = None) -> IIAFit:
     """Fit IIA coefficients step by step (Zhang et al. 2024, §3).
 
     x_fit / x_held: starting noise at ts[0] of the fit batch and of the held-out batch (separate noise, which picks
     the ridge). Step i is fitted on the states the corrected sampler visits, then both batches advance with the
     corrected step i. M: fine sub-steps per step; reference: one callable for every fine reference (default: each
-    step's own denoisers)."""
+    step's own denoisers); on_step(i, fit of step i) after each step (progress)."""
     spec = _spec(solver)
     if feature_set is None:
         supported = ", ".join(spec.feature_sets) or "none"
@@ -302,5 +303,7 @@ def fit_coefficients(solver, denoisers, ts, orders, schedule: VPSchedule, x_fit:
         fit_state = corrected(fit_update, fit_features, result.coefficients)
         held_state = corrected(held_update, held_features, result.coefficients)
         steps.append(result)
+        if on_step is not None:
+            on_step(i, result)
     return IIAFit(solver=spec.name, feature_set=feature_set, features=list(spec.feature_names(feature_set)),
                   times=list(fit_run.ts), orders=list(fit_run.nfes), sub_steps=M, steps=steps)
