@@ -163,7 +163,7 @@ def test_a_schedule_naming_a_member_without_preset_advises_a_command_that_works(
 def test_sample_py_unknown_preset_lists_the_known_ones(tmp_path):
     r = run_sample(tmp_path, "model=huge")
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        "error: unknown model 'huge'; choose one of: large, medium, small, tiny (configs/model/)"]
+        "error: unknown model 'huge'; choose one of: large, medium, multistage, small, tiny (configs/model/)"]
 
 
 # ----------------------------------------------------------------------------------------------- IIA coefficients

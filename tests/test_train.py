@@ -225,7 +225,7 @@ def test_cli_errors_are_one_line_with_exit_code(tmp_path):
     assert "Traceback" not in r.stderr
     r = run_cli("train.py", "model=huge")
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        "error: unknown model 'huge'; choose one of: large, medium, small, tiny (configs/model/)"]
+        "error: unknown model 'huge'; choose one of: large, medium, multistage, small, tiny (configs/model/)"]
     assert not any(tmp_path.rglob("*.ckpt"))
 
 
