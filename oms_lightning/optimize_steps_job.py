@@ -160,7 +160,7 @@ def run_optimizer(cfg: DictConfig, settings: dict, zoo: Zoo, datamodule, evaluat
 
     logger = make_logger(cfg.logger, name=f"ays-{settings['member']}-{settings['solver']}-{settings['steps']}",
                          group=f"optimize_steps-{cfg.data.name}", config=OmegaConf.to_container(cfg, resolve=True))
-    total = settings["max_sweeps"] * len(settings["levels"])
+    total = (settings["max_sweeps"] + 1) * len(settings["levels"])   # sweep 0 of each level is its start
     bar = tqdm(total=total, desc="AYS sweeps", unit="sweep")
     counter = {"sweeps": 0, "t": time.perf_counter()}
 
