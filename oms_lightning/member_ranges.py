@@ -11,6 +11,15 @@ from oms_lightning.diffusion.solvers import get_solver
 from oms_lightning.errors import UserError
 
 FULL = (0.0, 1.0)
+STAGE_MARK = ".s"   # `multistage.s1`: stage 1's path (shared encoder + its decoder) of the member file multistage.ckpt
+
+
+def split_member_name(name: str) -> tuple[str, int | None]:
+    """(member file stem, stage index or None): `multistage.s1` → ("multistage", 1); `small` → ("small", None)."""
+    base, mark, stage = name.rpartition(STAGE_MARK)
+    if mark and base and stage.isdigit():
+        return base, int(stage)
+    return name, None
 
 
 @dataclass(frozen=True)
@@ -43,9 +52,9 @@ class MemberRanges:
     def replacement(self, name: str, t: float, members: Sequence[str]) -> str:
         """A member of `members` that may run at t in place of `name`: another stage of the same network if one
         covers t, else the first member valid there (e.g. the routed whole)."""
-        base = name.rpartition(".s")[0] or name
+        base = split_member_name(name)[0]
         valid = [m for m in members if self.valid_at(m, t)]
-        same_net = [m for m in valid if m.startswith(f"{base}.s") or m == base]
+        same_net = [m for m in valid if split_member_name(m)[0] == base]
         if not valid:
             raise UserError(f"no zoo member of {list(members)} may run at t={t:.4g}: with multi-decoder stage members, "
                             f"add their routed member or a plain member to zoo.members")

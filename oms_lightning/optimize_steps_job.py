@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from oms_lightning.diffusion import ays
 from oms_lightning.diffusion.solvers import get_solver
-from oms_lightning.diffusion.spacing import SPACINGS, default_t_end
+from oms_lightning.diffusion.spacing import SPACINGS, default_t_end, timesteps
 from oms_lightning.errors import UserError
 from oms_lightning.evaluation import Evaluation, check_fresh_seeds, compare
 from oms_lightning.io import atomic_path, atomic_write_text
@@ -162,30 +162,29 @@ def run_optimizer(cfg: DictConfig, settings: dict, zoo: Zoo, datamodule, evaluat
                          group=f"optimize_steps-{cfg.data.name}", config=OmegaConf.to_container(cfg, resolve=True))
     total = (settings["max_sweeps"] + 1) * len(settings["levels"])   # sweep 0 of each level is its start
     bar = tqdm(total=total, desc="AYS sweeps", unit="sweep")
-    counter = {"sweeps": 0, "t": time.perf_counter()}
+    since = [time.perf_counter()]                     # when the last recorded sweep ended
 
     def on_sweep(snapshot: ays.OptimizeResult) -> None:
         atomic_write_text(partial_path(path), json.dumps({"settings": settings, "state": snapshot.to_dict()}) + "\n")
-        level = snapshot.levels[-1]
+        done = sum(len(lv.sweeps) for lv in snapshot.levels)
+        if done == bar.n:                             # the last call only marks the run finished: no new sweep
+            return
+        level, now = snapshot.levels[-1], time.perf_counter()
         last = level.sweeps[-1]
-        if counter["sweeps"] < sum(len(lv.sweeps) for lv in snapshot.levels):
-            counter["sweeps"] = sum(len(lv.sweeps) for lv in snapshot.levels)
-            now = time.perf_counter()
-            bar.update(1)
-            bar.set_postfix(steps=level.steps, klub=f"{last.klub:.4g}", fid=f"{last.quality:.3f}")
-            bar.write(f"[optimize_steps] {level.steps} steps, sweep {last.sweep}: KLUB {last.klub:.5g}, "
-                      f"FID {last.quality:.3f} ({now - counter['t']:.0f} s)")
-            counter["t"] = now
-            if logger:
-                logger.log_metrics({"ays/klub": last.klub, "ays/quality_fid": last.quality, "ays/steps": level.steps,
-                                    "ays/sweep": last.sweep}, step=counter["sweeps"])
+        bar.update(done - bar.n)
+        bar.set_postfix(steps=level.steps, klub=f"{last.klub:.4g}", fid=f"{last.quality:.3f}")
+        bar.write(f"[optimize_steps] {level.steps} steps, sweep {last.sweep}: KLUB {last.klub:.5g}, "
+                  f"FID {last.quality:.3f} ({now - since[0]:.0f} s)")
+        since[0] = now
+        if logger:
+            logger.log_metrics({"ays/klub": last.klub, "ays/quality_fid": last.quality, "ays/steps": level.steps,
+                                "ays/sweep": last.sweep}, step=done)
 
     started = time.perf_counter()
     if state is not None:
         done = sum(len(lv["sweeps"]) for lv in state["levels"])
         log(f"resuming the interrupted optimisation ({done} sweeps done) from {partial_path(path)}")
         bar.update(done)
-        counter["sweeps"] = done
     log(f"member {settings['member']!r}, solver {settings['solver']}, {settings['levels']} steps, σ from "
         f"{sigma_max:.4g} to {sigma_min:.4g} (t_end {settings['t_end']}), {settings['n_mc']} Monte-Carlo samples "
         f"from {len(data)} training images, quality FID of {settings['quality']['n']} images (seed "
@@ -272,8 +271,6 @@ def initial_sigmas(denoiser, data, sigma_min: float, sigma_max: float, settings:
 
 def standard_sigmas(spacing: str, steps: int, ends, noise) -> torch.Tensor:
     """A standard spacing's σ-schedule with the same ends as `ends` (AYS keeps both ends fixed)."""
-    from oms_lightning.diffusion.spacing import timesteps
-
     t_end = ays.t_of_sigma(noise, ends[-1]).item()
     return ays.validate_sigmas(ays.sigma_of_t(noise, timesteps(spacing, steps, noise, t_end=t_end)))
 

@@ -53,7 +53,7 @@ from oms_lightning.diffusion.denoiser import EpsDenoiser
 from oms_lightning.diffusion.noise_schedule import VPSchedule
 from oms_lightning.errors import UserError
 from oms_lightning.io import atomic_write_text, file_lock
-from oms_lightning.member_ranges import FULL, MemberRanges
+from oms_lightning.member_ranges import FULL, STAGE_MARK, MemberRanges, split_member_name
 from oms_lightning.sampling import generate
 from oms_lightning.schedule import ModelSchedule, ScheduleError
 
@@ -133,17 +133,6 @@ def _state_digest(member: Member) -> str:
     return h.hexdigest()
 
 
-STAGE_MARK = ".s"   # `multistage.s1`: stage 1's path (shared encoder + its decoder) of the member file multistage.ckpt
-
-
-def split_member_name(name: str) -> tuple[str, int | None]:
-    """(member file stem, stage index or None): `multistage.s1` → ("multistage", 1); `small` → ("small", None)."""
-    base, mark, stage = name.rpartition(STAGE_MARK)
-    if mark and base and stage.isdigit():
-        return base, int(stage)
-    return name, None
-
-
 def stage_member(parent: Member, stage: int) -> Member:
     """Stage `stage` of a multi-decoder member as a member of its own, valid only inside its stage."""
     from oms_lightning.nets import StagePath
@@ -157,29 +146,19 @@ def stage_member(parent: Member, stage: int) -> Member:
     return dataclasses.replace(parent, name=f"{parent.name}{STAGE_MARK}{stage}", net=path, t_range=path.t_range)
 
 
-def _peek_stage_names(path: Path) -> list[str]:
-    """The stage members of a multi-decoder member file (from its stored architecture, without its weights)."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        net = obj.get("net", {})
-    except Exception:  # noqa: BLE001 - load_member reports it
-        return []
-    if net.get("network") != "multidecoder":
-        return []
-    return [f"{obj.get('member', path.stem)}{STAGE_MARK}{k}" for k in range(len(net.get("decoder_channels", ())))]
-
-
-def _is_member_file(path: Path) -> bool:
-    """False only for a readable PyTorch file that is not a zoo member (e.g. a Lightning checkpoint).
-
-    Unreadable files count as members so that `load_member` reports them as corrupt rather than skipping them.
-    The peek memory-maps the file, so it does not read the weights.
-    """
+def _member_names_in(path: Path) -> list[str] | None:
+    """The zoo members a file holds, from one memory-mapped peek (no weights read): its stem, plus one stage member
+    per decoder of a multi-decoder net; None for a readable PyTorch file that is not a zoo member (e.g. a Lightning
+    checkpoint). An unreadable file counts as a member, so that `load_member` reports it as corrupt."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001 - anything unreadable goes on to load_member's clear error
-        return True
-    return isinstance(obj, dict) and obj.get("format") == MEMBER_FORMAT
+        return [path.stem]
+    if not isinstance(obj, dict) or obj.get("format") != MEMBER_FORMAT:
+        return None
+    net = obj.get("net", {})
+    stages = len(net.get("decoder_channels", ())) if net.get("network") == "multidecoder" else 0
+    return [path.stem] + [f"{path.stem}{STAGE_MARK}{k}" for k in range(stages)]
 
 
 def _check_name(name: Any) -> str:
@@ -217,8 +196,9 @@ class Zoo:
             found = sorted(p for p in folder.glob("*.ckpt") if p.is_file()) if folder.is_dir() else []
             names = []
             for p in found:
-                if _is_member_file(p):
-                    names += [p.stem] + _peek_stage_names(p)
+                held = _member_names_in(p)
+                if held is not None:
+                    names += held
                 else:
                     log.warning("skipping %s: not a zoo member file", p)
             if not names:

@@ -33,8 +33,8 @@ from oms_lightning.search.callback import SearchCallback
 from oms_lightning.search.report import print_details, print_table, report_outcomes
 from oms_lightning.steps import AYS, AYSTable, ays_table, optimize_command
 from oms_lightning.search.space import SamplerSpace, encode_exactly, make_spaces, random_schedules, single_member_anchors
-from oms_lightning.zoo import (Zoo, latency_path, load_or_profile, resolve_device, split_member_name,
-                              time_schedules, train_command)
+from oms_lightning.member_ranges import split_member_name
+from oms_lightning.zoo import Zoo, latency_path, load_or_profile, resolve_device, time_schedules, train_command
 
 
 def log(msg: str) -> None:

@@ -69,10 +69,9 @@ class SlotGenes:
         """g, with every NFE whose member may not run at its time (a multi-decoder stage outside its stage, see
         `self.ranges`) given to a member that may: spaces sample, mutate, cross and repair only valid
         assignments. Decoded slot order: used rows (or grid entries) are steps, their used slots the NFEs."""
-        ranges = getattr(self, "ranges", None)
-        if not ranges:
+        if not self.ranges:
             return g
-        bad = ranges.out_of_range(self.decode(g), self.noise)
+        bad = self.ranges.out_of_range(self.decode(g), self.noise)
         if not bad:
             return g
         s = self._normalise(self.slots(g))
@@ -80,7 +79,7 @@ class SlotGenes:
         where = ([[(i,)] for i in rows[0]] if s.ndim == 1
                  else [[(r, c) for c in cols] for r, cols in enumerate(rows) if cols.size])
         for k, j, m, t in bad:
-            s[where[k][j]] = self.members.index(ranges.replacement(m, t, self.members)) + 1
+            s[where[k][j]] = self.members.index(self.ranges.replacement(m, t, self.members)) + 1
         return self.with_slots(g, s)
 
     def n_slots(self) -> int:
