@@ -8,6 +8,11 @@ steps=<NFE / NFEs per step> ...`, whose summary holds the paired comparison on f
 seeds, verdicts from oms_lightning.evaluation), the held-out error of both samplers against a fine ODE solution,
 the fit's seconds and the corrected sampler's wall-time overhead. Heun makes 2 NFEs per step: an odd NFE takes the
 even one below. Prints one markdown table (the paper expects gains below 25 NFE that vanish with more).
+
+    python benchmarks/iia.py --overhead-of outputs/benchmarks/iia/* --rounds 20
+
+times the fitted schedules of finished runs again (plain against corrected, interleaved rounds; run it on an
+idle machine: the fit runs time them beside whatever else is running).
 """
 from __future__ import annotations
 
@@ -57,8 +62,31 @@ def table_row(summary: dict) -> str:
             f"{summary['fit_seconds']:.1f} | ×{summary['overhead']['ratio']:.3f} |")
 
 
+def overhead_rows(args) -> list[str]:
+    """Wall-time ratio corrected / plain of each run folder's schedule.json, on this machine now."""
+    from omegaconf import OmegaConf
+
+    from oms_lightning.fit_coefficients_job import overhead
+    from oms_lightning.schedule_file import load_schedule
+    from oms_lightning.zoo import Zoo
+    timing = OmegaConf.create({"batch_size": args.batch_size, "rounds": args.rounds})
+    rows = ["| run | NFE | plain s | IIA s | ratio | spread |", "|---|---:|---:|---:|---:|---:|"]
+    for run_dir in map(Path, args.overhead_of):
+        corrected = load_schedule(run_dir / "schedule.json")
+        zoo = Zoo.load(args.checkpoints, args.data, names=corrected.member_names, device=args.device)
+        o = overhead(zoo, corrected.plain(), corrected, timing)
+        rows.append(f"| {run_dir.name} | {corrected.nfe} | {o['plain_seconds']:.4f} | {o['iia_seconds']:.4f} | "
+                    f"×{o['ratio']:.3f} | {o['spread']:.2f} |")
+        print(rows[-1], file=sys.stderr, flush=True)
+    return rows
+
+
 def main(args) -> None:
     print(f"# python benchmarks/iia.py {' '.join(sys.argv[1:])}")
+    if args.overhead_of:
+        print(f"\n### IIA wall-time overhead, batch {args.batch_size}, median of {args.rounds} interleaved rounds")
+        print("\n".join(overhead_rows(args)), flush=True)
+        return
     rows = ["| solver | NFE | plain FID [95 % CI] | IIA FID [95 % CI] | IIA − plain [95 % CI] | verdict | "
             "held-out ODE error plain → IIA | fit s | overhead |",
             "|---|---:|---:|---:|---|---|---|---:|---:|"]
@@ -86,5 +114,8 @@ if __name__ == "__main__":
     p.add_argument("--n", type=int, default=1000, help="samples per seed (0: no FID comparison)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=str(ROOT / "outputs" / "benchmarks" / "iia"))
+    p.add_argument("--overhead-of", nargs="+", metavar="RUN_DIR", help="only time these finished runs again")
+    p.add_argument("--batch-size", type=int, default=256, help="with --overhead-of")
+    p.add_argument("--rounds", type=int, default=20, help="with --overhead-of")
     p.add_argument("overrides", nargs="*", help="more fit_coefficients.py overrides")
     main(p.parse_args())

@@ -39,6 +39,7 @@ from oms_lightning.metrics import LOWER_IS_BETTER, METRICS
 from oms_lightning.predictor.records import schedule_key
 from oms_lightning.sampling import generate
 from oms_lightning.schedule import ModelSchedule
+from oms_lightning.schedule_file import schedule_to_dict
 from oms_lightning.steps import AYS, AYSTable, spacing_times
 
 PRIMARY = "fid"
@@ -132,7 +133,7 @@ class Evaluation:
         images = generate(self.zoo, schedule, self.n, seed=seed, batch_size=self.batch_size)
         scores = {m: float(v) for m, v in self.metrics.score(images, seed).items() if m in METRICS}
         if st is not None:
-            record = {"schedule": schedule.to_dict(), "key": key, "nfe": schedule.nfe, "fid": scores["fid"],
+            record = {"schedule": schedule_to_dict(schedule), "key": key, "nfe": schedule.nfe, "fid": scores["fid"],
                       "n": int(self.n), "seed": int(seed), "metrics": scores}
             st.append(record)
             done[key] = record

@@ -42,6 +42,7 @@ from oms_lightning.metrics import FIDEvaluator, SampleMetrics, default_extractor
 from oms_lightning.sample_job import load_zoo_and_schedule, member_name
 from oms_lightning.sampling import generate
 from oms_lightning.schedule import ModelSchedule
+from oms_lightning.schedule_file import save_schedule
 from oms_lightning.zoo import Zoo, resolve_device, time_schedules
 
 OVERHEAD_GOAL = 1.03   # IIA costs no extra NFE: the corrected sampler should be within 3 % of the plain one's time
@@ -121,7 +122,7 @@ def fit_coefficients(cfg: DictConfig) -> dict:
     x_fit, x_held = calibration_noise(zoo, settings["calibration"])
     fit, fit_seconds = run_fit(zoo, plain, settings, x_fit, x_held, reference)
     corrected = with_coefficients(plain, fit, zoo, settings)
-    corrected.save(run_dir / "schedule.json")
+    save_schedule(corrected, run_dir / "schedule.json")
 
     held_out = held_out_errors(zoo, plain, fit, x_held, settings["fine_steps"], reference)
     fit_payload = fit_record(fit, plain, corrected, zoo, settings, fit_seconds, held_out)

@@ -19,6 +19,7 @@ from oms_lightning.images import save_grid, to_uint8
 from oms_lightning.io import atomic_path, atomic_write_text
 from oms_lightning.sampling import generate, single_member_schedule
 from oms_lightning.schedule import ModelSchedule
+from oms_lightning.schedule_file import load_schedule, save_schedule, schedule_to_json
 from oms_lightning.steps import AYS, ays_levels, find_steps
 from oms_lightning.zoo import Zoo, latency_path, load_or_profile, resolve_device
 
@@ -33,7 +34,7 @@ def load_zoo_and_schedule(cfg: DictConfig, device) -> tuple[Zoo, ModelSchedule]:
     """The schedule file (read once) or one member everywhere, and a zoo holding just the members it uses."""
     if (member_name(cfg) is None) == (cfg.schedule is None):
         raise UserError("give exactly one of model=<member> (one member for every step) or schedule=PATH.json")
-    loaded = ModelSchedule.load(cfg.schedule) if cfg.schedule is not None else None
+    loaded = load_schedule(cfg.schedule) if cfg.schedule is not None else None
     names = [member_name(cfg)] if loaded is None else list(loaded.member_names)
     zoo = Zoo.load(cfg.paths.checkpoints, str(cfg.data.name), names=names, device=device)
     if loaded is None:
@@ -83,9 +84,9 @@ def sample(cfg: DictConfig) -> dict:
 def write_outputs(out_dir: Path, images: torch.Tensor, model_schedule: ModelSchedule, summary: dict) -> None:
     with atomic_path(out_dir / "images.npz") as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, images=to_uint8(images).numpy(), schedule=model_schedule.to_json())
+            np.savez(f, images=to_uint8(images).numpy(), schedule=schedule_to_json(model_schedule))
     save_grid(images[:64], out_dir / "grid.png")
-    model_schedule.save(out_dir / "schedule.json")
+    save_schedule(model_schedule, out_dir / "schedule.json")
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
 
 

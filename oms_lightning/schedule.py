@@ -12,13 +12,12 @@ multistep dpm_solver++ / dpm_solver++3m and ddim exactly 1, EDM's heun exactly 2
 Steps are numbered from 0 (the noisy end) in messages. Member names are only checked against a zoo in
 `validate(known_members=...)`; construction checks everything else.
 
-On disk a schedule is JSON (`to_dict`, `save`, `load`) tagged `"format": "oms-lightning/model-schedule-v1"`, or
-`-v2` when it carries IIA coefficients (`Correction`: feature set, one row per step, and the fingerprints of the
-weights and times they were fitted for).
-`meta` is a free-form JSON object (cost, fid, data, zoo, ...) that takes no part in equality.
+A schedule may carry IIA coefficients (`Correction`: feature set, one row per step, and the fingerprints of the
+weights and times they were fitted for). `meta` is a free-form JSON object (cost, fid, data, zoo, ...) that takes
+no part in equality.
 
-The OMS-DPM reference code encodes a schedule as K triplets of integers (`to_slots` / `from_slots`):
-0 is the null model (no NFE), i + 1 is `members[i]` of the zoo's sorted member list.
+This module is the data type alone: its JSON file form is `oms_lightning.schedule_file` (`save_schedule`,
+`load_schedule`), the OMS-DPM slot encoding `oms_lightning.schedule_slots` (`to_slots`, `from_slots`).
 """
 from __future__ import annotations
 
@@ -26,19 +25,13 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .diffusion.solvers import SolverError, SolverSpec, get_solver
 from .errors import UserError
 
-FORMAT = "oms-lightning/model-schedule-v1"
-FORMAT_V2 = "oms-lightning/model-schedule-v2"   # v1 + optional IIA coefficients ("correction"); v1 files still load
-
-SLOTS_PER_STEP = 3
 _TIME_TOL = 1e-12
 
 
@@ -119,17 +112,6 @@ class Correction:
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ScheduleError(f"IIA correction: {name} must be a non-empty string, got {getattr(self, name)!r}")
 
-    def to_dict(self) -> dict:
-        return {"feature_set": self.feature_set, "coefficients": [list(r) for r in self.coefficients],
-                "weights": self.weights, "plain_key": self.plain_key}
-
-    @classmethod
-    def from_dict(cls, d: Any) -> "Correction":
-        keys = {"feature_set", "coefficients", "weights", "plain_key"}
-        if not isinstance(d, Mapping) or set(d) != keys:
-            raise ScheduleError(f"'correction' must be an object with exactly the keys {sorted(keys)}, got {d!r}")
-        return cls(d["feature_set"], d["coefficients"], d["weights"], d["plain_key"])
-
 
 @dataclass(frozen=True)
 class ModelSchedule:
@@ -170,9 +152,6 @@ class ModelSchedule:
         """The coefficients fit this solver, step count and feature set, and were fitted for these very times and
         members (the plain schedule's key); ScheduleError naming the step or what differs otherwise."""
         c = self.correction
-        if isinstance(c, Mapping):
-            c = Correction.from_dict(c)
-            object.__setattr__(self, "correction", c)
         if not isinstance(c, Correction):
             raise ScheduleError(f"correction must be a Correction, got {type(c).__name__}")
         try:
@@ -317,179 +296,6 @@ class ModelSchedule:
                                             f"known members: {_names(known)}")
         return self
 
-    # ------------------------------------------------------------------ JSON
-    def to_dict(self) -> dict:
-        """v1 for a plain schedule (readable by every version), v2 when it carries IIA coefficients."""
-        d = {
-            "format": FORMAT if self.correction is None else FORMAT_V2,
-            "solver": self.solver,
-            "steps": [{"t_start": s.t_start, "t_end": s.t_end, "members": list(s.members)} for s in self.steps],
-            "meta": dict(self.meta),
-        }
-        if self.correction is not None:
-            d["correction"] = self.correction.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Any, source: str | os.PathLike | None = None) -> "ModelSchedule":
-        """Inverse of `to_dict`; `source` (e.g. the file) prefixes error messages."""
-        where = f"{source}: " if source is not None else ""
-
-        def fail(msg: str):
-            raise ScheduleError(where + msg)
-
-        if not isinstance(d, Mapping):
-            fail(f"a model schedule must be a JSON object, got {type(d).__name__}")
-        if "format" not in d:
-            fail(f"not an oms-lightning model schedule (no 'format' key; expected {FORMAT!r})")
-        if d["format"] not in (FORMAT, FORMAT_V2):
-            fail(f"unsupported format {d['format']!r}; expected {FORMAT!r} or {FORMAT_V2!r}")
-        allowed = {"format", "solver", "steps", "meta"} | ({"correction"} if d["format"] == FORMAT_V2 else set())
-        extra = sorted(set(d) - allowed, key=str)
-        if extra:
-            fail(f"unexpected key(s) {extra}; allowed: {sorted(allowed)}")
-        for key in ("solver", "steps"):
-            if key not in d:
-                fail(f"missing key {key!r}")
-        if not isinstance(d["solver"], str):
-            fail(f"'solver' must be a string, got {d['solver']!r}")
-        if not isinstance(d["steps"], list):
-            fail(f"'steps' must be a list, got {type(d['steps']).__name__}")
-        meta = d.get("meta", {})
-        if not isinstance(meta, Mapping):
-            fail(f"'meta' must be an object, got {type(meta).__name__}")
-        steps = []
-        step_keys = {"t_start", "t_end", "members"}
-        for k, s in enumerate(d["steps"]):
-            if not isinstance(s, Mapping):
-                fail(f"steps[{k}] must be an object with {sorted(step_keys)}, got {s!r}")
-            missing = sorted(step_keys - set(s))
-            if missing:
-                fail(f"steps[{k}] is missing key(s) {missing}")
-            extra = sorted(set(s) - step_keys, key=str)
-            if extra:
-                fail(f"steps[{k}] has unexpected key(s) {extra}")
-            for name in ("t_start", "t_end"):
-                v = s[name]
-                if isinstance(v, bool) or not isinstance(v, (int, float)):
-                    fail(f"steps[{k}].{name} must be a number, got {v!r}")
-            mem = s["members"]
-            if not isinstance(mem, list) or not all(isinstance(m, str) for m in mem):
-                fail(f"steps[{k}].members must be a list of member names, got {mem!r}")
-            steps.append((float(s["t_start"]), float(s["t_end"]), tuple(mem)))
-        try:
-            correction = Correction.from_dict(d["correction"]) if "correction" in d else None
-            return cls(tuple(steps), d["solver"], dict(meta), correction)
-        except ScheduleError as e:
-            raise ScheduleError(where + str(e)) from None
-
-    def to_json(self, indent: int | None = 2) -> str:
-        """Strict JSON (no NaN/Infinity); ScheduleError if meta holds something JSON cannot represent."""
-        try:
-            return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
-        except (TypeError, ValueError) as e:
-            raise ScheduleError(f"schedule meta is not JSON-serialisable: {e}") from None
-
-    @classmethod
-    def from_json(cls, text: str, source: str | os.PathLike | None = None) -> "ModelSchedule":
-        where = f"{source}: " if source is not None else ""
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ScheduleError(f"{where}invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-        return cls.from_dict(d, source)
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write JSON atomically: serialised first, then one rename, so a failure leaves no partial file."""
-        from .io import atomic_write_text
-
-        text = self.to_json() + "\n"
-        path = Path(path)
-        atomic_write_text(path, text)
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "ModelSchedule":
-        path = Path(path)
-        if not path.exists():
-            raise ScheduleError(f"schedule file not found: {path}")
-        if path.is_dir():
-            raise ScheduleError(f"{path} is a directory, not a schedule file")
-        try:
-            text = path.read_text()
-        except (OSError, UnicodeDecodeError) as e:
-            raise ScheduleError(f"{path}: cannot read schedule file ({e})") from None
-        return cls.from_json(text, source=path)
-
-    # ------------------------------------------------------------------ OMS-DPM slot encoding
-    def to_slots(self, members: Sequence[str]) -> list[list[int]]:
-        """K×3 ints: 0 = null, i+1 = members[i] (the zoo's sorted names); a step's NFEs fill its first slots."""
-        index = _member_index(members)
-        rows = []
-        for k, s in enumerate(self.steps):
-            if len(s.members) > SLOTS_PER_STEP:  # cannot happen for the known solvers; kept as a guard
-                raise ScheduleError(f"step {k} has {len(s.members)} NFEs; the slot encoding holds {SLOTS_PER_STEP}")
-            row = []
-            for m in s.members:
-                if m not in index:
-                    raise ScheduleError(f"step {k} uses member {m!r}, which is not in members {list(members)}")
-                row.append(index[m] + 1)
-            rows.append(row + [0] * (SLOTS_PER_STEP - len(row)))
-        return rows
-
-    @classmethod
-    def from_slots(cls, slots: Sequence[Sequence[int]], members: Sequence[str], times: Sequence[float],
-                   solver: str = "dpm_solver", meta: Mapping | None = None) -> "ModelSchedule":
-        """Decode K slot triplets over the K+1 time grid `times` (noisy → clean).
-
-        Within a triplet the null slots are removed, so a step's order is its number of non-null slots (in
-        their original order). A triplet that is all null is no step: its interval is merged into the next
-        non-empty step, which then starts where the null run started (the sampler's state simply skips the
-        empty step). Null triplets at the clean end are merged into the last non-empty step, which then ends
-        at times[-1]. The result therefore always spans times[0] → times[-1]. All-null slots: ScheduleError.
-        """
-        index = _member_index(members)
-        slots = _as_list(slots, "slots")
-        grid = [_as_time(t, f"times[{i}]") for i, t in enumerate(_as_list(times, "times"))]
-        if len(grid) != len(slots) + 1:
-            raise ScheduleError(f"got {len(grid)} times for {len(slots)} slot rows; need K+1 = {len(slots) + 1}")
-        for i, t in enumerate(grid):
-            if not math.isfinite(t) or not 0.0 < t <= 1.0:
-                raise ScheduleError(f"times[{i}] = {t!r} must be finite and in (0, 1]")
-            if i and not t < grid[i - 1]:
-                raise ScheduleError(f"times must be strictly decreasing; times[{i}] = {t!r} "
-                                    f"follows times[{i - 1}] = {grid[i - 1]!r}")
-        names = list(index)
-        decoded: list[list] = []  # [t_start, t_end, members]
-        pending_start = None  # start of a run of null triplets
-        for k, row in enumerate(slots):
-            row = _as_list(row, f"slots row {k}")
-            if len(row) != SLOTS_PER_STEP:
-                raise ScheduleError(f"slots row {k} has {len(row)} entries; each step is a triplet of "
-                                    f"{SLOTS_PER_STEP} slots")
-            used = []
-            for j, v in enumerate(row):
-                if hasattr(v, "item") and not isinstance(v, (int, float)):
-                    v = v.item()  # numpy / torch integer scalars
-                if isinstance(v, bool) or not isinstance(v, int):
-                    raise ScheduleError(f"slots row {k} slot {j} must be an int, got {v!r}")
-                if not 0 <= v <= len(names):
-                    raise ScheduleError(f"slots row {k} slot {j} is {v}; valid values are 0 (null) .. "
-                                        f"{len(names)} (members {names})")
-                if v:
-                    used.append(names[v - 1])
-            if not used:
-                if pending_start is None:
-                    pending_start = grid[k]
-                continue
-            t_start = grid[k] if pending_start is None else pending_start
-            pending_start = None
-            decoded.append([t_start, grid[k + 1], tuple(used)])
-        if not decoded:
-            raise ScheduleError(f"all {len(slots)} slot rows are null; a schedule needs at least one NFE")
-        decoded[-1][1] = grid[-1]  # trailing null rows: extend the last step to the end of the grid
-        return cls(tuple(tuple(s) for s in decoded), solver, dict(meta or {}))
-
     # ------------------------------------------------------------------ display
     def compact(self) -> str:
         """E.g. 'dpm_solver: [small,small] [large]×3 [tiny,large,large] | t 1.0→0.001, NFE 8'."""
@@ -540,13 +346,3 @@ def _names(known: Iterable[str]) -> str:
     names = sorted(map(str, known))
     return ", ".join(names) if names else "(none)"
 
-
-def _member_index(members: Sequence[str]) -> dict[str, int]:
-    """Name → index for the slot encoding; the list must be the zoo's names, sorted and unique."""
-    members = _as_list(members, "members")
-    if not members or not all(isinstance(m, str) and m for m in members):
-        raise ScheduleError(f"members must be a non-empty list of member names, got {members!r}")
-    if members != sorted(set(members)):
-        raise ScheduleError(f"members must be the zoo's names in sorted order without duplicates "
-                            f"(so slot indices never silently permute), got {members}")
-    return {m: i for i, m in enumerate(members)}

@@ -6,7 +6,7 @@
     cost = profile.cost(schedule)                # seconds per batch (OMS-DPM's cost model)
 
 Members are identified by name and always kept in sorted order (never a directory listing), so the slot
-encoding of `ModelSchedule.to_slots(zoo.names)` is stable. All members must share the data set (name, image
+encoding of `to_slots(schedule, zoo.names)` is stable. All members must share the data set (name, image
 size, channels) and the noise schedule, since one sampler mixes them within a single trajectory.
 
 Latency profiles are a cache: a stored profile is reused only when it was measured for the same zoo

@@ -74,3 +74,36 @@ def write_member(root, name, net_kwargs=SMALL, data=DATA, noise=None, seed=0, st
     return save_member(root / data_name / f"{name}.ckpt", name=name, net_kwargs=net_kwargs,
                        noise=noise or VPSchedule().to_dict(), data=data, state_dict=net.state_dict(),
                        meta={"global_step": step})
+
+
+# --- model schedules shared by test_schedule.py, test_schedule_file.py and test_schedule_slots.py ---
+SCHEDULE_ZOO = ["large", "small", "tiny"]          # sorted, as a zoo lists its members
+SCHEDULE_TIMES = [1.0, 0.5, 0.2, 0.001]
+
+
+@pytest.fixture
+def sched():
+    from oms_lightning.schedule import ModelSchedule
+
+    return ModelSchedule.from_times_and_members(
+        SCHEDULE_TIMES, [["small", "small"], ["large"], ["tiny", "large", "large"]], meta={"fid": 3.5})
+
+
+def random_schedule(rng):
+    from oms_lightning.schedule import ModelSchedule
+
+    k = rng.randint(1, 8)
+    ts = sorted((rng.uniform(1e-3, 1.0) for _ in range(k - 1)), reverse=True)
+    times = [1.0] + ts + [1e-3]
+    solver = rng.choice(["dpm_solver", "dpm_solver++", "ddim", "heun"])
+    n = {"dpm_solver": None, "dpm_solver++": 1, "ddim": 1, "heun": 2}[solver]
+    members = [[rng.choice(SCHEDULE_ZOO) for _ in range(n or rng.randint(1, 3))] for _ in range(k)]
+    return ModelSchedule.from_times_and_members(times, members, solver)
+
+
+def corrected_schedule(coefficients=((0.1,), (0.0,), (-0.2,))):
+    """(plain, the same with IIA coefficients) of a 3-step DDIM schedule."""
+    from oms_lightning.schedule import ModelSchedule
+
+    plain = ModelSchedule.from_times_and_members([1.0, 0.6, 0.3, 0.01], ["a", "b", "a"], solver="ddim")
+    return plain, plain.with_correction("eps", coefficients, weights="w123")

@@ -8,6 +8,7 @@ from conftest import SMALL, TINY, run_cli, write_member
 from oms_lightning.errors import UserError
 from oms_lightning.evaluation import VERDICTS
 from oms_lightning.schedule import ModelSchedule, ScheduleError, schedule_key
+from oms_lightning.schedule_file import load_schedule, save_schedule
 
 TINY_ARGS = ["steps=3", "sub_steps=2", "fine_steps=10", "logger=none", "fit_coefficients.calibration.n=32",
              "fit_coefficients.calibration.held_out=16", "fit_coefficients.evaluation.n=16",
@@ -42,7 +43,7 @@ def test_fit_end_to_end_then_sample_with_the_coefficients(root):
     run = root / "run"
     assert {"schedule.json", "fit.json", "summary.json", "grid.png", "grid_plain.png"} <= {p.name for p in
                                                                                             run.iterdir()}
-    schedule = ModelSchedule.load(run / "schedule.json")
+    schedule = load_schedule(run / "schedule.json")
     assert schedule.solver == "dpm_solver++" and schedule.correction.feature_set == "full"
     assert len(schedule.correction.coefficients) == 3
     assert all(len(row) == 3 for row in schedule.correction.coefficients)   # eps, eps_diff, x0_diff
@@ -62,7 +63,7 @@ def test_fit_end_to_end_then_sample_with_the_coefficients(root):
     s = run_cli("sample.py", f"paths.checkpoints={root}", f"schedule={run / 'schedule.json'}", "n=4",
                 f"paths.out_dir={root}/sample")
     assert s.returncode == 0, s.stderr[-2000:]
-    assert ModelSchedule.load(root / "sample" / "schedule.json") == schedule   # the coefficients went through
+    assert load_schedule(root / "sample" / "schedule.json") == schedule   # the coefficients went through
 
     from oms_lightning.sampling import generate
     from oms_lightning.zoo import Zoo
@@ -84,9 +85,9 @@ def test_a_mixed_member_schedule_file_fits_and_refits(compose, root):
     write_member(root, "small", SMALL, seed=2)
     times = timesteps("logsnr_uniform", 3, VPSchedule(), t_end=1e-3).tolist()
     mixed = ModelSchedule.from_times_and_members(times, ["small", "tiny", "small"], solver="ddim")
-    mixed.save(root / "mixed.json")
+    save_schedule(mixed, root / "mixed.json")
     summary = run_job(compose, root, f"schedule={root / 'mixed.json'}", "feature_set=eps", NO_FID)
-    fitted = ModelSchedule.load(root / "run" / "schedule.json")
+    fitted = load_schedule(root / "run" / "schedule.json")
     assert fitted.plain() == mixed and len(fitted.correction.coefficients) == 3
     assert fitted.correction.weights == Zoo.load(root, "digits", ["small", "tiny"]).fingerprint(["small", "tiny"])
     assert summary["comparison"] is None and summary["members"] == ["small", "tiny"]
@@ -95,7 +96,7 @@ def test_a_mixed_member_schedule_file_fits_and_refits(compose, root):
     # weights give the same coefficients; the W&B path runs too (disabled in tests)
     again = run_job(compose, root, f"schedule={root / 'run' / 'schedule.json'}", "feature_set=eps", NO_FID,
                     f"paths.run_dir={root}/run2", "logger=wandb", f"logger.save_dir={root}/wandb")
-    assert ModelSchedule.load(root / "run2" / "schedule.json") == fitted
+    assert load_schedule(root / "run2" / "schedule.json") == fitted
     assert again["held_out_error"] == summary["held_out_error"]
 
 
@@ -136,7 +137,7 @@ def test_bad_schedule_files_are_one_clear_error(compose, root):
     with pytest.raises(ScheduleError, match="corrupt.json: invalid JSON"):
         run_job(compose, root, f"schedule={corrupt}")
     singlestep = ModelSchedule.single("tiny", [1.0, 0.5, 0.001], solver="dpm_solver", orders=2)
-    singlestep.save(root / "singlestep.json")
+    save_schedule(singlestep, root / "singlestep.json")
     with pytest.raises(UserError, match="dpm_solver has no IIA feature sets.*solvers with IIA features"):
         run_job(compose, root, f"schedule={root / 'singlestep.json'}")
     assert not (root / "run").exists()

@@ -6,7 +6,7 @@ import pytest
 from conftest import TINY, run_cli, write_member
 from oms_lightning.errors import UserError
 from oms_lightning.evaluation import VERDICTS
-from oms_lightning.schedule import ModelSchedule
+from oms_lightning.schedule_file import load_schedule
 from oms_lightning.steps import STEPS_FORMAT
 
 TINY_ARGS = ["model=tiny", "solver=ddim", "steps=3", "logger=none", "optimize_steps.n_mc=32",
@@ -62,7 +62,7 @@ def test_optimize_steps_end_to_end_then_sample_with_spacing_ays(root):
     s = run_cli("sample.py", f"paths.checkpoints={root}", "model=tiny", "solver=ddim", "spacing=ays", "steps=6",
                 "n=4", f"paths.out_dir={root}/sample")
     assert s.returncode == 0, s.stderr[-2000:]
-    times = ModelSchedule.load(root / "sample" / "schedule.json").times
+    times = load_schedule(root / "sample" / "schedule.json").times
     assert times == pytest.approx(d["levels"][1]["times"], rel=1e-6)
     other = run_cli("sample.py", f"paths.checkpoints={root}", "model=tiny", "solver=heun", "spacing=ays",
                     f"paths.out_dir={root}/sample2")

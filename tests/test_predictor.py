@@ -16,6 +16,7 @@ from oms_lightning.predictor.module import (PredictorModule, ScheduleFIDDataModu
                                             pairwise_hinge_loss, rank_metrics, rank_metrics_near,
                                             standardised_mse_loss)
 from oms_lightning.schedule import ModelSchedule
+from oms_lightning.schedule_file import schedule_from_dict, schedule_to_dict
 from oms_lightning.search.space import SlotSpace, random_schedules
 
 MEMBERS = ["a", "b", "c"]
@@ -53,7 +54,8 @@ def synthetic_fid(schedule: ModelSchedule) -> float:
 
 def _records(n: int, seed: int, max_steps: int = 8) -> list[dict]:
     space = SlotSpace(tuple(MEMBERS), max_steps, NOISE)
-    return [{"schedule": s.to_dict(), "fid": synthetic_fid(s)} for s in random_schedules(space, n, seed, null_prob=0.6)]
+    return [{"schedule": schedule_to_dict(s), "fid": synthetic_fid(s)}
+            for s in random_schedules(space, n, seed, null_prob=0.6)]
 
 
 # ------------------------------------------------------------------------------------------------ encoding
@@ -103,7 +105,8 @@ def test_encoding_errors():
     with pytest.raises(UserError, match="loss"):
         PredictorModule(MEMBERS, NOISE.to_dict(), 4, loss="l1")
     with pytest.raises(UserError, match="fid"):
-        ScheduleFIDDataModule([{"schedule": long.to_dict(), "fid": float("nan")}] * 2, ScheduleEncoder(MEMBERS, NOISE, 8))
+        ScheduleFIDDataModule([{"schedule": schedule_to_dict(long), "fid": float("nan")}] * 2,
+                              ScheduleEncoder(MEMBERS, NOISE, 8))
 
 
 # ------------------------------------------------------------------------------------------------ network
@@ -158,7 +161,7 @@ def test_module_trains_in_a_trainer_and_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     records = _records(120, seed=3)
     # both record forms are accepted
-    records = records[:60] + [(ModelSchedule.from_dict(r["schedule"]), r["fid"]) for r in records[60:]]
+    records = records[:60] + [(schedule_from_dict(r["schedule"]), r["fid"]) for r in records[60:]]
     module = PredictorModule(MEMBERS, NOISE.to_dict(), 8, fid_threshold=0.05)
     dm = ScheduleFIDDataModule(records, module.encoder, val_fraction=0.5, split_seed=0, batch_size=32)
     assert len(dm.train_indices) == 60 and len(dm.val_indices) == 60
@@ -194,7 +197,7 @@ def test_learns_a_synthetic_fid(tmp_path):
     assert metrics["best_model_path"] and not module.training
     # the returned module is the best checkpoint's weights
     best = PredictorModule.load_from_checkpoint(metrics["best_model_path"], weights_only=True, map_location="cpu")
-    schedules = [ModelSchedule.from_dict(r["schedule"]) for r in records[:20]]
+    schedules = [schedule_from_dict(r["schedule"]) for r in records[:20]]
     np.testing.assert_array_equal(best.predict_scores(schedules), module.predict_scores(schedules))
 
 
@@ -264,7 +267,7 @@ def _fit_small(records, tmp_path, **kw):
 def test_fit_predictor_reports_tau_on_the_test_split(tmp_path):
     records = _records(80, seed=6)
     for k, r in enumerate(records):
-        s = ModelSchedule.from_dict(r["schedule"])
+        s = schedule_from_dict(r["schedule"])
         r["cost"] = s.cost(LATENCY)
         if k % 2:
             r["nfe"] = s.nfe  # either from the record or computed from the schedule: the same
@@ -290,7 +293,7 @@ def test_fit_predictor_reports_tau_on_the_test_split(tmp_path):
     # the trivial "more compute is better" rankings on the same test records
     test = [records[i] for i in dm.test_indices]
     fids = [r["fid"] for r in test]
-    nfe = [ModelSchedule.from_dict(r["schedule"]).nfe for r in test]
+    nfe = [schedule_from_dict(r["schedule"]).nfe for r in test]
     assert metrics["test"]["kendall_tau_neg_nfe"] == pytest.approx(stats.kendalltau(-np.array(nfe), fids).statistic)
     assert metrics["test"]["kendall_tau_neg_cost"] == pytest.approx(
         stats.kendalltau(-np.array([r["cost"] for r in test]), fids).statistic)
@@ -304,7 +307,7 @@ def test_fit_predictor_reports_tau_on_the_test_split(tmp_path):
 
 
 def test_fit_predictor_without_test_split_or_costs(tmp_path):
-    records = [(ModelSchedule.from_dict(r["schedule"]), r["fid"]) for r in _records(40, seed=7)]
+    records = [(schedule_from_dict(r["schedule"]), r["fid"]) for r in _records(40, seed=7)]
     _, metrics = _fit_small(records, tmp_path / "no_test")
     assert metrics["n_test"] == 0 and "test" not in metrics and "test_predictions" not in metrics
     assert metrics["kendall_tau"] == metrics["kendall_tau_val"]  # as before: the validation τ

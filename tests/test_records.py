@@ -17,6 +17,7 @@ from oms_lightning.predictor import generate as gen
 from oms_lightning.predictor.generate import (generate_distributed, generate_records, merge_shards, shard_path)
 from oms_lightning.predictor.records import FORMAT, RecordStore, fid_settings, schedule_key
 from oms_lightning.schedule import ModelSchedule
+from oms_lightning.schedule_file import schedule_from_dict, schedule_to_dict
 from oms_lightning.search.space import GridSpace, SlotSpace, make_space
 
 MEMBERS = ("a", "b", "c")
@@ -129,7 +130,7 @@ SETTINGS = {"n": 16, "seed": 0, "extractor": "digits_classifier", "split": "trai
 
 def fake_record(i: int, fid: float = 10.0) -> dict:
     s = ModelSchedule.single("a", [1.0, 0.5 - 0.01 * i, 1e-3])
-    return {"schedule": s.to_dict(), "key": schedule_key(s), "cost": 0.1, "nfe": 2, "fid": fid + i, "n": 16,
+    return {"schedule": schedule_to_dict(s), "key": schedule_key(s), "cost": 0.1, "nfe": 2, "fid": fid + i, "n": 16,
             "extractor": "digits_classifier", "seed": 0, "zoo": "z1", "settings": "x", "seconds": 1.0}
 
 
@@ -145,7 +146,7 @@ def test_store_round_trip(tmp_path):
     assert again.records() == recs and again.done_keys() == {r["key"] for r in recs} and len(again) == 3
     assert path.read_text().endswith("}\n") and len(path.read_text().splitlines()) == 4
     # the key ignores meta and float noise below 1e-9, and tells different schedules apart
-    s = ModelSchedule.from_dict(recs[0]["schedule"])
+    s = schedule_from_dict(recs[0]["schedule"])
     nudged = ModelSchedule.single("a", [1.0, 0.5 + 1e-12, 1e-3], meta={"note": 1})
     assert schedule_key(nudged) == schedule_key(s) != schedule_key(ModelSchedule.single("b", s.times))
 
@@ -262,7 +263,7 @@ def test_generation_skips_done_schedules_and_resumes_after_an_interruption(setup
     for r, s in zip(out, schedules):
         assert r["nfe"] == s.nfe and r["cost"] == pytest.approx(profile.cost(s)) and r["n"] == N
         assert r["seed"] == SEED and r["zoo"] == zoo.fingerprint() and np.isfinite(r["fid"]) and r["seconds"] > 0
-        assert ModelSchedule.from_dict(r["schedule"]) == s
+        assert schedule_from_dict(r["schedule"]) == s
 
     calls.clear()
     assert generate_records(zoo, schedules, store, evaluator, N, SEED, BATCH, profile, progress=False) == out

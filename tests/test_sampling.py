@@ -17,6 +17,8 @@ from oms_lightning.diffusion.seeding import per_sample_noise
 from oms_lightning.errors import UserError
 from oms_lightning.sampling import generate, single_member_schedule, solve
 from oms_lightning.schedule import ModelSchedule
+from oms_lightning.schedule_file import load_schedule, save_schedule
+from oms_lightning.schedule_slots import from_slots, to_slots
 from oms_lightning.zoo import Zoo
 
 
@@ -47,8 +49,8 @@ def test_mixed_schedule_uses_each_member_where_asked(zoo):
     mixed = ModelSchedule.from_times_and_members(times, [["a", "b"], ["b"], ["a", "a", "b"]])
     only_a = ModelSchedule.from_times_and_members(times, [["a", "a"], ["a"], ["a", "a", "a"]])
     assert not torch.equal(generate(zoo, mixed, 2), generate(zoo, only_a, 2))
-    slots = mixed.to_slots(zoo.names)
-    assert torch.equal(generate(zoo, ModelSchedule.from_slots(slots, zoo.names, times), 2), generate(zoo, mixed, 2))
+    slots = to_slots(mixed, zoo.names)
+    assert torch.equal(generate(zoo, from_slots(slots, zoo.names, times), 2), generate(zoo, mixed, 2))
 
 
 def test_sample_i_does_not_depend_on_batch_size_or_offset(zoo):
@@ -119,9 +121,9 @@ def test_sample_py_model_and_schedule_json(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["nfe"] == 3 and summary["n"] == 10 and summary["cost_seconds_per_batch"] > 0
 
-    mixed = ModelSchedule.from_times_and_members(ModelSchedule.load(out / "schedule.json").times,
+    mixed = ModelSchedule.from_times_and_members(load_schedule(out / "schedule.json").times,
                                                  [["tiny"], ["small", "tiny"], ["small"]])
-    mixed.save(tmp_path / "mixed.json")
+    save_schedule(mixed, tmp_path / "mixed.json")
     r = run_sample(tmp_path, f"schedule={tmp_path / 'mixed.json'}", "n=4")
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((out / "summary.json").read_text())["nfe"] == 4
@@ -154,7 +156,7 @@ def test_sample_py_bad_input_is_one_clear_line(tmp_path, args, message):
 def test_a_schedule_naming_a_member_without_preset_advises_a_command_that_works(tmp_path):
     write_member(tmp_path, "tiny", TINY)
     times = single_member_schedule("tiny", "ddim", 2, VPSchedule()).times
-    ModelSchedule.single("custom", times, solver="ddim").save(tmp_path / "s.json")
+    save_schedule(ModelSchedule.single("custom", times, solver="ddim"), tmp_path / "s.json")
     r = run_sample(tmp_path, f"schedule={tmp_path / 's.json'}")
     assert r.returncode == 2 and "no preset 'custom' in configs/model/" in r.stderr
     assert "python train.py model=custom" not in r.stderr  # that command would fail in turn

@@ -1,35 +1,20 @@
-"""ModelSchedule: arithmetic, validation messages, JSON files, OMS-DPM slot encoding."""
-import json
-import math
-import os
-import random
+"""ModelSchedule, the data type: arithmetic, construction, validation messages, IIA coefficients.
+
+The JSON file form is tested in test_schedule_file.py, the OMS-DPM slot encoding in test_schedule_slots.py.
+"""
 import re
 
 import pytest
 
+from conftest import SCHEDULE_TIMES as TIMES
+from conftest import SCHEDULE_ZOO as ZOO
+from conftest import corrected_schedule
 from oms_lightning.diffusion.solvers import SOLVER_REGISTRY
 from oms_lightning.errors import UserError
-from oms_lightning.schedule import FORMAT, ModelSchedule, ScheduleError, Step
+from oms_lightning.schedule import ModelSchedule, ScheduleError, Step
+from oms_lightning.schedule_file import schedule_from_dict, schedule_to_dict
 
-ZOO = ["large", "small", "tiny"]          # sorted, as a zoo lists its members
 LAT = {"large": 10.0, "small": 3.0, "tiny": 1.5}
-TIMES = [1.0, 0.5, 0.2, 0.001]
-
-
-@pytest.fixture
-def sched():
-    return ModelSchedule.from_times_and_members(
-        TIMES, [["small", "small"], ["large"], ["tiny", "large", "large"]], meta={"fid": 3.5})
-
-
-def random_schedule(rng: random.Random) -> ModelSchedule:
-    k = rng.randint(1, 8)
-    ts = sorted((rng.uniform(1e-3, 1.0) for _ in range(k - 1)), reverse=True)
-    times = [1.0] + ts + [1e-3]
-    solver = rng.choice(["dpm_solver", "dpm_solver++", "ddim", "heun"])
-    n = {"dpm_solver": None, "dpm_solver++": 1, "ddim": 1, "heun": 2}[solver]
-    members = [[rng.choice(ZOO) for _ in range(n or rng.randint(1, 3))] for _ in range(k)]
-    return ModelSchedule.from_times_and_members(times, members, solver)
 
 
 # ---------------------------------------------------------------------- views and arithmetic
@@ -82,9 +67,9 @@ def test_single_takes_its_default_from_the_registry(name):
 def test_retired_solver_spelling_is_refused():
     with pytest.raises(ScheduleError, match=r"unknown solver 'dpm_solver_pp'.*did you mean 'dpm_solver\+\+'"):
         ModelSchedule.single("tiny", [1.0, 0.5], solver="dpm_solver_pp")
-    d = ModelSchedule.single("tiny", [1.0, 0.5], solver="dpm_solver++").to_dict()
+    d = schedule_to_dict(ModelSchedule.single("tiny", [1.0, 0.5], solver="dpm_solver++"))
     with pytest.raises(ScheduleError, match="unknown solver 'dpm_solver_pp'"):
-        ModelSchedule.from_dict({**d, "solver": "dpm_solver_pp"})
+        schedule_from_dict({**d, "solver": "dpm_solver_pp"})
 
 
 def test_compact_collapses_repeats():
@@ -154,226 +139,7 @@ def test_times_members_length_mismatch():
         ModelSchedule.from_times_and_members([1.0, 0.5, 0.1], ["a", "a", "a"])
 
 
-# ---------------------------------------------------------------------- JSON
-def test_json_round_trip(sched, tmp_path):
-    d = sched.to_dict()
-    assert d["format"] == FORMAT and d["solver"] == "dpm_solver"
-    assert d["steps"][2] == {"t_start": 0.2, "t_end": 0.001, "members": ["tiny", "large", "large"]}
-    assert d["meta"] == {"fid": 3.5}
-    back = ModelSchedule.from_dict(json.loads(json.dumps(d)))
-    assert back == sched and back.meta == sched.meta
-    assert ModelSchedule.from_json(sched.to_json()) == sched
-    path = sched.save(tmp_path / "sub" / "schedule.json")
-    loaded = ModelSchedule.load(path)
-    assert loaded == sched and loaded.meta == {"fid": 3.5}
-    assert [p.name for p in path.parent.iterdir()] == ["schedule.json"]   # no temp files left behind
-
-
-def test_json_round_trip_random(tmp_path):
-    rng = random.Random(0)
-    for i in range(30):
-        s = random_schedule(rng).with_meta(cost=rng.random(), zoo=ZOO)
-        loaded = ModelSchedule.load(s.save(tmp_path / f"{i}.json"))
-        assert loaded == s and loaded.meta == s.meta and loaded.times == s.times
-
-
-def write(tmp_path, content):
-    p = tmp_path / "s.json"
-    p.write_text(content if isinstance(content, str) else json.dumps(content))
-    return p
-
-
-def good_dict():
-    return {"format": FORMAT, "solver": "ddim", "steps": [{"t_start": 1, "t_end": 0.5, "members": ["a"]}], "meta": {}}
-
-
-def test_load_missing_file(tmp_path):
-    p = tmp_path / "nope.json"
-    with pytest.raises(ScheduleError, match=f"schedule file not found: {p}"):
-        ModelSchedule.load(p)
-
-
-def test_load_directory(tmp_path):
-    with pytest.raises(ScheduleError, match="is a directory"):
-        ModelSchedule.load(tmp_path)
-
-
-@pytest.mark.parametrize("mutate, match", [
-    (lambda d: "{not json", r"invalid JSON \(.* at line 1 column 2\)"),
-    (lambda d: '{"format": "oms-lightning/model-sch', r"invalid JSON"),
-    (lambda d: [1, 2], "a model schedule must be a JSON object, got list"),
-    (lambda d: {k: v for k, v in d.items() if k != "format"}, "not an oms-lightning model schedule \\(no 'format' key"),
-    (lambda d: {**d, "format": "k-diffusion/sigmas"}, "unsupported format 'k-diffusion/sigmas'; expected 'oms-lightning/model-schedule-v1'"),
-    (lambda d: {k: v for k, v in d.items() if k != "steps"}, "missing key 'steps'"),
-    (lambda d: {k: v for k, v in d.items() if k != "solver"}, "missing key 'solver'"),
-    (lambda d: {**d, "extra": 1}, r"unexpected key\(s\) \['extra'\]"),
-    (lambda d: {**d, "solver": 3}, "'solver' must be a string, got 3"),
-    (lambda d: {**d, "solver": "euler"}, "unknown solver 'euler'"),
-    (lambda d: {**d, "steps": {"a": 1}}, "'steps' must be a list, got dict"),
-    (lambda d: {**d, "steps": []}, "empty schedule"),
-    (lambda d: {**d, "meta": [1]}, "'meta' must be an object, got list"),
-    (lambda d: {**d, "steps": [5]}, r"steps\[0\] must be an object"),
-    (lambda d: {**d, "steps": [{"t_start": 1, "members": ["a"]}]}, r"steps\[0\] is missing key\(s\) \['t_end'\]"),
-    (lambda d: {**d, "steps": [{"t_start": 1, "t_end": 0.5, "members": ["a"], "order": 1}]},
-     r"steps\[0\] has unexpected key\(s\) \['order'\]"),
-    (lambda d: {**d, "steps": [{"t_start": "1", "t_end": 0.5, "members": ["a"]}]}, r"steps\[0\].t_start must be a number, got '1'"),
-    (lambda d: {**d, "steps": [{"t_start": 1, "t_end": None, "members": ["a"]}]}, r"steps\[0\].t_end must be a number, got None"),
-    (lambda d: {**d, "steps": [{"t_start": 1, "t_end": 0.5, "members": "a"}]}, r"steps\[0\].members must be a list of member names"),
-    (lambda d: {**d, "steps": [{"t_start": 1, "t_end": 0.5, "members": [1]}]}, r"steps\[0\].members must be a list of member names"),
-    (lambda d: {**d, "steps": [{"t_start": 0.5, "t_end": 1, "members": ["a"]}]}, "step 0: t_start 0.5 must be greater than t_end 1.0"),
-])
-def test_load_corrupt(tmp_path, mutate, match):
-    path = write(tmp_path, mutate(good_dict()))
-    with pytest.raises(ScheduleError, match=match) as e:
-        ModelSchedule.load(path)
-    assert str(e.value).startswith(f"{path}: ")
-
-
-def test_load_good_dict_accepts_int_times(tmp_path):
-    s = ModelSchedule.load(write(tmp_path, good_dict()))
-    assert s.times == [1.0, 0.5] and isinstance(s.times[0], float) and s.solver == "ddim"
-
-
-def test_from_dict_meta_optional():
-    d = good_dict()
-    del d["meta"]
-    assert ModelSchedule.from_dict(d).meta == {}
-
-
-@pytest.mark.parametrize("bad_meta, match", [
-    ({"obj": object()}, "not JSON-serialisable"),
-    ({"fid": float("nan")}, "not JSON-serialisable"),
-])
-def test_atomic_save_on_serialisation_failure(sched, tmp_path, bad_meta, match):
-    target = tmp_path / "schedule.json"
-    with pytest.raises(ScheduleError, match=match):
-        sched.with_meta(**bad_meta).save(target)
-    assert not target.exists() and list(tmp_path.iterdir()) == []
-    sched.save(target)
-    before = target.read_text()
-    with pytest.raises(ScheduleError, match=match):
-        sched.with_meta(**bad_meta).save(target)
-    assert target.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["schedule.json"]
-
-
-# ---------------------------------------------------------------------- OMS-DPM slots
-def test_to_slots_hand(sched):
-    assert sched.to_slots(ZOO) == [[2, 2, 0], [1, 0, 0], [3, 1, 1]]
-    with pytest.raises(ScheduleError, match=r"step 0 uses member 'small', which is not in members \['large', 'tiny'\]"):
-        sched.to_slots(["large", "tiny"])
-
-
-@pytest.mark.parametrize("members", [["small", "large", "tiny"], ["large", "large", "tiny"], [], ["a", ""]])
-def test_slot_members_must_be_sorted_unique(sched, members):
-    with pytest.raises(ScheduleError, match="members must be"):
-        sched.to_slots(members)
-    with pytest.raises(ScheduleError, match="members must be"):
-        ModelSchedule.from_slots([[1, 0, 0]], members, [1.0, 0.5])
-
-
-def test_slots_round_trip_random():
-    rng = random.Random(1234)
-    for _ in range(200):
-        s = random_schedule(rng)
-        slots = s.to_slots(ZOO)
-        assert len(slots) == len(s.steps) and all(len(r) == 3 for r in slots)
-        assert sum(v != 0 for r in slots for v in r) == s.nfe
-        assert ModelSchedule.from_slots(slots, ZOO, s.times, s.solver) == s
-
-
-def test_from_slots_nulls_hand():
-    grid = [1.0, 0.8, 0.6, 0.4, 0.2, 0.1, 0.05]
-    slots = [[0, 0, 0],        # null: merged into the next non-empty step
-             [0, 2, 0],        # -> (small,) over 1.0 → 0.6
-             [3, 0, 1],        # -> (tiny, large) over 0.6 → 0.4
-             [0, 0, 0],        # null
-             [1, 1, 1],        # -> (large, large, large) over 0.4 → 0.1
-             [0, 0, 0]]        # trailing null: the last step is extended to 0.05
-    s = ModelSchedule.from_slots(slots, ZOO, grid)
-    assert s.times == [1.0, 0.6, 0.4, 0.05]
-    assert [st.members for st in s.steps] == [("small",), ("tiny", "large"), ("large", "large", "large")]
-    assert s.nfe == 6 and s.orders == [1, 2, 3]
-    assert s.to_slots(ZOO) == [[2, 0, 0], [3, 1, 0], [1, 1, 1]]
-
-
-def test_from_slots_random_nulls():
-    rng = random.Random(7)
-    for _ in range(200):
-        k = rng.randint(1, 10)
-        slots = [[rng.randint(1, 3) if rng.random() > 0.6 else 0 for _ in range(3)] for _ in range(k)]
-        if not any(any(r) for r in slots):
-            slots[rng.randrange(k)][rng.randrange(3)] = rng.randint(1, 3)
-        grid = [1.0] + sorted((rng.uniform(1e-3, 1.0) for _ in range(k - 1)), reverse=True) + [1e-3]
-        s = ModelSchedule.from_slots(slots, ZOO, grid)
-        non_null = [r for r in slots if any(r)]
-        assert s.members_per_nfe == [ZOO[v - 1] for r in slots for v in r if v]
-        assert s.orders == [sum(v != 0 for v in r) for r in non_null]
-        assert s.times[0] == grid[0] and s.times[-1] == grid[-1] and set(s.times) <= set(grid)
-        # each non-empty step ends at its own grid point (except a trailing null run, which extends the last)
-        ends = [grid[i + 1] for i, r in enumerate(slots) if any(r)]
-        assert s.times[1:-1] == ends[:-1]
-        # re-encoding drops null rows and packs each triplet's NFEs into the first slots
-        packed = [[v for v in r if v] + [0] * (3 - sum(v != 0 for v in r)) for r in non_null]
-        assert s.to_slots(ZOO) == packed
-        assert ModelSchedule.from_slots(packed, ZOO, s.times) == s
-
-
-@pytest.mark.parametrize("slots, times, solver, match", [
-    ([[0, 0, 0], [0, 0, 0]], [1.0, 0.5, 0.1], "dpm_solver", "all 2 slot rows are null"),
-    ([[1, 0, 0]], [1.0, 0.5, 0.1], "dpm_solver", r"got 3 times for 1 slot rows; need K\+1 = 2"),
-    ([[1, 0]], [1.0, 0.5], "dpm_solver", "slots row 0 has 2 entries; each step is a triplet of 3 slots"),
-    ([[1, 0, 4]], [1.0, 0.5], "dpm_solver", r"slots row 0 slot 2 is 4; valid values are 0 \(null\) .. 3"),
-    ([[1, -1, 0]], [1.0, 0.5], "dpm_solver", "slots row 0 slot 1 is -1"),
-    ([[1, 1.0, 0]], [1.0, 0.5], "dpm_solver", "slots row 0 slot 1 must be an int, got 1.0"),
-    ([[1, 0, 0], [2, 0, 0]], [1.0, 0.5, 0.7], "dpm_solver", r"times must be strictly decreasing; times\[2\] = 0.7"),
-    ([[1, 0, 0]], [1.0, 0.0], "dpm_solver", r"times\[1\] = 0.0 must be finite and in \(0, 1\]"),
-    ([[1, 1, 0]], [1.0, 0.5], "ddim", "step 0 has 2 members; ddim needs exactly 1 NFE per step"),
-])
-def test_from_slots_errors(slots, times, solver, match):
-    with pytest.raises(ScheduleError, match=match):
-        ModelSchedule.from_slots(slots, ZOO, times, solver)
-
-
-def test_from_slots_accepts_numpy():
-    np = pytest.importorskip("numpy")
-    slots = np.array([[1, 2, 0], [0, 0, 0], [3, 0, 0]])
-    s = ModelSchedule.from_slots(slots, ZOO, np.array([1.0, 0.5, 0.2, 0.01]))
-    assert s.members_per_nfe == ["large", "small", "tiny"] and s.times == [1.0, 0.5, 0.01]
-    assert all(isinstance(t, float) and not math.isnan(t) for t in s.times)
-
-
-def test_files_written_atomically_get_the_usual_permissions(sched, tmp_path):
-    """mkstemp creates 0600 files; a saved schedule (or summary, store header) must read like any other file."""
-    mask = os.umask(0o022)
-    try:
-        sched.save(tmp_path / "schedule.json")
-    finally:
-        os.umask(mask)
-    assert (tmp_path / "schedule.json").stat().st_mode & 0o777 == 0o644
-
-
-# ----------------------------------------------------------------------------------------------- v2: IIA coefficients
-def corrected_schedule(coefficients=((0.1,), (0.0,), (-0.2,))):
-    plain = ModelSchedule.from_times_and_members([1.0, 0.6, 0.3, 0.01], ["a", "b", "a"], solver="ddim")
-    return plain, plain.with_correction("eps", coefficients, weights="w123")
-
-
-def test_v2_round_trip_identity_and_v1_compatibility(tmp_path):
-    from oms_lightning.schedule import FORMAT_V2, schedule_key
-
-    plain, iia = corrected_schedule()
-    assert iia != plain and schedule_key(iia) != schedule_key(plain) and iia.plain() == plain
-    assert corrected_schedule()[1] == iia and hash(corrected_schedule()[1]) == hash(iia)
-    assert schedule_key(corrected_schedule(((0.1,), (0.0,), (-0.3,)))[1]) != schedule_key(iia)
-    path = iia.save(tmp_path / "s.json")
-    assert json.loads(path.read_text())["format"] == FORMAT_V2
-    again = ModelSchedule.load(path)
-    assert again == iia and again.correction.coefficients == ((0.1,), (0.0,), (-0.2,))
-    assert json.loads(plain.to_json())["format"] == FORMAT            # a plain schedule stays v1
-    assert ModelSchedule.load(plain.save(tmp_path / "p.json")) == plain
-    assert "+ IIA eps" in iia.compact()
-
-
+# ----------------------------------------------------------------------------------------------- IIA coefficients
 @pytest.mark.parametrize("coefficients, match", [
     (((0.1,), (0.0,)), "one row per step|3 steps"),
     (((0.1,), (float("nan"),), (0.0,)), "step 1"),
@@ -384,19 +150,11 @@ def test_bad_coefficients_are_refused_naming_the_step(coefficients, match):
         corrected_schedule(coefficients)
 
 
-def test_coefficients_for_other_times_members_or_feature_sets_are_refused(tmp_path):
-    _, iia = corrected_schedule()
-    d = iia.to_dict()
-    d["steps"][1]["t_end"] = d["steps"][2]["t_start"] = 0.35          # edited times
-    with pytest.raises(ScheduleError, match="fitted for other times, members or solver.*fit_coefficients.py"):
-        ModelSchedule.from_dict(d)
-    d = iia.to_dict()
-    d["correction"]["feature_set"] = "edm"
-    with pytest.raises(ScheduleError, match="no IIA feature set 'edm'"):
-        ModelSchedule.from_dict(d)
-    d = iia.to_dict()
-    d["format"] = FORMAT
-    with pytest.raises(ScheduleError, match="unexpected key"):          # v1 has no coefficients
-        ModelSchedule.from_dict(d)
-    with pytest.raises(ScheduleError, match="exactly the keys"):
-        ModelSchedule.from_dict({**iia.to_dict(), "correction": {"feature_set": "eps"}})
+def test_the_data_type_has_no_file_or_slot_methods(sched):
+    """JSON lives in schedule_file, the slot encoding in schedule_slots: nothing can reach them through the class."""
+    for name in ("to_dict", "from_dict", "to_json", "from_json", "save", "load", "to_slots", "from_slots"):
+        assert not hasattr(ModelSchedule, name) and not hasattr(sched, name), name
+    plain, iia = corrected_schedule()
+    assert not hasattr(iia.correction, "to_dict") and not hasattr(iia.correction, "from_dict")
+    with pytest.raises(ScheduleError, match="correction must be a Correction, got dict"):   # its dict form is I/O
+        ModelSchedule(plain.steps, plain.solver, correction=schedule_to_dict(iia)["correction"])

@@ -123,12 +123,12 @@ def check_fresh_seed_protocol(root, summary):
     from oms_lightning.data import DigitsDataModule
     from oms_lightning.metrics import FIDEvaluator
     from oms_lightning.sampling import generate
-    from oms_lightning.schedule import ModelSchedule
+    from oms_lightning.schedule_file import load_schedule
 
     assert summary["eval_seeds"] == [100, 101] and summary["select_seed"] not in summary["eval_seeds"]
     contenders = summary["comparison"]["contenders"]
     per_seed = contenders["searched"]["fid"]["per_seed"]
-    winner = ModelSchedule.load(root / "run" / "schedule.json")
+    winner = load_schedule(root / "run" / "schedule.json")
     zoo = Zoo.load(root, "digits", winner.member_names)
     evaluator = FIDEvaluator("digits_classifier", DigitsDataModule(batch_size=64), root / "digits")
     again = [evaluator.fid(generate(zoo, winner, 32, seed=s), s).value for s in summary["eval_seeds"]]

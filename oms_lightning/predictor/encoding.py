@@ -27,7 +27,8 @@ from torch import Tensor
 from oms_lightning.diffusion.noise_schedule import VPSchedule
 from oms_lightning.diffusion.solvers import SOLVER_REGISTRY
 from oms_lightning.errors import UserError
-from oms_lightning.schedule import SLOTS_PER_STEP, ModelSchedule
+from oms_lightning.schedule import ModelSchedule
+from oms_lightning.schedule_slots import SLOTS_PER_STEP
 
 LAMBDA_SCALE = 10.0
 MAX_ORDER = SLOTS_PER_STEP

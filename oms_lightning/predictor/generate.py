@@ -23,6 +23,7 @@ from oms_lightning.errors import UserError
 from oms_lightning.predictor.records import RecordStore, fid_settings, schedule_key, settings_fingerprint
 from oms_lightning.sampling import generate
 from oms_lightning.schedule import ModelSchedule
+from oms_lightning.schedule_file import schedule_to_dict
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +36,9 @@ def evaluate_schedule(zoo, schedule: ModelSchedule, evaluator, n: int, seed: int
     images = generate(zoo, schedule, n, seed=seed, batch_size=batch_size)
     result = evaluator.fid(images, seed)
     fid = float(result.value)
-    return {"schedule": schedule.to_dict(), "key": schedule_key(schedule), "cost": float(profile.cost(schedule)),
-            "nfe": schedule.nfe, "fid": fid if math.isfinite(fid) else None, "n": int(result.n),
-            "extractor": result.extractor, "seed": int(seed), "zoo": zoo.fingerprint(),
+    return {"schedule": schedule_to_dict(schedule), "key": schedule_key(schedule),
+            "cost": float(profile.cost(schedule)), "nfe": schedule.nfe, "fid": fid if math.isfinite(fid) else None,
+            "n": int(result.n), "extractor": result.extractor, "seed": int(seed), "zoo": zoo.fingerprint(),
             "settings": settings_fingerprint(fid_settings(evaluator, n, seed)),
             "seconds": time.perf_counter() - start}
 

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from oms_lightning.diffusion.noise_schedule import VPSchedule
 from oms_lightning.errors import UserError
 from oms_lightning.schedule import ModelSchedule
+from oms_lightning.schedule_file import schedule_from_dict
 
 from .encoding import DEFAULT_SOLVERS, MAX_ORDER, EncodedSchedules, ScheduleEncoder
 from .network import SchedulePredictor
@@ -229,11 +230,12 @@ def _parse_record(i: int, record: Any) -> tuple[ModelSchedule, float]:
                         f"got {type(record).__name__}")
     if isinstance(schedule, Mapping):
         try:
-            schedule = ModelSchedule.from_dict(schedule, source=f"record {i}")
+            schedule = schedule_from_dict(schedule, source=f"record {i}")
         except UserError as e:
             raise UserError(str(e)) from None
     if not isinstance(schedule, ModelSchedule):
-        raise UserError(f"record {i}: 'schedule' must be a ModelSchedule or its to_dict(), got {type(schedule).__name__}")
+        raise UserError(f"record {i}: 'schedule' must be a ModelSchedule or its schedule_to_dict(), "
+                        f"got {type(schedule).__name__}")
     if not _finite_number(fid):
         raise UserError(f"record {i}: fid must be a finite number, got {fid!r}")
     return schedule, float(fid)
@@ -301,7 +303,7 @@ def _split_indices(n: int, val_fraction: float, test_fraction: float,
 class ScheduleFIDDataModule(L.LightningDataModule):
     """Schedule/FID records split into train / validation / test by `split_seed`.
 
-    A record is a dict with at least "schedule" (ModelSchedule.to_dict() or a ModelSchedule) and "fid", or a
+    A record is a dict with at least "schedule" (`schedule_to_dict(schedule)` or a ModelSchedule) and "fid", or a
     (ModelSchedule, fid) pair; a dict's "nfe" and "cost" are kept (`nfes`, `costs`) for the test report. One
     permutation of the record order by `split_seed` is cut into [val | test | train], so the same records and seed
     always give the same split, and adding a test split leaves the validation split unchanged. Validation (50% by

@@ -3,7 +3,7 @@
 Line 1 is a header naming what every record was measured with; each further line is one record:
 
     {"format": "oms-lightning/schedule-fid-v1", "zoo": "<zoo fingerprint>", "settings": {n, seed, extractor, ...}}
-    {"schedule": {...ModelSchedule.to_dict()...}, "key": "...", "cost": 0.0123, "nfe": 12, "fid": 41.7, "n": 1000,
+    {"schedule": {...schedule_to_dict(schedule)...}, "key": "...", "cost": 0.0123, "nfe": 12, "fid": 41.7, "n": 1000,
      "extractor": "digits_classifier", "seed": 0, "zoo": "...", "settings": "<settings fingerprint>", "seconds": 9.8}
 
 Records of different zoos (a retrained member) or FID settings (sample count, seed, extractor, reference split)

@@ -29,6 +29,7 @@ from oms_lightning.predictor.generate import generate_distributed, generate_reco
 from oms_lightning.predictor.module import PredictorModule, fit_predictor, rank_metrics_near
 from oms_lightning.predictor.records import RecordStore, fid_settings, settings_fingerprint
 from oms_lightning.schedule import ModelSchedule, schedule_key
+from oms_lightning.schedule_file import schedule_from_dict
 from oms_lightning.search.callback import SearchCallback
 from oms_lightning.search.report import print_details, print_table, report_outcomes
 from oms_lightning.steps import AYS, AYSTable, ays_table, optimize_command
@@ -162,7 +163,7 @@ def build_dataset(cfg: DictConfig, zoo: Zoo, spaces: list, evaluator, profile,
     with file_lock(cache / ".records.lock", waiting=waiting_for):
         records = _generate(d, zoo, schedules, store, evaluator, profile)
     # costs from today's profile: a store outlives a re-measured profile, and cost is not part of a record's identity
-    usable = [{**r, "cost": profile.cost(ModelSchedule.from_dict(r["schedule"]))} for r in records
+    usable = [{**r, "cost": profile.cost(schedule_from_dict(r["schedule"]))} for r in records
               if r["fid"] is not None]
     log(f"{len(usable)} records ready ({time.perf_counter() - start:.0f} s)")
     return usable, store

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from oms_lightning.images import save_grid  # noqa: E402
 from oms_lightning.io import atomic_path, atomic_write_text  # noqa: E402
 from oms_lightning.sampling import generate  # noqa: E402
-from oms_lightning.schedule import ModelSchedule  # noqa: E402
+from oms_lightning.schedule_file import load_schedule, save_schedule  # noqa: E402
 from oms_lightning.zoo import cost_model_error  # noqa: E402
 
 
@@ -197,9 +197,10 @@ def frontier_plot(path: Path, outcomes: list[dict], title: str) -> Path:
 
 
 def save_winner(o: dict, row: dict, zoo, path: Path) -> Path:
-    return o["winner"].with_meta(cost_ms=row["cost"], fid_mean=row["fid_mean"], fid_ci=row["fid_ci"],
-                                 eval_seeds=row["eval_seeds"], n_eval=row["n_eval"], verdict=row["verdict"],
-                                 budget_ms=row["budget"], data=zoo.data_name, zoo=zoo.fingerprint()).save(path)
+    winner = o["winner"].with_meta(cost_ms=row["cost"], fid_mean=row["fid_mean"], fid_ci=row["fid_ci"],
+                                   eval_seeds=row["eval_seeds"], n_eval=row["n_eval"], verdict=row["verdict"],
+                                   budget_ms=row["budget"], data=zoo.data_name, zoo=zoo.fingerprint())
+    return save_schedule(winner, path)
 
 
 def report_outcomes(outcomes: list[dict], zoo, profile, run_dir: Path, store_size: int, logger,
@@ -211,7 +212,7 @@ def report_outcomes(outcomes: list[dict], zoo, profile, run_dir: Path, store_siz
     names = ["schedule.json"] if len(outcomes) == 1 else [f"schedule_{ms(o['budget']):.0f}ms.json" for o in outcomes]
     schedule_path = [save_winner(o, row, zoo, run_dir / name) for o, row, name in zip(outcomes, rows, names)][0]
     plot = frontier_plot(run_dir / "frontier.png", outcomes, f"{zoo.data_name}: searched vs single-member samplers")
-    grid = save_grid(generate(zoo, ModelSchedule.load(schedule_path), 64, seed=settings["eval_seeds"][0]),
+    grid = save_grid(generate(zoo, load_schedule(schedule_path), 64, seed=settings["eval_seeds"][0]),
                      run_dir / "winner.png")
     if logger:
         _log_wandb(logger, outcomes, rows, schedule_path, plot, grid)

@@ -29,7 +29,8 @@ from oms_lightning.diffusion.spacing import SPACINGS, default_t_end, timesteps
 from oms_lightning.steps import AYS, AYS_GRID, AYSTable, ays_grid, spacing_times
 from oms_lightning.errors import UserError
 from oms_lightning.member_ranges import MemberRanges
-from oms_lightning.schedule import SLOTS_PER_STEP, ModelSchedule, ScheduleError, schedule_key
+from oms_lightning.schedule import ModelSchedule, ScheduleError, schedule_key
+from oms_lightning.schedule_slots import SLOTS_PER_STEP, from_slots, to_slots
 
 
 class SearchSpace(Protocol):
@@ -216,7 +217,7 @@ class SlotSpace(SlotGenes, RandomGenotypes):
             raise ScheduleError("every slot is null: a schedule needs at least one NFE")
         nfe = sum(int(v != 0) for r in rows for v in r)
         times = timesteps("logsnr_uniform", len(rows), self.noise, t_end=default_t_end(nfe)).tolist()
-        return ModelSchedule.from_slots(rows, self.members, times, meta={"spacing": "logsnr_uniform"})
+        return from_slots(rows, self.members, times, meta={"spacing": "logsnr_uniform"})
 
     def key(self, g) -> Hashable:
         """Two genotypes decode to the same schedule iff their used rows, nulls removed, are equal."""
@@ -227,7 +228,7 @@ class SlotSpace(SlotGenes, RandomGenotypes):
         if schedule.solver != "dpm_solver" or len(schedule.steps) > self.max_steps:
             raise ScheduleError(f"{schedule.compact()} is not in this space (dpm_solver, ≤ {self.max_steps} steps)")
         genotype = np.zeros(self.shape, dtype=np.int64)
-        genotype[: len(schedule.steps)] = schedule.to_slots(self.members)
+        genotype[: len(schedule.steps)] = to_slots(schedule, self.members)
         return genotype
 
     def single(self, member: str, steps: int, order: int) -> ModelSchedule:
@@ -272,7 +273,7 @@ class GridSpace(SlotGenes, RandomGenotypes):
     The selected entries i₁ < i₂ < … are the step starts: step j runs grid[i_j] → grid[i_{j+1}] with the member
     of entry i_j, and the last step ends at t_end — so the timestep subset is searched implicitly (OMS-DPM's DDIM
     space, L = 100 for CIFAR-10). Sampling always starts from pure noise at t = 1: null entries before the first
-    selected one are merged into the first step, which then starts at grid[0] (as `ModelSchedule.from_slots`
+    selected one are merged into the first step, which then starts at grid[0] (as `schedule_slots.from_slots`
     merges null rows). `t_end` defaults to `default_t_end(grid_size)` and is fixed for the space, so the grid
     never moves with the NFE.
     """
