@@ -136,6 +136,36 @@ def test_padding_invariance():
     np.testing.assert_allclose(scores[: len(short)], at10.double().numpy(), atol=1e-6, rtol=0)
 
 
+def test_iia_coefficients_are_encoded_in_their_features_columns_and_change_the_score():
+    from conftest import corrected_schedule
+
+    plain, corrected = corrected_schedule()
+    plain3 = ModelSchedule.from_times_and_members(plain.times, ["a", "b", "a"], solver="dpm_solver++")
+    full = plain3.with_correction("full", [[0.5, 0.0, 0.0], [0.1, -0.2, 0.3], [0.0, 0.4, -0.6]], weights="w")
+    enc = ScheduleEncoder(["a", "b"], NOISE, max_steps=5)
+    assert enc.features == ("corrector", "eps", "eps_diff", "euler", "x0_diff")
+    batch = enc.encode([plain, corrected, full])
+    assert batch.coefficients.shape == (3, 5, 5)
+    assert not batch.coefficients[0].any()                         # plain: no coefficients
+    torch.testing.assert_close(batch.coefficients[1, :3, 1], torch.tensor([0.1, 0.0, -0.2]))
+    assert not batch.coefficients[1][:, [0, 2, 3, 4]].any() and not batch.coefficients[1, 3:].any()
+    torch.testing.assert_close(batch.coefficients[2, :3][:, [1, 2, 4]],
+                               torch.tensor([[0.5, 0.0, 0.0], [0.1, -0.2, 0.3], [0.0, 0.4, -0.6]]))
+    # padding and concatenation keep them in place
+    torch.testing.assert_close(EncodedSchedules.cat([batch[:1], batch[1:].pad_to(7)]).coefficients[:, :5],
+                               batch.coefficients)
+    # the predictor tells a corrected schedule from its plain version; the plain one's score ignores the map
+    torch.manual_seed(0)
+    module = PredictorModule(["a", "b"], NOISE.to_dict(), max_steps=5).eval()
+    with torch.no_grad():
+        before = module(batch)
+        module.net.coefficient_proj.weight.mul_(3.0)
+        after = module(batch)
+    assert before[0] == after[0] and before[1] != after[1] and before[1] != before[0]
+    with pytest.raises(UserError, match="feature set 'full'.*eps_diff"):
+        ScheduleEncoder(["a", "b"], NOISE, max_steps=5, features=["eps"]).encode(full)
+
+
 # ------------------------------------------------------------------------------------------------ loss
 def test_pairwise_hinge_loss_by_hand():
     scores = torch.tensor([0.0, 0.5, 3.0], requires_grad=True)

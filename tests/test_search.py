@@ -186,14 +186,26 @@ def test_joint_search_writes_the_ablation_of_its_ingredients(zoo_root):
 
     write_ays(zoo_root)
     r = run_search(zoo_root, "search=joint", "budget=60", "search.iia_calibration.n=16",
-                   "search.iia_calibration.held_out=8", "search.iia_calibration.sub_steps=2")
+                   "search.iia_calibration.held_out=8", "search.iia_calibration.sub_steps=2",
+                   "search.dataset.iia_anchors=2")
     assert r.returncode == 0, r.stderr[-4000:]
-    assert "fitting IIA" in r.stdout and "ablation: the same evolution with time fixed" in r.stdout
+    assert "fitting IIA coefficients for 2 anchors" in r.stdout
+    assert "ablation: the same evolution with time fixed" in r.stdout and "ablation (fresh seeds" in r.stdout
     summary = json.loads((zoo_root / "run" / "summary.json").read_text())
     rows = summary["ablation"]["rows"]
     assert set(rows) == {"members_only", "members_and_times", "joint", "single_member_ays_iia", "baseline"}
     assert rows["joint"]["schedule"] == summary["schedule"] and rows["baseline"]["verdict"] is None
     assert all(rows[n]["verdict"] in VERDICTS for n in rows if n != "baseline")
+    joint_vs = summary["ablation"]["joint_vs"]
+    assert set(joint_vs) == set(rows) - {"joint"} and all(j["verdict"] in VERDICTS for j in joint_vs.values())
+    assert joint_vs["baseline"]["diff"] == pytest.approx(summary["diff"])
+    # the predictor's dataset holds the AYS anchors and the corrected ones beside their plain versions
+    records = [json.loads(line) for p in (zoo_root / "digits" / "search").glob("records-*.jsonl")
+               for line in p.read_text().splitlines()[1:]]                      # line 1: the store's header
+    corrected = [r["schedule"] for r in records if "correction" in r["schedule"]]
+    plain_keys = {r["key"] for r in records if "correction" not in r["schedule"]}
+    assert len(corrected) == 2 and all(c["correction"]["plain_key"] in plain_keys for c in corrected)
+    assert any(r["schedule"]["meta"].get("spacing") == "ays" for r in records)
     assert all(row["cost"] <= 60 * (1 + 1e-9) for row in rows.values())
     check_fresh_seed_protocol(zoo_root, summary)
 
@@ -203,3 +215,5 @@ def test_bad_iia_setting_and_calibration_seed_overlap_are_refused(zoo_root):
     assert r.returncode == 2 and "search.iia='always'" in r.stderr
     r = run_search(zoo_root, "search=joint", "search.iia_calibration.seed=100")
     assert r.returncode == 2 and "the IIA calibration" in r.stderr
+    r = run_search(zoo_root, "search.dataset.iia_anchors=-1")
+    assert r.returncode == 2 and "search.dataset.iia_anchors=-1" in r.stderr

@@ -168,6 +168,18 @@ def test_ays_schedules_join_the_baselines_and_the_time_grids_of_their_solver():
     assert mixed.times == pytest.approx(times_from_sigmas(ays_sigmas(AYS[("b", "dpm_solver++")], 5), NOISE))
 
 
+def test_members_with_ays_steps_anchor_the_predictor_on_their_own_ays_times():
+    anchors = sampler_anchors(make_space("sampler:dpm_solver++", MEMBERS, NOISE, 12, AYS), [4, 8])
+    on_ays = {(s.meta["member"], s.nfe) for s in anchors if s.meta["spacing"] == "ays"}
+    assert on_ays == {("a", 4), ("a", 8), ("b", 4), ("b", 8)}              # c has no AYS steps
+    assert {(s.meta["member"], s.nfe) for s in anchors if s.meta["spacing"] == "karras"} == {
+        (m, n) for m in MEMBERS for n in (4, 8)}
+    a8 = next(s for s in anchors if s.meta["spacing"] == "ays" and s.meta["member"] == "a" and s.nfe == 8)
+    assert a8 == single_member_sampler("a", "dpm_solver++", None, "ays", 8, NOISE, AYS)
+    without = sampler_anchors(make_space("sampler:dpm_solver++", MEMBERS, NOISE, 12), [4, 8])
+    assert all(s.meta["spacing"] == "karras" for s in without)
+
+
 def test_protocol_properties_with_ays_grids():
     space = make_space("sampler:dpm_solver++", MEMBERS, NOISE, 12, AYS)
     rng = np.random.default_rng(3)

@@ -11,6 +11,9 @@ Per step k (noisy → clean, as everywhere in this project) a batch holds:
     mask       (B, K)    bool   True for real steps; real steps always come first
     solver_ids (B,)      long   index of the schedule's solver in the encoder's solver vocabulary (default:
                                 sorted SOLVER_REGISTRY names), so one predictor can hold several search spaces
+    coefficients (B, K, F) float  a step's IIA coefficients (PAPERS.md §3), each in the column of its feature in
+                                the encoder's feature vocabulary (default: every feature of IIA_FEATURE_SETS,
+                                sorted); all 0 for a plain schedule and for padding
 
 Unlike the reference code, nothing downstream may depend on K: the predictor packs the real steps (see
 `network.py`), so a schedule scores the same whatever length it is padded to.
@@ -25,7 +28,7 @@ import torch
 from torch import Tensor
 
 from oms_lightning.diffusion.noise_schedule import VPSchedule
-from oms_lightning.diffusion.solvers import SOLVER_REGISTRY
+from oms_lightning.diffusion.solvers import IIA_FEATURE_SETS, SOLVER_REGISTRY
 from oms_lightning.errors import UserError
 from oms_lightning.schedule import ModelSchedule
 from oms_lightning.schedule_slots import SLOTS_PER_STEP
@@ -33,6 +36,7 @@ from oms_lightning.schedule_slots import SLOTS_PER_STEP
 LAMBDA_SCALE = 10.0
 MAX_ORDER = SLOTS_PER_STEP
 DEFAULT_SOLVERS: tuple[str, ...] = tuple(sorted(SOLVER_REGISTRY))
+DEFAULT_FEATURES: tuple[str, ...] = tuple(sorted({f for fs in IIA_FEATURE_SETS.values() for f in fs}))
 
 
 @dataclass
@@ -44,6 +48,7 @@ class EncodedSchedules:
     lambdas: Tensor
     mask: Tensor
     solver_ids: Tensor | None = None
+    coefficients: Tensor | None = None
 
     def _map(self, fn) -> "EncodedSchedules":
         return EncodedSchedules(**{f.name: (None if getattr(self, f.name) is None else fn(getattr(self, f.name)))
@@ -93,15 +98,14 @@ class EncodedSchedules:
             longest = int(self.lengths.max()) if len(self) else 0
             if longest > num_steps:
                 raise UserError(f"cannot pad to {num_steps} steps: the batch holds a schedule with {longest} steps")
-            return EncodedSchedules(self.member_ids[:, :num_steps], self.orders[:, :num_steps],
-                                    self.lambdas[:, :num_steps], self.mask[:, :num_steps], self.solver_ids)
+            return self._per_step(lambda t: t[:, :num_steps])
         extra = num_steps - k
+        return self._per_step(lambda t: torch.cat([t, t.new_zeros((t.shape[0], extra) + tuple(t.shape[2:]))], dim=1))
 
-        def pad(t: Tensor) -> Tensor:
-            return torch.cat([t, t.new_zeros((t.shape[0], extra) + tuple(t.shape[2:]))], dim=1)
-
-        return EncodedSchedules(pad(self.member_ids), pad(self.orders), pad(self.lambdas), pad(self.mask),
-                                self.solver_ids)
+    def _per_step(self, fn) -> "EncodedSchedules":
+        """`fn` applied to every per-step field (dimension 1 is the step); solver_ids stays as it is."""
+        return EncodedSchedules(**{f.name: (getattr(self, f.name) if f.name == "solver_ids" or getattr(self, f.name)
+                                            is None else fn(getattr(self, f.name))) for f in fields(self)})
 
     @classmethod
     def cat(cls, batches: Sequence["EncodedSchedules"]) -> "EncodedSchedules":
@@ -110,19 +114,20 @@ class EncodedSchedules:
             raise ValueError("nothing to concatenate")
         k = max(b.num_steps for b in batches)
         batches = [b.pad_to(k) for b in batches]
-        has_solver = [b.solver_ids is not None for b in batches]
-        if any(has_solver) and not all(has_solver):
-            raise ValueError("cannot concatenate batches with and without solver_ids")
-        return cls(*(torch.cat([b.member_ids for b in batches]), torch.cat([b.orders for b in batches]),
-                     torch.cat([b.lambdas for b in batches]), torch.cat([b.mask for b in batches]),
-                     torch.cat([b.solver_ids for b in batches]) if all(has_solver) else None))
+        parts = {}
+        for f in fields(cls):
+            present = [getattr(b, f.name) is not None for b in batches]
+            if any(present) and not all(present):
+                raise ValueError(f"cannot concatenate batches with and without {f.name}")
+            parts[f.name] = torch.cat([getattr(b, f.name) for b in batches]) if all(present) else None
+        return cls(**parts)
 
 
 class ScheduleEncoder:
     """Encodes ModelSchedules over a zoo (`members`, sorted and unique) into `EncodedSchedules` of `max_steps`."""
 
     def __init__(self, members: Sequence[str], noise: VPSchedule | Mapping, max_steps: int,
-                 solvers: Sequence[str] | None = None):
+                 solvers: Sequence[str] | None = None, features: Sequence[str] | None = None):
         if isinstance(members, str):
             raise UserError(f"members must be a list of member names, got the string {members!r}")
         members = list(members)
@@ -140,12 +145,17 @@ class ScheduleEncoder:
         solvers = list(DEFAULT_SOLVERS if solvers is None else solvers)
         if not solvers or len(set(solvers)) != len(solvers):
             raise UserError(f"solvers must be a non-empty list of unique solver names, got {solvers}")
+        features = list(DEFAULT_FEATURES if features is None else features)
+        if len(set(features)) != len(features):
+            raise UserError(f"features must be unique IIA feature names, got {features}")
         self.members: tuple[str, ...] = tuple(members)
         self.noise = noise
         self.max_steps = int(max_steps)
         self.solvers: tuple[str, ...] = tuple(solvers)
         self._member_index = {m: i + 1 for i, m in enumerate(self.members)}
         self._solver_index = {s: i for i, s in enumerate(self.solvers)}
+        self.features: tuple[str, ...] = tuple(features)
+        self._feature_index = {f: i for i, f in enumerate(self.features)}
 
     def __repr__(self) -> str:
         return f"ScheduleEncoder(members={list(self.members)}, max_steps={self.max_steps}, noise={self.noise!r})"
@@ -163,6 +173,7 @@ class ScheduleEncoder:
         orders = np.zeros((b, k), dtype=np.int64)
         t = np.ones((b, k, 2), dtype=np.float64)  # padding gets t = 1 (a valid time), zeroed after λ
         solver_ids = np.zeros(b, dtype=np.int64)
+        coefficients = np.zeros((b, k, len(self.features)), dtype=np.float32)
         index = self._member_index
         for i, s in enumerate(schedules):
             if not isinstance(s, ModelSchedule):
@@ -187,8 +198,19 @@ class ScheduleEncoder:
                 orders[i, j] = len(step.members)
                 t[i, j, 0] = step.t_start
                 t[i, j, 1] = step.t_end
+            if s.correction is not None:
+                coefficients[i][:n, self._columns(i, s.correction.feature_set)] = s.correction.coefficients
         lam = self.noise.lambda_(torch.from_numpy(t)) / LAMBDA_SCALE
         mask = torch.from_numpy(orders > 0)
         lam = torch.where(mask[..., None], lam, torch.zeros((), dtype=lam.dtype))
         return EncodedSchedules(torch.from_numpy(ids), torch.from_numpy(orders), lam.to(torch.float32), mask,
-                                torch.from_numpy(solver_ids))
+                                torch.from_numpy(solver_ids), torch.from_numpy(coefficients))
+
+    def _columns(self, i: int, feature_set: str) -> list[int]:
+        """The coefficient columns of a feature set's features, in the set's order."""
+        try:
+            return [self._feature_index[f] for f in IIA_FEATURE_SETS[feature_set]]
+        except KeyError:
+            raise UserError(f"schedule {i} carries IIA coefficients of feature set {feature_set!r}, whose features "
+                            f"{list(IIA_FEATURE_SETS.get(feature_set, ()))} this predictor does not all know; known "
+                            f"features: {', '.join(self.features)}") from None

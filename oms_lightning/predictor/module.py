@@ -30,7 +30,7 @@ from oms_lightning.errors import UserError
 from oms_lightning.schedule import ModelSchedule
 from oms_lightning.schedule_file import schedule_from_dict
 
-from .encoding import DEFAULT_SOLVERS, MAX_ORDER, EncodedSchedules, ScheduleEncoder
+from .encoding import MAX_ORDER, EncodedSchedules, ScheduleEncoder
 from .network import SchedulePredictor
 
 LOSSES = ("hinge", "mse")
@@ -102,7 +102,8 @@ class PredictorModule(L.LightningModule):
     def __init__(self, members: Sequence[str], noise: Mapping | VPSchedule | None = None, max_steps: int = 30,
                  member_dim: int = 32, order_dim: int = 16, time_dim: int = 64, hidden: int = 128,
                  head_hidden: int = 200, loss: str = "hinge", margin: float = 1.0, fid_threshold: float = 0.25,
-                 lr: float = 1e-3, weight_decay: float = 0.0, solvers: Sequence[str] | None = None):
+                 lr: float = 1e-3, weight_decay: float = 0.0, solvers: Sequence[str] | None = None,
+                 features: Sequence[str] | None = None):
         super().__init__()
         if isinstance(noise, VPSchedule):
             noise = noise.to_dict()
@@ -114,15 +115,17 @@ class PredictorModule(L.LightningModule):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and ok):
                 raise UserError(f"predictor {name} must be a finite number "
                                 f"{'>= 0' if name in ('fid_threshold', 'weight_decay') else '> 0'}, got {value!r}")
-        self.encoder = ScheduleEncoder(members, noise, max_steps, solvers)
+        self.encoder = ScheduleEncoder(members, noise, max_steps, solvers, features)
         self.save_hyperparameters({
             "members": list(self.encoder.members), "noise": noise, "max_steps": int(max_steps),
             "member_dim": member_dim, "order_dim": order_dim, "time_dim": time_dim, "hidden": hidden,
             "head_hidden": head_hidden, "loss": loss, "margin": float(margin), "fid_threshold": float(fid_threshold),
             "lr": float(lr), "weight_decay": float(weight_decay), "solvers": list(self.encoder.solvers),
+            "features": list(self.encoder.features),
         })
         self.net = SchedulePredictor(len(self.encoder.members), MAX_ORDER, member_dim, order_dim, time_dim, hidden,
-                                     head_hidden, num_solvers=len(self.encoder.solvers))
+                                     head_hidden, num_solvers=len(self.encoder.solvers),
+                                     num_features=len(self.encoder.features))
         self._val_scores: list[Tensor] = []
         self._val_fids: list[Tensor] = []
 

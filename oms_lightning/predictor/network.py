@@ -1,7 +1,8 @@
 """The schedule predictor network (OMS-DPM, Liu et al. 2023, §4.2; ≈ 0.27M parameters with the defaults).
 
 Per step: the 3 NFE-slot member embeddings (null = index 0, a learned vector) concatenated → MLP → 64; an order
-embedding (16, plus a solver embedding of the same size added to it); Fourier features of (λ_start, λ_end) → MLP
+embedding (16, plus a solver embedding of the same size and a linear map of the step's IIA coefficients, without
+bias so a plain schedule's features are the coefficient-free ones, added to it); Fourier features of (λ_start, λ_end) → MLP
 → 64. The 144-d step features go through a 1-layer LSTM over the *real* steps only, from the clean end to the
 noisy end (packed sequences: padding never enters the recurrence), then a masked mean of the L2-normalised
 per-step outputs, then a head MLP → one score. Lower score = better (trained to be ordered like FID).
@@ -52,7 +53,7 @@ class SchedulePredictor(nn.Module):
 
     def __init__(self, n_members: int, max_order: int = MAX_ORDER, member_dim: int = 32, order_dim: int = 16,
                  time_dim: int = 64, hidden: int = 128, head_hidden: int = 200, num_solvers: int = 5,
-                 slot_dim: int = 64):
+                 slot_dim: int = 64, num_features: int = 0):
         super().__init__()
         if n_members < 1:
             raise ValueError(f"n_members must be >= 1, got {n_members}")
@@ -61,6 +62,7 @@ class SchedulePredictor(nn.Module):
         self.slot_mlp = _mlp(SLOTS * member_dim, slot_dim, slot_dim)
         self.order_emb = nn.Embedding(max_order + 1, order_dim)          # 0 = padding (never used)
         self.solver_emb = nn.Embedding(num_solvers, order_dim) if num_solvers > 0 else None
+        self.coefficient_proj = nn.Linear(num_features, order_dim, bias=False) if num_features > 0 else None
         self.time_features = FourierFeatures(2, time_dim)
         self.time_mlp = _mlp(time_dim, time_dim, time_dim)
         self.lstm = nn.LSTM(slot_dim + order_dim + time_dim, hidden, num_layers=1, batch_first=True)
@@ -76,6 +78,8 @@ class SchedulePredictor(nn.Module):
         kind = self.order_emb(batch.orders)
         if self.solver_emb is not None and batch.solver_ids is not None:
             kind = kind + self.solver_emb(batch.solver_ids)[:, None, :]
+        if self.coefficient_proj is not None and batch.coefficients is not None:
+            kind = kind + self.coefficient_proj(batch.coefficients)
         times = self.time_mlp(self.time_features(batch.lambdas))
         return torch.cat([slots, kind, times], dim=-1)
 

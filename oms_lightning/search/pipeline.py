@@ -12,19 +12,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import random
 import time
 from pathlib import Path
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from oms_lightning.diffusion.solvers import ODE_SOLVERS
+from oms_lightning.diffusion.solvers import ODE_SOLVERS, get_solver
 from oms_lightning.errors import UserError
 from oms_lightning.evaluation import (Evaluation, check_fresh_seeds, compare, cost_at_equal_quality,
                                      fitting_nfes, single_member_baselines)
 from oms_lightning.io import atomic_write_text, file_lock
 from oms_lightning.metrics import METRICS, FIDEvaluator, SampleMetrics, default_extractor_for
-from oms_lightning.predictor.encoding import DEFAULT_SOLVERS
+from oms_lightning.predictor.encoding import DEFAULT_FEATURES, DEFAULT_SOLVERS
 from oms_lightning.predictor.generate import generate_distributed, generate_records
 from oms_lightning.predictor.module import PredictorModule, fit_predictor, rank_metrics_near
 from oms_lightning.predictor.records import RecordStore, fid_settings, settings_fingerprint
@@ -132,12 +133,16 @@ def check_evaluation_settings(cfg: DictConfig) -> list[int]:
     if not isinstance(e.equal_quality_max_budgets, (int, float)) or e.equal_quality_max_budgets <= 0:
         raise UserError(f"invalid value search.evaluation.equal_quality_max_budgets={e.equal_quality_max_budgets!r}: "
                         f"expected a positive multiple of the budget")
+    anchors = cfg.search.dataset.iia_anchors
+    if isinstance(anchors, bool) or not isinstance(anchors, int) or anchors < 0:
+        raise UserError(f"invalid value search.dataset.iia_anchors={anchors!r}: expected an integer >= 0 (how many "
+                        f"dataset anchors also get IIA coefficients)")
     if cfg.search.iia not in ("none", "rerank"):
         raise UserError(f"search.iia={cfg.search.iia!r}: choose none or rerank (fit IIA coefficients for the top "
                         f"candidates before the re-rank)")
     used = {"the schedule→FID dataset": cfg.search.dataset.sample_seed,
             "the re-rank and baseline choice": cfg.search.rerank.seed}
-    if cfg.search.iia == "rerank" or cfg.search.ablation:
+    if cfg.search.iia == "rerank" or cfg.search.ablation or anchors:
         used["the IIA calibration"] = cfg.search.iia_calibration.seed
     return check_fresh_seeds(e.seeds, used)
 
@@ -150,13 +155,15 @@ def store_for(cfg_cache: Path, name: str, zoo: Zoo, settings: dict) -> RecordSto
 
 def build_dataset(cfg: DictConfig, zoo: Zoo, spaces: list, evaluator, profile,
                   cache: Path) -> tuple[list[dict], RecordStore]:
-    """Random schedules of every space (`n_random` split evenly) plus every member alone at `anchor_nfes` in each."""
+    """Random schedules of every space (`n_random` split evenly) plus every member alone at `anchor_nfes` in each
+    (on its AYS times too where it has them), and `iia_anchors` of those anchors with IIA coefficients."""
     d = cfg.search.dataset
     per_space = -(-int(d.n_random) // len(spaces))
-    schedules = []
+    schedules, anchors = [], []
     for i, space in enumerate(spaces):
         schedules += random_schedules(space, per_space, seed=cfg.seed + i, null_prob=d.null_prob, alpha=d.alpha)
-        schedules += in_range(zoo, single_member_anchors(space, d.anchor_nfes))
+        anchors += in_range(zoo, single_member_anchors(space, d.anchor_nfes))
+    schedules += anchors + iia_anchors(cfg, zoo, anchors, int(d.iia_anchors))
     store = store_for(cache, "records", zoo, fid_settings(evaluator, d.n_samples, d.sample_seed))
     log(f"schedule→FID store {store.path}: {len(store)} records, {len(schedules)} schedules wanted")
     start = time.perf_counter()
@@ -167,6 +174,18 @@ def build_dataset(cfg: DictConfig, zoo: Zoo, spaces: list, evaluator, profile,
               if r["fid"] is not None]
     log(f"{len(usable)} records ready ({time.perf_counter() - start:.0f} s)")
     return usable, store
+
+
+def iia_anchors(cfg: DictConfig, zoo: Zoo, anchors: list[ModelSchedule], count: int) -> list[ModelSchedule]:
+    """`count` anchors, a seeded draw among those whose solver has IIA features, with coefficients fitted on the
+    calibration seed: corrected schedules beside their plain versions, so the predictor learns what coefficients do
+    instead of extrapolating to them."""
+    fittable = [s for s in anchors if get_solver(s.solver).feature_sets]
+    chosen = random.Random(cfg.seed).sample(fittable, min(count, len(fittable)))
+    if chosen:
+        log(f"fitting IIA coefficients for {len(chosen)} anchors of the dataset (calibration seed "
+            f"{cfg.search.iia_calibration.seed})")
+    return with_iia(cfg, zoo, chosen)
 
 
 def _generate(d: DictConfig, zoo: Zoo, schedules: list, store: RecordStore, evaluator, profile) -> list[dict]:
@@ -203,9 +222,10 @@ def predictor_key(records: list[dict], cfg: DictConfig, zoo: Zoo) -> str:
     h = hashlib.sha256(zoo.fingerprint().encode())
     h.update(json.dumps(sorted((r["key"], r["fid"]) for r in records)).encode())
     h.update(json.dumps(OmegaConf.to_container(cfg.search.predictor, resolve=True), sort_keys=True).encode())
-    # the space (its size is the encoder's length) and the solver vocabulary: a predictor whose solver ids have
-    # shifted must never load
-    h.update(json.dumps([str(cfg.search.space.kind), int(cfg.search.space.size), list(DEFAULT_SOLVERS)]).encode())
+    # the space (its size is the encoder's length) and the solver and IIA feature vocabularies: a predictor whose
+    # solver ids or coefficient columns have shifted must never load
+    h.update(json.dumps([str(cfg.search.space.kind), int(cfg.search.space.size), list(DEFAULT_SOLVERS),
+                         list(DEFAULT_FEATURES)]).encode())
     return h.hexdigest()[:16]
 
 

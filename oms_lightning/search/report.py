@@ -18,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
+from oms_lightning.evaluation import PRIMARY, summarise_contender  # noqa: E402
 from oms_lightning.images import save_grid  # noqa: E402
 from oms_lightning.io import atomic_path, atomic_write_text  # noqa: E402
 from oms_lightning.sampling import generate  # noqa: E402
@@ -93,10 +94,15 @@ def ablation_rows(ablation: dict | None) -> dict | None:
     if ablation is None:
         return None
     c = ablation["comparison"]["contenders"]
+    per_seed = {n: {m: v["per_seed"] for m, v in row.items()} for n, row in c.items()}
+    joint_vs = {n: summarise_contender(per_seed["joint"], values, ablation["comparison"]["confidence"])[PRIMARY]
+                for n, values in per_seed.items() if n != "joint"}
     return {"rows": {n: {"schedule": ablation["schedules"][n], "cost": ablation["costs_ms"][n],
                          "fid_mean": row["fid"]["mean"], "fid_ci": row["fid"]["ci"],
                          "diff_vs_baseline_ci": row["fid"].get("diff_ci"), "verdict": row["fid"].get("verdict")}
                      for n, row in c.items()},
+            # the joint winner against each ingredient, paired on the same seeds: does adding it help?
+            "joint_vs": {n: {k: r[k] for k in ("diff", "diff_ci", "verdict")} for n, r in joint_vs.items()},
             "comparison": ablation["comparison"]}
 
 
@@ -157,6 +163,20 @@ def print_details(rows: list[dict]) -> None:
               f"on {near.get('n', 0)} schedules)")
         if s["budget_note"]:
             print(f"  note: {s['budget_note']}")
+        if s.get("ablation"):
+            print_ablation(s["ablation"])
+
+
+def print_ablation(ablation: dict) -> None:
+    """search=joint: each ingredient's fresh-seed FID, its verdict against the baseline and the joint winner's
+    verdict against it."""
+    print("  ablation (fresh seeds; verdicts: contender vs baseline, joint vs contender):")
+    for name, r in ablation["rows"].items():
+        j = ablation["joint_vs"].get(name)
+        vs_joint = "" if j is None else (f"; joint − it {j['diff']:+.2f} [{j['diff_ci'][0]:+.2f}, "
+                                         f"{j['diff_ci'][1]:+.2f}] → {j['verdict']}")
+        print(f"    {name:<22} {r['cost']:7.0f} ms  FID {_pm(r['fid_mean'], r['fid_ci'])}  "
+              f"{r['verdict'] or 'reference'}{vs_joint}  {r['schedule']}")
 
 
 def _fmt(x) -> str:

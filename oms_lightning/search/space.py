@@ -541,17 +541,22 @@ class SamplerSpace(SlotGenes, RandomGenotypes):
 def sampler_anchors(space: SamplerSpace, nfes: Sequence[int],
                     spacings: Sequence[str] = ("karras",)) -> list[ModelSchedule]:
     """Every member alone with the space's solver (each NFE count per step it allows) at every NFE in `nfes`, on the
-    given spacings the space has: the single-member samplers that anchor the predictor."""
+    given spacings the space has, and each member that has AYS steps for this solver on its own AYS times: the
+    single-member samplers that anchor the predictor (so it does not extrapolate to AYS grids)."""
     from oms_lightning.evaluation import single_member_sampler  # evaluation builds on sampling, not on spaces
 
     lo, hi = get_solver(space.solver).nfe_per_step
     orders = range(max(lo, 2), hi + 1) if lo < hi else [None]
+    ays = {(m, space.solver): levels for m, levels in space.ays}
     out = {}
     for member in space.members:
+        member_spacings = [sp for sp in spacings if sp in space.spacings]
+        if (member, space.solver) in ays:
+            member_spacings.append(AYS)
         for nfe in nfes:
             for order in orders:
-                for spacing in (sp for sp in spacings if sp in space.spacings):
-                    s = single_member_sampler(member, space.solver, order, spacing, nfe, space.noise)
+                for spacing in member_spacings:
+                    s = single_member_sampler(member, space.solver, order, spacing, nfe, space.noise, ays=ays)
                     if s is not None and len(s.steps) <= space.max_steps:
                         out.setdefault(s, None)
     return list(out)
