@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from oms_lightning.data import DigitsDataModule  # noqa: E402 - after the path set-up
+from oms_lightning.diffusion.solvers import get_solver  # noqa: E402
 from oms_lightning.evaluation import Evaluation, single_member_sampler, summarise_contender  # noqa: E402
 from oms_lightning.metrics import METRICS, FIDEvaluator, SampleMetrics, default_extractor_for  # noqa: E402
 from oms_lightning.stages_file import load_stages, stages_path  # noqa: E402
@@ -88,12 +89,16 @@ def train_all(args, commands: dict[str, list[str]]) -> dict[str, float | None]:
     return seconds
 
 
+def stage_ranges(net: torch.nn.Module) -> list[tuple[float, float]]:
+    return net.stage_ranges() if hasattr(net, "stage_ranges") else [(0.0, 1.0)]
+
+
 def flops_per_image(net: torch.nn.Module, image_shape: tuple[int, int, int]) -> dict:
     """Forward FLOPs of one image at a time inside each stage (one stage for a unified net) and the average under
     uniform training t."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    ranges = net.stage_ranges() if hasattr(net, "stage_ranges") else [(0.0, 1.0)]
+    ranges = stage_ranges(net)
     per_stage = []
     for lo, hi in ranges:
         counter = FlopCounterMode(display=False)
@@ -102,6 +107,13 @@ def flops_per_image(net: torch.nn.Module, image_shape: tuple[int, int, int]) -> 
         per_stage.append(counter.get_total_flops())
     average = sum(f * (hi - lo) for f, (lo, hi) in zip(per_stage, ranges))
     return {"per_stage": per_stage, "training_average": average}
+
+
+def sampler_mflops(flops: dict, ranges: list[tuple[float, float]], schedule, noise) -> float:
+    """Forward MFLOPs per image of a whole sampling run: each NFE costs its stage's FLOPs at the time it runs."""
+    times = get_solver(schedule.solver).nfe_times(schedule.times, schedule.orders, noise)
+    stage = [next(k for k, (lo, hi) in enumerate(ranges) if t <= hi or k == len(ranges) - 1) for t in times]
+    return sum(flops["per_stage"][k] for k in stage) / 1e6
 
 
 def evaluation_for(args, zoo: Zoo) -> tuple[Evaluation, dict]:
@@ -122,10 +134,14 @@ def quality_tables(args, zoo: Zoo, evaluation: Evaluation) -> list[str]:
     """FID per member and NFE, then the verdicts of multistage (both boundary rules) against small."""
     out = []
     for nfe in args.nfes:
-        scores = {m: evaluation.score(single_member_sampler(m, SOLVER, None, SPACING, nfe, zoo.schedule))
-                  for m in zoo.names if "." not in m}
+        samplers = {m: single_member_sampler(m, SOLVER, None, SPACING, nfe, zoo.schedule)
+                    for m in zoo.names if "." not in m}
+        scores = {m: evaluation.score(s) for m, s in samplers.items()}
+        cost = {v: sampler_mflops(flops_per_image(zoo.net(v), zoo.image_shape), stage_ranges(zoo.net(v)),
+                                  samplers[v], zoo.schedule) for v in VARIANTS}
         out += [f"\n#### DPM-Solver++ 2M, {SPACING}, {nfe} NFE: FID (mean over evaluation seeds "
-                f"{args.eval_seeds} × {args.n})",
+                f"{args.eval_seeds} × {args.n}); sampling MFLOPs per image: "
+                + ", ".join(f"{v} {c:.0f}" for v, c in cost.items()),
                 "| training seed | " + " | ".join(VARIANTS) + " |", "|---:|" + "---:|" * len(VARIANTS)]
         out += [f"| {s} | " + " | ".join(f"{np.mean(scores[name(v, s)]['fid']):.3f}" for v in VARIANTS) + " |"
                 for s in args.seeds]
