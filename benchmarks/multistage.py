@@ -42,6 +42,7 @@ from oms_lightning.stages_file import load_stages, stages_path  # noqa: E402
 from oms_lightning.zoo import Zoo  # noqa: E402
 
 SOLVER, SPACING = "dpm_solver++", "logsnr_uniform"
+VARIANTS = ("small", "multistage", "multistage_uniform")
 TRAINED = re.compile(r"trained \S+ on \S+: (\d+) steps in (\d+) s")
 
 
@@ -56,7 +57,12 @@ def train_commands(args, boundaries: dict[str, list[float]]) -> dict[str, list[s
     variants = {"small": ["model=small"], "multistage": ["model=multistage"],
                 "multistage_uniform": ["model=multistage", f"model.boundaries=[{','.join(map(repr, boundaries['time_uniform']))}]"]}
     return {name(v, s): [*extra, f"model.name={name(v, s)}", f"seed={s}", *common]
-            for s in args.seeds for v, extra in variants.items()}
+            for v, extra in variants.items() for s in seeds_of(args, v)}
+
+
+def seeds_of(args, variant: str) -> list[int]:
+    """Training seeds of a variant: the boundary comparison may run on fewer (`--uniform-seeds`)."""
+    return args.uniform_seeds if variant == "multistage_uniform" and args.uniform_seeds else args.seeds
 
 
 def ensure_stages(args) -> dict[str, list[float]]:
@@ -143,29 +149,29 @@ def quality_tables(args, zoo: Zoo, evaluation: Evaluation) -> list[str]:
                 f"{args.eval_seeds} × {args.n}); sampling MFLOPs per image: "
                 + ", ".join(f"{v} {c:.0f}" for v, c in cost.items()),
                 "| training seed | " + " | ".join(VARIANTS) + " |", "|---:|" + "---:|" * len(VARIANTS)]
-        out += [f"| {s} | " + " | ".join(f"{np.mean(scores[name(v, s)]['fid']):.3f}" for v in VARIANTS) + " |"
-                for s in args.seeds]
+        out += [f"| {s} | " + " | ".join(f"{np.mean(scores[name(v, s)]['fid']):.3f}" if s in seeds_of(args, v) else "—"
+                                         for v in VARIANTS) + " |" for s in args.seeds]
         out += ["", "| contender − reference | per training seed (paired over evaluation seeds) | "
                     "across training seeds (paired by seed) |", "|---|---|---|"]
         for a, b in (("multistage", "small"), ("multistage_uniform", "small"), ("multistage", "multistage_uniform")):
-            per_seed = [fmt(summarise_contender(scores[name(a, s)], scores[name(b, s)])["fid"]) for s in args.seeds]
-            across = summarise_contender(*({m: [np.mean(scores[name(v, s)][m]) for s in args.seeds] for m in METRICS}
-                                           for v in (a, b)))
-            out.append(f"| {a} − {b} | " + "; ".join(f"seed {s}: {r}" for s, r in zip(args.seeds, per_seed))
-                       + f" | {fmt(across['fid'])} |")
+            seeds = [s for s in seeds_of(args, a) if s in seeds_of(args, b)]
+            per_seed = [fmt(summarise_contender(scores[name(a, s)], scores[name(b, s)])["fid"]) for s in seeds]
+            across = (fmt(summarise_contender(*({m: [np.mean(scores[name(v, s)][m]) for s in seeds] for m in METRICS}
+                                                for v in (a, b)))["fid"]) if len(seeds) > 1 else "— (one seed)")
+            out.append(f"| {a} − {b} | " + "; ".join(f"seed {s}: {r}" for s, r in zip(seeds, per_seed))
+                       + f" | {across} |")
     return out
 
 
-VARIANTS = ("small", "multistage", "multistage_uniform")
 
-
-def cost_table(zoo: Zoo, seconds: dict[str, float | None], seeds: list[int]) -> list[str]:
+def cost_table(args, zoo: Zoo, seconds: dict[str, float | None]) -> list[str]:
     rows = ["| member | parameters | forward MFLOPs per image per stage | training average | training s per seed |",
             "|---|---:|---|---:|---|"]
     for v in VARIANTS:
         m = zoo.member(v)
         f = flops_per_image(m.net, zoo.image_shape)
-        secs = ", ".join("—" if seconds.get(name(v, s)) is None else f"{seconds[name(v, s)]:.0f}" for s in seeds)
+        secs = ", ".join("—" if seconds.get(name(v, s)) is None else f"{seconds[name(v, s)]:.0f}"
+                         for s in seeds_of(args, v))
         rows.append(f"| {v} | {m.num_parameters():,} | {' / '.join(f'{x / 1e6:.2f}' for x in f['per_stage'])} | "
                     f"{f['training_average'] / 1e6:.2f} | {secs} |")
     return rows
@@ -192,7 +198,7 @@ def main(args) -> None:
     lines = [f"\n### Multi-decoder vs unified on {args.data}: {args.steps} training steps, training seeds {args.seeds}; "
              f"boundaries clustered {boundaries['clustered']}, time-uniform "
              f"{[round(b, 4) for b in boundaries['time_uniform']]}; noise floor FID {noise_floor['fid']:.3f}",
-             *cost_table(zoo, seconds, args.seeds), *quality_tables(args, zoo, evaluation)]
+             *cost_table(args, zoo, seconds), *quality_tables(args, zoo, evaluation)]
     if args.search:
         lines += search_row(args)
     print("\n".join(lines), flush=True)
@@ -203,6 +209,7 @@ if __name__ == "__main__":
     p.add_argument("--checkpoints", default=str(ROOT / "checkpoints"))
     p.add_argument("--data", default="digits", choices=["digits"], help="the embedded data (FID needs its extractor)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
+    p.add_argument("--uniform-seeds", type=int, nargs="+", help="training seeds of multistage_uniform (default: --seeds)")
     p.add_argument("--steps", type=int, default=2000, help="training steps of every member")
     p.add_argument("--nfes", type=int, nargs="+", default=[10, 20])
     p.add_argument("--eval-seeds", type=int, nargs="+", default=[100, 101, 102])
