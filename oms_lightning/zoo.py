@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -51,6 +52,8 @@ import torch
 from oms_lightning.checkpoint import MEMBER_FORMAT, Member, load_member
 from oms_lightning.diffusion.denoiser import EpsDenoiser
 from oms_lightning.diffusion.noise_schedule import VPSchedule
+from oms_lightning.diffusion.solvers import get_solver
+from oms_lightning.diffusion.stages import stage_index
 from oms_lightning.errors import UserError
 from oms_lightning.io import atomic_write_text, file_lock
 from oms_lightning.member_ranges import FULL, STAGE_MARK, MemberRanges, split_member_name
@@ -332,7 +335,7 @@ class Zoo:
 
 
 # ---------------------------------------------------------------------- latency
-_ADDED_KEYS = ("spread", "spread_limit")  # written since spreads were recorded; absent from older v1 files
+_ADDED_KEYS = ("spread", "spread_limit", "routed", "noise")  # absent from older v1 files (still load)
 
 
 def _check_count(name: str, value: Any, minimum: int) -> int:
@@ -355,6 +358,21 @@ def _checked_latency(latency: Any) -> dict[str, float]:
         if not math.isfinite(v) or v <= 0:
             raise ValueError(f"latency[{k!r}] must be finite and positive, got {v!r}")
     return {k: float(v) for k, v in sorted(latency.items())}
+
+
+def _checked_routed(routed: Any, names: Sequence[str]) -> dict[str, dict]:
+    if not isinstance(routed, Mapping):
+        raise ValueError(f"routed must be a mapping, got {routed!r}")
+    out = {}
+    for name, entry in routed.items():
+        if name not in names or not isinstance(entry, Mapping) or set(entry) != {"boundaries", "latency"}:
+            raise ValueError(f"routed[{name!r}] must be a profiled member's {{'boundaries', 'latency'}}, got {entry!r}")
+        boundaries, latency = list(entry["boundaries"]), list(entry["latency"])
+        if len(latency) != len(boundaries) + 1 or not all(_is_number(v) and v > 0 for v in latency):
+            raise ValueError(f"routed[{name!r}]: need one positive latency per stage ({len(boundaries) + 1}), "
+                             f"got {latency!r}")
+        out[name] = {"boundaries": [float(b) for b in boundaries], "latency": [float(v) for v in latency]}
+    return out
 
 
 def _checked_spread(spread: Any, names: Sequence[str]) -> dict[str, float]:
@@ -385,6 +403,10 @@ class LatencyProfile:
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     spread: dict[str, float] = field(default_factory=dict)
     spread_limit: float = MAX_SPREAD
+    # a routed multi-decoder member's cost depends on t (each NFE runs its stage's decoder): member → {"boundaries":
+    # [...], "latency": [seconds per stage]}, with the zoo's noise schedule to place every NFE (`cost`)
+    routed: dict[str, dict] = field(default_factory=dict)
+    noise: dict | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "latency", _checked_latency(self.latency))
@@ -392,6 +414,9 @@ class LatencyProfile:
         if not _is_number(self.spread_limit) or self.spread_limit < 0:
             raise ValueError(f"spread_limit must be a finite non-negative number, got {self.spread_limit!r}")
         object.__setattr__(self, "spread_limit", float(self.spread_limit))
+        object.__setattr__(self, "routed", _checked_routed(self.routed, tuple(self.latency)))
+        if self.routed and not isinstance(self.noise, Mapping):
+            raise ValueError("a profile with routed multi-decoder members needs the zoo's noise schedule (noise)")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
         for name in ("device_name", "dtype", "zoo_fingerprint", "created"):
@@ -419,8 +444,22 @@ class LatencyProfile:
         return dict(sorted(over, key=lambda item: -item[1]))
 
     def cost(self, model_schedule: ModelSchedule) -> float:
-        """Seconds per batch of the schedule: the sum of its members' latencies over all NFEs."""
-        return model_schedule.cost(self.latency)
+        """Seconds per batch of the schedule: the sum of its members' latencies over all NFEs, where an NFE of a
+        routed multi-decoder member costs the latency of the stage its time falls in."""
+        if not any(m in self.routed for m in model_schedule.member_names):
+            return model_schedule.cost(self.latency)
+        times = get_solver(model_schedule.solver).nfe_times(model_schedule.times, model_schedule.orders,
+                                                            self._noise_schedule)
+        total = model_schedule.cost({m: (0.0 if m in self.routed else v) for m, v in self.latency.items()})
+        for m, t in zip(model_schedule.members_per_nfe, times):
+            if m in self.routed:
+                stage = int(stage_index(torch.tensor(t, dtype=torch.float32), self.routed[m]["boundaries"]))
+                total += self.routed[m]["latency"][stage]
+        return total
+
+    @functools.cached_property
+    def _noise_schedule(self) -> VPSchedule:
+        return VPSchedule.from_dict(dict(self.noise))
 
     def to_dict(self) -> dict:
         return {"format": PROFILE_FORMAT, **dataclasses.asdict(self)}
@@ -453,7 +492,7 @@ class LatencyProfile:
     def matches(self, zoo: Zoo, batch_size: int, device_name: str) -> bool:
         return (self.zoo_fingerprint == zoo.fingerprint() and self.batch_size == batch_size
                 and self.device_name == device_name and self.dtype == _dtype_name(zoo.dtype)
-                and set(self.latency) == set(zoo.names))
+                and set(self.latency) == set(zoo.names) and set(self.routed) == set(_routed_nets(zoo)))
 
 
 def profile_latency(zoo: Zoo, batch_size: int, warmup: int = 3, repeats: int = 10,
@@ -478,16 +517,44 @@ def profile_latency(zoo: Zoo, batch_size: int, warmup: int = 3, repeats: int = 1
     x = torch.randn(batch_size, *zoo.image_shape, generator=gen).to(device=dev, dtype=zoo.dtype)
     t = torch.full((batch_size,), PROFILE_TIME, dtype=torch.float32, device=dev)
     nets = {name: _net_on(zoo, name, dev) for name in zoo.names}
+    routed = _routed_nets(zoo)
+    for name, net in routed.items():   # each stage of a routed member, timed at a time inside it
+        nets.update({_stage_key(name, k): _AtTime(nets[name], (lo + hi) / 2)
+                     for k, (lo, hi) in enumerate(net.stage_ranges())})
     with torch.inference_mode():
         for net in nets.values():  # all warmed up before any timing, so no member is timed cold
             for _ in range(warmup):
                 net(x, t)
         per_round = _interleaved_rounds(nets, x, t, rounds, max(1, repeats // rounds), dev)
     # A forward pass never takes zero time; guard against a coarse clock so the profile stays valid.
-    latency = {n: max(statistics.median(_flat(r)), 1e-9) for n, r in per_round.items()}
-    spread = {n: _round_spread(r) for n, r in per_round.items()}
-    return LatencyProfile(latency, batch_size, device_description(dev), _dtype_name(zoo.dtype), zoo.fingerprint(),
-                          spread=spread)
+    seconds = {n: max(statistics.median(_flat(r)), 1e-9) for n, r in per_round.items()}
+    spread = {n: _round_spread(r) for n, r in per_round.items() if n in zoo.names}
+    stages = {name: {"boundaries": list(net.boundaries),
+                     "latency": [seconds[_stage_key(name, k)] for k in range(net.num_stages)]}
+              for name, net in routed.items()}
+    return LatencyProfile({n: seconds[n] for n in zoo.names}, batch_size, device_description(dev),
+                          _dtype_name(zoo.dtype), zoo.fingerprint(), spread=spread, routed=stages,
+                          noise=zoo.schedule.to_dict() if stages else None)
+
+
+def _routed_nets(zoo: Zoo) -> dict[str, torch.nn.Module]:
+    """The zoo's routed multi-decoder members (not their stage paths): their cost per NFE depends on t."""
+    return {n: zoo.net(n) for n in zoo.names if hasattr(zoo.net(n), "stage_ranges") and split_member_name(n)[1] is None}
+
+
+def _stage_key(name: str, stage: int) -> str:
+    return f"{name}\0stage{stage}"   # never a member name (names are file stems)
+
+
+class _AtTime(torch.nn.Module):
+    """A routed net run at a fixed time, so the whole batch goes to one stage's decoder."""
+
+    def __init__(self, net: torch.nn.Module, t: float):
+        super().__init__()
+        self.net, self.t = net, t
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.net(x, torch.full_like(t, self.t))
 
 
 def _net_on(zoo: Zoo, name: str, dev: torch.device) -> torch.nn.Module:

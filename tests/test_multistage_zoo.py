@@ -1,5 +1,8 @@
 """Multi-decoder members in the zoo: one member file of either architecture through one builder, stage paths as
 members with valid time ranges, schedules that run a stage outside its range refused with the step named."""
+import dataclasses
+import json
+
 import pytest
 import torch
 
@@ -10,7 +13,7 @@ from oms_lightning.errors import UserError
 from oms_lightning.nets import MultiDecoderUNet, UNet, build_net
 from oms_lightning.sampling import generate
 from oms_lightning.schedule import ModelSchedule, ScheduleError
-from oms_lightning.zoo import Zoo, profile_latency
+from oms_lightning.zoo import LatencyProfile, Zoo, profile_latency
 
 DATA = {"name": "digits", "image_size": 8, "channels": 1}
 MULTI = {"network": "multidecoder", "channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
@@ -59,6 +62,29 @@ def test_a_multistage_file_expands_into_its_stage_members(tmp_path):
         Zoo.load(tmp_path, "digits", ["tiny.s0"])
     profile = profile_latency(zoo, batch_size=4, warmup=1, repeats=2, rounds=1)   # stage paths profile too
     assert set(profile.latency) == set(zoo.names)
+
+
+def test_the_routed_member_costs_each_nfe_the_latency_of_its_stage(tmp_path):
+    write_multistage(tmp_path)
+    write_member(tmp_path, "tiny", TINY)
+    zoo = Zoo.load(tmp_path, "digits")
+    profile = profile_latency(zoo, batch_size=4, warmup=1, repeats=2, rounds=1)
+    assert set(profile.routed) == {"multistage"} and profile.routed["multistage"]["boundaries"] == [0.3, 0.7]
+    assert len(profile.routed["multistage"]["latency"]) == 3 and profile.matches(zoo, 4, profile.device_name)
+    assert LatencyProfile.from_dict(json.loads(json.dumps(profile.to_dict()))) == profile     # the file round-trips
+    assert not dataclasses.replace(profile, routed={}, noise=None).matches(zoo, 4, profile.device_name)
+    # by hand: stages cost 3, 2, 1 ms; DDIM evaluates at each step's start: t = 1.0 (stage 2), 0.5 (1), 0.3 (0 —
+    # a boundary belongs to the lower stage), 0.1 (0); a plain member keeps its flat latency
+    hand = dataclasses.replace(profile, latency={**profile.latency, "tiny": 0.5},
+                               routed={"multistage": {"boundaries": [0.3, 0.7], "latency": [3.0, 2.0, 1.0]}})
+    routed = ModelSchedule.from_times_and_members([1.0, 0.5, 0.3, 0.1, 1e-3], ["multistage"] * 3 + ["tiny"],
+                                                  solver="ddim")
+    assert hand.cost(routed) == pytest.approx(1.0 + 2.0 + 3.0 + 0.5)
+    # Heun's corrector of a step from 0.8 to 0.5 runs at 0.5: stage 2 then stage 1
+    heun = ModelSchedule.from_times_and_members([0.8, 0.5], [["multistage", "multistage"]], solver="heun")
+    assert hand.cost(heun) == pytest.approx(1.0 + 2.0)
+    with pytest.raises(ValueError, match="one positive latency per stage"):
+        dataclasses.replace(hand, routed={"multistage": {"boundaries": [0.3, 0.7], "latency": [3.0, 2.0]}})
 
 
 def test_a_schedule_running_a_stage_outside_its_range_is_refused_with_the_step_named(tmp_path):
