@@ -408,6 +408,8 @@ def run(cfg: DictConfig) -> list[dict]:
     log(f"zoo {list(zoo.names)}; latency per batch of {profile.batch_size} on {profile.device_name}: "
         + ", ".join(f"{n} {1000 * v:.1f} ms (spread {100 * profile.spread.get(n, 0):.0f} %)"
                     for n, v in profile.latency.items())
+        + "".join(f"; routed {n} per stage {' / '.join(f'{1000 * v:.1f}' for v in r['latency'])} ms"
+                  for n, r in profile.routed.items())
         + f"; budget(s) {', '.join(f'{1000 * b:.1f}' for b in budgets)} ms")
 
     datamodule = instantiate(cfg.data.module)
