@@ -166,6 +166,19 @@ def test_iia_coefficients_are_encoded_in_their_features_columns_and_change_the_s
         ScheduleEncoder(["a", "b"], NOISE, max_steps=5, features=["eps"]).encode(full)
 
 
+def test_plain_schedules_score_as_before_coefficients_were_encoded():
+    from oms_lightning.predictor.network import SchedulePredictor
+
+    schedules = random_schedules(SlotSpace(tuple(MEMBERS), 6, NOISE), 16, seed=3, null_prob=0.5)
+    batch = ScheduleEncoder(MEMBERS, NOISE, 6).encode(schedules)
+    torch.manual_seed(0)
+    without = SchedulePredictor(len(MEMBERS), num_features=0).eval()
+    torch.manual_seed(0)
+    with_columns = SchedulePredictor(len(MEMBERS), num_features=len(batch.coefficients[0, 0])).eval()
+    with torch.no_grad():
+        assert torch.equal(without(batch), with_columns(batch))
+
+
 # ------------------------------------------------------------------------------------------------ loss
 def test_pairwise_hinge_loss_by_hand():
     scores = torch.tensor([0.0, 0.5, 3.0], requires_grad=True)

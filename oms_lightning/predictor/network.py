@@ -62,11 +62,13 @@ class SchedulePredictor(nn.Module):
         self.slot_mlp = _mlp(SLOTS * member_dim, slot_dim, slot_dim)
         self.order_emb = nn.Embedding(max_order + 1, order_dim)          # 0 = padding (never used)
         self.solver_emb = nn.Embedding(num_solvers, order_dim) if num_solvers > 0 else None
-        self.coefficient_proj = nn.Linear(num_features, order_dim, bias=False) if num_features > 0 else None
         self.time_features = FourierFeatures(2, time_dim)
         self.time_mlp = _mlp(time_dim, time_dim, time_dim)
         self.lstm = nn.LSTM(slot_dim + order_dim + time_dim, hidden, num_layers=1, batch_first=True)
         self.head = _mlp(hidden, head_hidden, head_hidden, head_hidden, 1)
+        # created last, so the other modules draw the same initial weights as before coefficients were encoded: on
+        # plain schedules (all coefficients 0, no bias) the predictor and its training are unchanged
+        self.coefficient_proj = nn.Linear(num_features, order_dim, bias=False) if num_features > 0 else None
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
