@@ -69,8 +69,8 @@ def ensure_stages(args) -> dict[str, list[float]]:
     path = stages_path(args.checkpoints, args.data)
     if not path.is_file():
         run(args, ["cluster_stages.py", f"data={args.data}", f"paths.checkpoints={args.checkpoints}"])
-    stages = load_stages(path)
-    return {"clustered": list(stages["boundaries"]), "time_uniform": list(stages["alternatives"]["time_uniform"])}
+    alternatives = json.loads(path.read_text())["alternatives"]       # written beside the checked boundaries
+    return {"clustered": list(load_stages(path)), "time_uniform": list(alternatives["time_uniform"])}
 
 
 def run(args, cmd: list[str], log: Path | None = None) -> None:
@@ -172,7 +172,7 @@ def cost_table(args, zoo: Zoo, seconds: dict[str, float | None]) -> list[str]:
         f = flops_per_image(m.net, zoo.image_shape)
         secs = ", ".join("—" if seconds.get(name(v, s)) is None else f"{seconds[name(v, s)]:.0f}"
                          for s in seeds_of(args, v))
-        rows.append(f"| {v} | {m.num_parameters():,} | {' / '.join(f'{x / 1e6:.2f}' for x in f['per_stage'])} | "
+        rows.append(f"| {v} | {m.num_parameters:,} | {' / '.join(f'{x / 1e6:.2f}' for x in f['per_stage'])} | "
                     f"{f['training_average'] / 1e6:.2f} | {secs} |")
     return rows
 

@@ -126,3 +126,25 @@ def test_train_multistage_from_the_stages_file_then_its_stages_join_the_zoo(comp
     assert isinstance(m.net, MultiDecoderUNet) and m.net.boundaries == (0.25, 0.75)
     zoo = Zoo.load(tmp_path, "digits")
     assert zoo.names == ("multistage", "multistage.s0", "multistage.s1", "multistage.s2")
+
+
+def test_the_single_member_ablation_of_a_winner_skips_stage_members_that_cannot_run_alone(tmp_path):
+    from oms_lightning.search.pipeline import same_steps_single_member
+
+    write_multistage(tmp_path)
+    write_member(tmp_path, "tiny", TINY)
+    zoo = Zoo.load(tmp_path, "digits")
+    winner = ModelSchedule.from_times_and_members([1.0, 0.8, 0.5, 0.2, 1e-3],
+                                                  ["multistage.s2", "tiny", "multistage.s1", "multistage.s0"],
+                                                  solver="ddim")
+    seen = []
+
+    def rerank(schedules):
+        seen.extend(schedules)
+        for s in schedules:
+            zoo.check_time_ranges(s)              # what generating their samples would do
+        return [{"fid": float(len(s.member_names[0]))} for s in schedules]
+
+    fids = same_steps_single_member(winner, zoo, rerank)
+    assert set(fids) == {"multistage", "tiny"} and fids["tiny"] == 4.0
+    assert all(s.times == winner.times for s in seen)

@@ -212,9 +212,9 @@ def rerank_fn(cfg: DictConfig, zoo: Zoo, evaluator, profile, cache: Path):
 def same_steps_single_member(winner: ModelSchedule, zoo: Zoo, rerank) -> dict[str, float]:
     """Ablation on the selection seed: the winner's steps and orders with one member at every NFE. It separates
     what mixing models buys from what searching the step structure buys (OMS-DPM searches both)."""
-    alone = [ModelSchedule.from_times_and_members(winner.times, [[m] * s.order for s in winner.steps],
-                                                  solver=winner.solver) for m in zoo.names]
-    return {m: r["fid"] for m, r in zip(zoo.names, rerank(alone))}
+    alone = in_range(zoo, [ModelSchedule.from_times_and_members(winner.times, [[m] * s.order for s in winner.steps],
+                                                             solver=winner.solver) for m in zoo.names])
+    return {s.member_names[0]: r["fid"] for s, r in zip(alone, rerank(alone))}   # stage members cannot run alone
 
 
 # ----------------------------------------------------------------------------------------------- predictor
