@@ -38,6 +38,7 @@ from oms_lightning.errors import UserError
 from oms_lightning.evaluation import Evaluation, check_fresh_seeds, compare
 from oms_lightning.images import save_grid
 from oms_lightning.io import atomic_write_text
+from oms_lightning.member_ranges import split_member_name
 from oms_lightning.metrics import FIDEvaluator, SampleMetrics, default_extractor_for
 from oms_lightning.sample_job import load_zoo_and_schedule, member_name
 from oms_lightning.sampling import generate
@@ -118,7 +119,7 @@ def fit_coefficients(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    reference = zoo.denoiser(settings["reference_member"]) if settings["reference_member"] else None
+    reference = fine_reference_for(zoo, plain, settings["reference_member"])
     x_fit, x_held = calibration_noise(zoo, settings["calibration"])
     fit, fit_seconds = run_fit(zoo, plain, settings, x_fit, x_held, reference)
     corrected = with_coefficients(plain, fit, zoo, settings)
@@ -155,13 +156,24 @@ def load_plain_schedule(cfg: DictConfig, settings: dict, device) -> tuple[Zoo, M
     settings["feature_set"] = choose_feature_set(get_solver(plain.solver), cfg.feature_set)
     settings["schedule"] = plain.compact()
     reference = settings["reference_member"]
-    if reference is not None and reference not in zoo:
-        zoo = Zoo.load(cfg.paths.checkpoints, str(cfg.data.name), names=[*zoo.names, reference], device=device)
+    routed = {split_member_name(m)[0] for m in plain.member_names}       # stage members' references run routed
+    missing = sorted(({reference} if reference is not None else routed) - set(zoo.names))
+    if missing:
+        zoo = Zoo.load(cfg.paths.checkpoints, str(cfg.data.name), names=[*zoo.names, *missing], device=device)
     if reference is not None and zoo.time_range(reference) != (0.0, 1.0):
         raise UserError(f"reference_member={reference!r} may run only at t in {zoo.time_range(reference)} (a "
                         f"multi-decoder stage), but the fine reference runs over every step; use its routed member "
                         f"or a plain member")
     return zoo, plain
+
+
+def fine_reference_for(zoo: Zoo, plain: ModelSchedule, reference_member: str | None):
+    """What IIA's fine sub-steps evaluate: the reference member, else each step's own members, with a multi-decoder
+    stage member's routed net in its place (the sub-steps run between NFE times, possibly outside its stage)."""
+    if reference_member:
+        return zoo.denoiser(reference_member)
+    staged = any(split_member_name(m)[1] is not None for m in plain.member_names)
+    return zoo.routed_denoisers_for(plain) if staged else None
 
 
 def with_coefficients(plain: ModelSchedule, fit: iia.IIAFit, zoo: Zoo, settings: dict) -> ModelSchedule:
@@ -180,12 +192,12 @@ def fit_schedule(zoo: Zoo, plain: ModelSchedule, calibration: dict, sub_steps: i
     noise ({n, held_out, seed}), or None when its solver has no IIA features: what `search.iia=rerank` applies to
     the search's top candidates."""
     spec = get_solver(plain.solver)
-    if not spec.feature_sets:
-        return None
+    if not spec.feature_sets or any(split_member_name(m)[0] not in zoo for m in plain.member_names):
+        return None   # (a stage member's fine reference needs its routed member in the zoo)
     settings = {"feature_set": feature_set or spec.feature_sets[0], "sub_steps": int(sub_steps),
                 "calibration": dict(calibration), "reference_member": None}
     x_fit, x_held = calibration_noise(zoo, settings["calibration"])
-    fit, _ = run_fit(zoo, plain.plain(), settings, x_fit, x_held, None)
+    fit, _ = run_fit(zoo, plain.plain(), settings, x_fit, x_held, fine_reference_for(zoo, plain, None))
     return with_coefficients(plain.plain(), fit, zoo, settings)
 
 
@@ -205,7 +217,7 @@ def run_fit(zoo: Zoo, plain: ModelSchedule, settings: dict, x_fit, x_held, refer
     log(f"fitting IIA {settings['feature_set']} for {plain.compact()}: {len(plain)} steps, {settings['sub_steps']} "
         f"fine sub-steps each, on {len(x_fit)} samples ({len(x_held)} held out, seed "
         f"{settings['calibration']['seed']}), fine reference from "
-        + (f"member {settings['reference_member']}" if reference is not None else "each step's own members"))
+        + (f"member {settings['reference_member']}" if settings["reference_member"] else "each step's own members"))
     started = time.perf_counter()
     with warnings.catch_warnings(), tqdm(total=len(plain), desc="IIA fit", unit="step", leave=False) as bar:
         # a singular or ill-conditioned step falls back to a ridge; the per-step lines below say so (`fallback`)

@@ -294,6 +294,12 @@ class Zoo:
             raise self._unknown(name)
         return self._denoisers[name]
 
+    def routed_denoisers_for(self, model_schedule: ModelSchedule) -> list[EpsDenoiser]:
+        """One denoiser per NFE, a multi-decoder stage member replaced by its routed member (the same weights inside
+        the stage, the right decoder outside it): for references that evaluate between the NFE times (IIA's fine
+        sub-steps). The routed members must be in the zoo."""
+        return [self.denoiser(split_member_name(m)[0]) for m in model_schedule.members_per_nfe]
+
     def denoisers_for(self, model_schedule: ModelSchedule) -> list[EpsDenoiser]:
         """One denoiser per NFE of the schedule, in NFE order; ScheduleError if it names an unknown member or runs
         a member outside its valid time range."""

@@ -148,3 +148,21 @@ def test_the_single_member_ablation_of_a_winner_skips_stage_members_that_cannot_
     fids = same_steps_single_member(winner, zoo, rerank)
     assert set(fids) == {"multistage", "tiny"} and fids["tiny"] == 4.0
     assert all(s.times == winner.times for s in seen)
+
+
+def test_iia_fits_a_schedule_whose_stage_member_steps_across_a_boundary(tmp_path):
+    """IIA's fine sub-steps run between NFE times: a stage member's reference is its routed net, never the stage
+    path outside its range; without the routed member in the zoo the search gets no coefficients (None)."""
+    from oms_lightning.fit_coefficients_job import fit_schedule
+
+    write_multistage(tmp_path)
+    zoo = Zoo.load(tmp_path, "digits")
+    plain = ModelSchedule.from_times_and_members([1.0, 0.8, 0.5, 0.2, 1e-3],   # s2 runs at 0.8, its step ends at 0.5
+                                                 ["multistage.s2", "multistage.s2", "multistage.s1", "multistage.s0"],
+                                                 solver="ddim")
+    calibration = {"n": 8, "held_out": 4, "seed": 1000}
+    corrected = fit_schedule(zoo, plain, calibration, sub_steps=3)
+    assert corrected is not None and corrected.plain() == plain and len(corrected.correction.coefficients) == 4
+    assert generate(zoo, corrected, 2).shape == (2, 1, 8, 8)
+    stages_only = Zoo.load(tmp_path, "digits", ["multistage.s0", "multistage.s1", "multistage.s2"])
+    assert fit_schedule(stages_only, plain, calibration, sub_steps=3) is None

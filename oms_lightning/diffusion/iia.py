@@ -105,9 +105,20 @@ def fine_solution(solver, denoisers, ts, orders, schedule: VPSchedule, x: Tensor
     run = _spec(solver).stepper(denoisers, ts, schedule, orders)
     M = math.ceil(fine_steps / run.n_steps)
     for i in range(run.n_steps):
-        ref = reference if reference is not None else run.step_denoisers(i)
-        x = fine_reference(solver, ref, x, run.ts[i], run.ts[i + 1], schedule, order=run.nfes[i], M=M)
+        x = fine_reference(solver, step_reference(run, reference, i), x, run.ts[i], run.ts[i + 1], schedule,
+                           order=run.nfes[i], M=M)
     return x
+
+
+def step_reference(run: Stepper, reference, i: int):
+    """The fine reference's denoisers for step i. `reference`: None — the step's own denoisers; one callable —
+    it for every step (e.g. a larger member); a sequence with one denoiser per NFE of the schedule — its entries
+    for step i (e.g. the routed net in place of a multi-decoder stage, which may not run between NFE times)."""
+    if reference is None:
+        return run.step_denoisers(i)
+    if callable(reference):
+        return reference
+    return list(reference)[run.first_nfe[i]:run.first_nfe[i] + run.nfes[i]]
 
 
 @torch.no_grad()
@@ -264,8 +275,7 @@ def _advance_with_reference(spec: SolverSpec, run: Stepper, state: Tensor, refer
     (update, features, fine reference) in x space."""
     i = run.i
     z = run.to_x(state, i)
-    ref_ds = reference if reference is not None else run.step_denoisers(i)
-    target = fine_reference(spec, ref_ds, z, run.ts[i], run.ts[i + 1], schedule, order=run.nfes[i], M=M)
+    target = fine_reference(spec, step_reference(run, reference, i), z, run.ts[i], run.ts[i + 1], schedule, order=run.nfes[i], M=M)
     update, features = run.step(state)
     fit_data = (run.to_x(update, i + 1), [run.to_x(f, i + 1) for f in features], target)
     return update, features, fit_data
