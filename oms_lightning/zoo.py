@@ -545,7 +545,8 @@ def profile_latency(zoo: Zoo, batch_size: int, warmup: int = 3, repeats: int = 1
 
 def _routed_nets(zoo: Zoo) -> dict[str, torch.nn.Module]:
     """The zoo's routed multi-decoder members (not their stage paths): their cost per NFE depends on t."""
-    return {n: zoo.net(n) for n in zoo.names if hasattr(zoo.net(n), "stage_ranges") and split_member_name(n)[1] is None}
+    nets = {n: zoo.net(n) for n in zoo.names if split_member_name(n)[1] is None}
+    return {n: net for n, net in nets.items() if hasattr(net, "stage_ranges")}
 
 
 def _stage_key(name: str, stage: int) -> str:
