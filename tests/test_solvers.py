@@ -275,6 +275,25 @@ def test_nfe_times_structure(name, orders):
     assert next(times, None) is None
 
 
+def test_nfe_times_are_memoised_without_loosening_the_checks():
+    from oms_lightning.diffusion.solvers import _nfe_times
+    spec = get_solver("dpm_solver")
+    ts = timesteps("logsnr_uniform", 4, SCHED, t_end=1e-3)
+    _nfe_times.cache_clear()
+    first = spec.nfe_times(ts, [3, 1, 2, 1], SCHED)
+    # a tensor, a list or numpy floats and an equal schedule object give the same times, from the memo
+    again = spec.nfe_times(ts.tolist(), np.array([3, 1, 2, 1]), VPSchedule(**SCHED.to_dict()))
+    assert again == first and _nfe_times.cache_info().hits == 1
+    assert hash(VPSchedule(**SCHED.to_dict())) == hash(SCHED)
+    assert spec.nfe_times(ts, [3, 1, 2, 1], VPSchedule(kind="cosine")) != first   # the schedule is in the key
+    with pytest.raises(SolverError, match="got orders"):       # a bool or float order is refused, memo or not
+        spec.nfe_times(ts, [True, 1, 2, 1], SCHED)
+    with pytest.raises(SolverError, match="got orders"):
+        spec.nfe_times(ts, [3.0, 1, 2, 1], SCHED)
+    with pytest.raises(ValueError):                              # not a 1-D grid: the unmemoised checks explain
+        spec.nfe_times(ts.reshape(1, -1), None, SCHED)
+
+
 def test_run_checks_the_orders(gauss, x_T):
     ts = timesteps("logsnr_uniform", 3, SCHED)
     with pytest.raises(SolverError, match="heun needs exactly 2 NFEs per step"):

@@ -43,6 +43,9 @@ class VPSchedule:
     def __eq__(self, other) -> bool:
         return isinstance(other, VPSchedule) and self.to_dict() == other.to_dict()
 
+    def __hash__(self) -> int:  # equal schedules hash alike, so a schedule can key a cache (solvers.nfe_times)
+        return hash(tuple(self.to_dict().values()))
+
     def __repr__(self) -> str:
         return f"VPSchedule({self.to_dict()})"
 

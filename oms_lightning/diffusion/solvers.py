@@ -22,6 +22,7 @@ correction features, see IIA_FEATURE_SETS); the solver function integrates with 
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass
@@ -90,10 +91,15 @@ def dpm_inner_times(schedule: VPSchedule, s: float, t: float, order: int) -> lis
     """The snapped times at λ_s + r·h of a singlestep DPM-Solver step s → t (r from DPM_INNER_R[order]).
 
     The step functions evaluate exactly these times, and `SolverSpec.nfe_times` reports them."""
+    return list(_dpm_inner_times(schedule, float(s), float(t), order))
+
+
+@functools.lru_cache(maxsize=1 << 16)  # memoised like _nfe_times: the search's grids share their steps
+def _dpm_inner_times(schedule: VPSchedule, s: float, t: float, order: int) -> tuple[float, ...]:
     _, _, l_s = _coeffs(schedule, s)
     _, _, l_t = _coeffs(schedule, t)
     h = l_t - l_s
-    return [_t_of_lambda(schedule, l_s + r * h) for r in DPM_INNER_R[order]]
+    return tuple(_t_of_lambda(schedule, l_s + r * h) for r in DPM_INNER_R[order])
 
 
 def _call(denoiser, x: Tensor, t: float) -> Tensor:
@@ -589,9 +595,20 @@ class SolverSpec:
 
     def nfe_times(self, ts, orders: Sequence[int] | None, schedule: VPSchedule) -> list[float]:
         """The time each NFE evaluates at, in NFE order: exactly the (float32-snapped) t the denoiser receives."""
-        ts = snap_times(ts, schedule).tolist()
-        nfes = self.step_nfes(len(ts) - 1, orders)
-        return [u for i, k in enumerate(nfes) for u in self.step_times(schedule, ts[i], ts[i + 1], k)]
+        try:  # a hashable key for the memo; anything else takes the unmemoised path, whose checks say what is wrong
+            grid = tuple(float(u) for u in (ts.tolist() if isinstance(ts, Tensor) else ts))
+        except (TypeError, ValueError):
+            return list(_nfe_times.__wrapped__(self, ts, orders, schedule))
+        return list(_nfe_times(self, grid, tuple(self.step_nfes(len(grid) - 1, orders)), schedule))
+
+
+# Memoised: a search asks for the same few grids' NFE times thousands of times (member range checks, routed
+# multi-decoder costs), and each singlestep inner time costs several scalar tensor ops.
+@functools.lru_cache(maxsize=1 << 16)
+def _nfe_times(spec: SolverSpec, ts, orders, schedule: VPSchedule) -> tuple[float, ...]:
+    ts = snap_times(ts, schedule).tolist()
+    nfes = spec.step_nfes(len(ts) - 1, orders)
+    return tuple(u for i, k in enumerate(nfes) for u in spec.step_times(schedule, ts[i], ts[i + 1], k))
 
 
 # Adapters to the common signature (denoisers, x, ts, schedule, nfes, noise): module-level, so a SolverSpec pickles.
