@@ -10,7 +10,8 @@ budget, every contender chosen on the selection seed and scored on the same fres
     members_only            OMS-DPM's search (every solver family, time fixed on the logSNR-uniform grid)
     members_and_times       + time genes and the members' AYS grids
     joint                   + IIA coefficients fitted for the re-ranked candidates (the search's winner)
-    single_member_ays_iia   the best single member with its AYS times (where it has them) and IIA coefficients
+    single_member_ays_iia   the best single-member sampler with every tool: the top k of the baseline pool (AYS
+                            times included) and their IIA-corrected versions, best on the selection seed
     baseline                the strongest single-member sampler within the budget (every solver, spacing, NFE)
 
 Prints per budget the fresh-seed FID of each, its verdict against the baseline, and the joint winner's paired

@@ -195,6 +195,10 @@ def test_joint_search_writes_the_ablation_of_its_ingredients(zoo_root):
     rows = summary["ablation"]["rows"]
     assert set(rows) == {"members_only", "members_and_times", "joint", "single_member_ays_iia", "baseline"}
     assert rows["joint"]["schedule"] == summary["schedule"] and rows["baseline"]["verdict"] is None
+    # the single-member contender has every tool: the baseline's pool (AYS times included) and IIA on its top k,
+    # so it is the baseline itself or an IIA-corrected single-member sampler
+    single = rows["single_member_ays_iia"]["schedule"]
+    assert single == rows["baseline"]["schedule"] or " + IIA " in single
     assert all(rows[n]["verdict"] in VERDICTS for n in rows if n != "baseline")
     joint_vs = summary["ablation"]["joint_vs"]
     assert set(joint_vs) == set(rows) - {"joint"} and all(j["verdict"] in VERDICTS for j in joint_vs.values())

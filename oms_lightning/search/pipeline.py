@@ -378,13 +378,15 @@ def joint_ablation(cfg: DictConfig, zoo: Zoo, profile, rerank, evaluation: Evalu
                    plain_top: list[ModelSchedule], members_only: list) -> dict:
     """What each ingredient of the joint search buys, every contender chosen on the selection seed and scored on
     the fresh seeds against the baseline: members only (time fixed) → + time genes and AYS grids → + IIA
-    coefficients (the winner) → and the best single member with its AYS times and IIA coefficients."""
+    coefficients (the winner) → and the best single-member sampler with every tool: the top k of the baseline's
+    pool (every member × solver × spacing, the members' AYS times included) and their IIA-corrected versions."""
     k, per_space = cfg.search.rerank.top_k, cfg.search.rerank.top_per_space
-    single = next((s for s in singles if s.meta.get("spacing") == AYS), singles[0])   # its AYS times if it has any
+    top_singles = singles[:k]   # best first on the selection seed; the baseline is the first
     contenders = {"members_only": best_on_selection_seed(candidates(members_only, k, per_space), rerank),
                   "members_and_times": best_on_selection_seed(plain_top, rerank),
                   "joint": winner,
-                  "single_member_ays_iia": best_on_selection_seed([single] + with_iia(cfg, zoo, [single]), rerank),
+                  "single_member_ays_iia": best_on_selection_seed(top_singles + with_iia(cfg, zoo, top_singles),
+                                                                  rerank),
                   "baseline": baseline}
     comparison = compare(evaluation, contenders, reference="baseline", noise_floor=noise_floor)
     return {"comparison": comparison, "schedules": {n: s.compact() for n, s in contenders.items()},
