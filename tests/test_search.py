@@ -214,6 +214,31 @@ def test_joint_search_writes_the_ablation_of_its_ingredients(zoo_root):
     check_fresh_seed_protocol(zoo_root, summary)
 
 
+def test_iia_fits_are_kept_in_the_search_cache(zoo_root, compose, monkeypatch):
+    """A rerun (or a resumed search) reuses every fit of the same weights and calibration settings."""
+    from oms_lightning import fit_coefficients_job
+    from oms_lightning.evaluation import single_member_sampler
+    from oms_lightning.schedule import schedule_key
+    from oms_lightning.search.pipeline import with_iia
+
+    cfg = compose("search", tiny_search_args(zoo_root)[:-2] + [
+        "search.iia_calibration.n=8", "search.iia_calibration.held_out=4", "search.iia_calibration.sub_steps=2"])
+    zoo = Zoo.load(zoo_root, "digits", ["small", "tiny"])
+    plain = [single_member_sampler("tiny", "dpm_solver++", None, "logsnr_uniform", 3, zoo.schedule),
+             single_member_sampler("small", "ddim", None, "time_uniform", 2, zoo.schedule)]
+    fits = []
+    real = fit_coefficients_job.fit_schedule
+    monkeypatch.setattr(fit_coefficients_job, "fit_schedule", lambda *a, **k: fits.append(a[1]) or real(*a, **k))
+    first = with_iia(cfg, zoo, plain)
+    assert len(fits) == 2 and [f.plain() for f in first] == plain and all(f.correction for f in first)
+    again = with_iia(cfg, zoo, plain + first)            # from the cache; corrected schedules are not refitted
+    assert len(fits) == 2 and [schedule_key(f) for f in again] == [schedule_key(f) for f in first]
+    assert [f.correction.coefficients for f in again] == [f.correction.coefficients for f in first]
+    cfg.search.iia_calibration.seed = 1001                # other calibration noise: another store, fitted afresh
+    with_iia(cfg, zoo, plain[:1])
+    assert len(fits) == 3 and len(list((zoo_root / "digits" / "search").glob("iia-*.jsonl"))) == 2
+
+
 def test_bad_iia_setting_and_calibration_seed_overlap_are_refused(zoo_root):
     r = run_search(zoo_root, "search.iia=always")
     assert r.returncode == 2 and "search.iia='always'" in r.stderr

@@ -30,10 +30,10 @@ from oms_lightning.predictor.generate import generate_distributed, generate_reco
 from oms_lightning.predictor.module import PredictorModule, fit_predictor, rank_metrics_near
 from oms_lightning.predictor.records import RecordStore, fid_settings, settings_fingerprint
 from oms_lightning.schedule import ModelSchedule, schedule_key
-from oms_lightning.schedule_file import schedule_from_dict
+from oms_lightning.schedule_file import schedule_from_dict, schedule_to_dict
 from oms_lightning.search.callback import SearchCallback
 from oms_lightning.search.report import print_details, print_table, report_outcomes
-from oms_lightning.steps import AYS, AYSTable, ays_table, optimize_command
+from oms_lightning.steps import AYSTable, ays_table, optimize_command
 from oms_lightning.search.space import SamplerSpace, encode_exactly, make_spaces, random_schedules, single_member_anchors
 from oms_lightning.member_ranges import split_member_name
 from oms_lightning.zoo import Zoo, latency_path, load_or_profile, resolve_device, time_schedules, train_command
@@ -352,13 +352,28 @@ def evaluate_budget(cfg: DictConfig, zoo: Zoo, profile, results: list, spaces: l
 
 # ----------------------------------------------------------------------------------------------- joint search
 def with_iia(cfg: DictConfig, zoo: Zoo, schedules: list[ModelSchedule]) -> list[ModelSchedule]:
-    """The schedules with IIA coefficients fitted on the calibration seed (those whose solver has IIA features)."""
+    """The schedules with IIA coefficients fitted on the calibration seed (those whose solver has IIA features).
+    Each fit is kept in the search cache (`iia-*.jsonl`, keyed by the plain schedule, bound to the zoo's weights and
+    the calibration settings), so a rerun or a resumed search never fits one twice."""
     from oms_lightning.fit_coefficients_job import fit_schedule
 
     c = cfg.search.iia_calibration
     calibration = {"n": int(c.n), "held_out": int(c.held_out), "seed": int(c.seed)}
-    fitted = [fit_schedule(zoo, s, calibration, int(c.sub_steps)) for s in schedules if s.correction is None]
-    return [f for f in fitted if f is not None]
+    cache = Path(cfg.paths.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    fitted = []
+    with file_lock(cache / ".iia.lock", waiting=waiting_for):
+        store = store_for(cache, "iia", zoo, {"calibration": calibration, "sub_steps": int(c.sub_steps)})
+        known = {r["key"]: r["schedule"] for r in store.records()}
+        for plain in (s for s in schedules if s.correction is None):
+            key = schedule_key(plain)
+            if key not in known:   # None: its solver has no IIA features (nothing to fit)
+                fit = fit_schedule(zoo, plain, calibration, int(c.sub_steps))
+                known[key] = None if fit is None else schedule_to_dict(fit)
+                store.append({"key": key, "schedule": known[key]})
+            if known[key] is not None:
+                fitted.append(schedule_from_dict(known[key]))
+    return fitted
 
 
 def members_only_spaces(spaces: list) -> list:
