@@ -7,8 +7,8 @@ import pytest
 
 from oms_lightning.diffusion.noise_schedule import VPSchedule
 from oms_lightning.errors import UserError
-from oms_lightning.search.evolution import ScoreCache, evolve, evolve_frontier
-from oms_lightning.search.space import GridSpace, SlotSpace
+from oms_lightning.search.evolution import NoScheduleFits, ScoreCache, evolve, evolve_frontier
+from oms_lightning.search.space import GridSpace, SlotSpace, make_space
 
 NOISE = VPSchedule()
 MEMBERS = ("a", "b", "c")
@@ -116,6 +116,16 @@ def test_deterministic_for_a_seed():
 def test_budget_below_cheapest_names_the_minimum():
     with pytest.raises(UserError, match=r"below the cheapest valid schedule \(1 NFE of a: 1\)"):
         evolve(tiny(), additive, cost, 0.5, generations=1)
+
+
+def test_a_space_that_cannot_fit_a_budget_sits_that_budget_out():
+    """Heun's smallest schedule is one step of 2 NFEs: under a 1-NFE budget its space has nothing to offer, and a
+    search over several spaces goes on without it (None) instead of failing."""
+    heun = make_space("sampler:heun", MEMBERS, NOISE, 6)
+    with pytest.raises(NoScheduleFits, match="below this space's smallest schedule \\(2\\)"):
+        evolve(heun, additive, cost, 1.5, generations=1)
+    out = evolve_frontier(heun, additive, cost, [1.5, 6.0], population=8, children=8, generations=3, seed=0)
+    assert out[1.5] is None and out[6.0].best.cost <= 6.0 and out[6.0].best.schedule.solver == "heun"
 
 
 def test_budget_above_space_maximum_searches_everything():

@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from tqdm.auto import tqdm
 
+from oms_lightning.errors import UserError
 from oms_lightning.schedule import ModelSchedule
 from oms_lightning.search.evolution import ScoreCache, SearchResult, evolve_frontier
 
@@ -53,5 +54,12 @@ class SearchCallback(Callback):
                 found = evolve_frontier(space, predictor.predict_scores, self.cost_fn, self.budgets, seed=self.seed,
                                         cache=cache, seeds=seeds, progress=progress, **self.evolution)
             for b in self.budgets:
-                self.results[b].append(found[b])
+                if found[b] is None:
+                    tqdm.write(f"[search] {name}: no schedule of this space fits {1000 * b:.1f} ms; skipped there")
+                else:
+                    self.results[b].append(found[b])
+        empty = [b for b, r in self.results.items() if not r]
+        if empty:
+            raise UserError(f"no search space has a schedule within budget(s) "
+                            f"{', '.join(f'{1000 * b:.1f} ms' for b in empty)}")
         return self.results

@@ -43,7 +43,11 @@ from oms_lightning.schedule import ModelSchedule, schedule_key
 ScoreFn = Callable[[list[ModelSchedule]], Any]
 CostFn = Callable[[ModelSchedule], float]
 
-__all__ = ["Candidate", "SearchResult", "ScoreCache", "evolve", "evolve_frontier"]
+__all__ = ["Candidate", "SearchResult", "ScoreCache", "NoScheduleFits", "evolve", "evolve_frontier"]
+
+
+class NoScheduleFits(UserError):
+    """No schedule of the space costs at most the budget (e.g. a Heun step, 2 NFEs, under a 1-NFE budget)."""
 
 
 @dataclass
@@ -138,8 +142,9 @@ class _Search:
         self.null_prob = null_prob
         # 1-NFE cost of every member (the unit costs repair works with) and the most expensive schedule
         # per NFE: a space's smallest genotype may hold several NFEs (a Heun step has two)
-        self.unit = np.array([self.ev.cost(s) / s.nfe for s in
-                              (self.ev.schedule(space.one_nfe(i)) for i in range(self.n_members))])
+        smallest = [self.ev.schedule(space.one_nfe(i)) for i in range(self.n_members)]
+        self.unit = np.array([self.ev.cost(s) / s.nfe for s in smallest])
+        self.smallest_cost = min(self.ev.cost(s) for s in smallest)
         full = [space.everywhere(i) for i in range(self.n_members)]
         full_costs = [self.ev.cost(self.ev.schedule(g)) for g in full]
         self.cheapest = int(np.argmin(self.unit))
@@ -221,8 +226,10 @@ def evolve(space, score_fn: ScoreFn, cost_fn: CostFn, budget: float, *, populati
         cache = ScoreCache(score_fn)
     S = _Search(space, cost_fn, B, rng, mutation_slots, null_prob)
     if S.unit[S.cheapest] > B:
-        raise UserError(f"budget {B:g} is below the cheapest valid schedule "
-                        f"(1 NFE of {space.members[S.cheapest]}: {S.unit[S.cheapest]:g})")
+        raise NoScheduleFits(f"budget {B:g} is below the cheapest valid schedule "
+                             f"(1 NFE of {space.members[S.cheapest]}: {S.unit[S.cheapest]:g})")
+    if S.smallest_cost > B:
+        raise NoScheduleFits(f"budget {B:g} is below this space's smallest schedule ({S.smallest_cost:g})")
     budget_note = None
     lo = lower_bound * B
     if S.max_cost < lo:
@@ -268,6 +275,8 @@ def evolve(space, score_fn: ScoreFn, cost_fn: CostFn, budget: float, *, populati
         offer(S.mutate(start_genotypes[attempts % len(start_genotypes)]))
         attempts += 1
     pop, evaluated = flush()
+    if not pop:
+        raise NoScheduleFits(f"no schedule of this space within budget {B:g} was found")
     proposed = len(pop)
     pop = _truncate(pop, population)
     history = [pop[0].score]
@@ -304,10 +313,11 @@ def _truncate(cands: list[Candidate], k: int) -> list[Candidate]:
 
 
 def evolve_frontier(space, score_fn: ScoreFn, cost_fn: CostFn, budgets: Sequence[float],
-                    seeds: Callable[[float], Sequence[Any]] | None = None, **kw) -> dict[float, SearchResult]:
+                    seeds: Callable[[float], Sequence[Any]] | None = None, **kw) -> dict[float, SearchResult | None]:
     """One evolution per budget (ascending), one shared score cache, each run seeded with `seeds(budget)` (e.g. the
     best single-member samplers within it) and the previous budget's final population → {budget: SearchResult} in
-    the order given, best score non-increasing in the budget."""
+    the order given, best score non-increasing in the budget; None for a budget no schedule of the space fits (a
+    space of 2-NFE Heun steps under a budget of one NFE: the other spaces of a search still have their say)."""
     if isinstance(budgets, (str, bytes)) or not len(budgets):
         raise UserError(f"budgets must be a non-empty sequence of numbers, got {budgets!r}")
     try:
@@ -320,7 +330,11 @@ def evolve_frontier(space, score_fn: ScoreFn, cost_fn: CostFn, budgets: Sequence
     previous: list[Any] = []
     for b in sorted(dict.fromkeys(asked)):
         start = list(seeds(b)) if seeds is not None else []
-        r = evolve(space, score_fn, cost_fn, b, cache=cache, initial=start + previous, **kw)
+        try:
+            r = evolve(space, score_fn, cost_fn, b, cache=cache, initial=start + previous, **kw)
+        except NoScheduleFits:
+            results[b] = None
+            continue
         results[b] = r
         previous = [c.genotype for c in r.population]
     return {b: results[b] for b in dict.fromkeys(asked)}
