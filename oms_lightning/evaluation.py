@@ -79,6 +79,22 @@ def verdict(low: float, high: float, lower_is_better: bool = True) -> str:
     return "better" if below == lower_is_better else "worse"
 
 
+def non_inferiority(contender: Sequence[float], reference: Sequence[float], margin: float,
+                    confidence: float = CONFIDENCE) -> dict:
+    """Is the contender not worse than the reference by more than `margin` (lower is better)? The paired
+    differences over seeds (contender − reference) get a one-sided `confidence` upper bound (Student's t, len − 1
+    degrees of freedom); non-inferiority holds when that bound stays below the margin."""
+    d = np.subtract(np.asarray(contender, dtype=np.float64), np.asarray(reference, dtype=np.float64))
+    if d.size < 2:
+        raise UserError(f"a non-inferiority test needs at least 2 seeds, got {d.size}")
+    if not math.isfinite(margin) or margin < 0:
+        raise UserError(f"the non-inferiority margin must be a finite number >= 0, got {margin!r}")
+    mean = float(d.mean())
+    upper = mean + float(stats.t.ppf(confidence, df=d.size - 1) * d.std(ddof=1) / math.sqrt(d.size))
+    return {"diff": mean, "upper": upper, "margin": float(margin), "confidence": confidence,
+            "holds": bool(upper < margin)}
+
+
 def check_fresh_seeds(eval_seeds: Iterable[int], used: Mapping[str, int]) -> list[int]:
     """The evaluation seeds as ints; UserError unless there are ≥ 2 distinct non-negative ones (an interval needs
     two) and none of them also served to build or select something."""

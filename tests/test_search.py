@@ -1,6 +1,7 @@
 """search.py end to end on a tiny fake zoo with a fixed latency profile (deterministic costs): summary contract,
 budget errors, missing members, and a multirun over budgets that reuses the cached store and predictor."""
 import json
+import re
 import subprocess
 import sys
 
@@ -33,6 +34,8 @@ def tiny_search_args(root) -> list[str]:
             "search.evolution.generations=5", "search.evolution.population=8", "search.evolution.children=8",
             "search.rerank.n_samples=32", "search.rerank.top_k=2", "search.evaluation.n=32",
             "search.evaluation.seeds=[100,101]", "search.evaluation.timing_rounds=1",
+            "search.refine.evaluations=8", "search.refine.rungs=[16]", "search.refine.per_round=4",
+            "search.refine.seeds=3",
             f"hydra.run.dir={root}/run", f"hydra.sweep.dir={root}/multi"]
 
 
@@ -100,10 +103,15 @@ def test_search_py_end_to_end_then_multirun_reuses_the_cache(zoo_root):
 
     store = next((zoo_root / "digits" / "search").glob("records-*.jsonl"))
     lines = store.read_text().count("\n")
+    first = [int(n) for n in re.findall(r"training the predictor on (\d+) records", r.stdout)]
     r = run_search(zoo_root, "-m", "budget=50,80")
     assert r.returncode == 0, r.stderr[-4000:]
-    assert r.stdout.count("reusing predictor") == 2 and "training the predictor" not in r.stdout
-    assert store.read_text().count("\n") == lines  # nothing regenerated
+    assert store.read_text().count("\n") == lines  # the dataset: nothing regenerated
+    # the predictor is retrained on the grown store: every true FID the first run measured joins its records
+    grown = [int(n) for n in re.findall(r"training the predictor on (\d+) records", r.stdout)]
+    assert len(first) == 1 and grown and min(grown) > first[0]
+    assert "refine (best): raced" in r.stdout and "refine (cheapest)" in r.stdout
+    check_no_schedule_measured_twice(zoo_root / "digits" / "search")
     costs = [json.loads(p.read_text())["cost"] for p in sorted((zoo_root / "multi").rglob("summary.json"))]
     assert len(costs) == 2 and costs[0] <= 50 and costs[1] <= 80
 
@@ -111,7 +119,22 @@ def test_search_py_end_to_end_then_multirun_reuses_the_cache(zoo_root):
     assert r.returncode == 0, r.stderr[-4000:]
     rows = json.loads((zoo_root / "run" / "summary.json").read_text())
     assert [row["budget"] for row in rows] == [50, 80] and all(row["cost"] <= row["budget"] for row in rows)
-    assert (zoo_root / "run" / "schedule_50ms.json").is_file() and "reusing predictor" in r.stdout
+    assert (zoo_root / "run" / "schedule_50ms.json").is_file()
+    assert r.stdout.count("reusing predictor") + r.stdout.count("training the predictor") == 2  # one per budget
+    check_no_schedule_measured_twice(zoo_root / "digits" / "search")
+    eq = rows[0]["equal_quality"]
+    assert eq["cost"] <= eq["baseline_cost"] and eq["speedup"] == pytest.approx(eq["baseline_cost"] / eq["cost"])
+    assert eq["non_inferior"] == (eq["upper"] < eq["margin"]) and rows[0]["refinement"]["evaluations"] <= 8
+
+
+def check_no_schedule_measured_twice(cache):
+    """Every record store (dataset, selection per sample count, evaluation per seed) holds each schedule once, after
+    reruns and a multirun: a true FID once measured is never measured again."""
+    stores = list(cache.glob("*.jsonl"))
+    assert any(p.name.startswith("rerank-") for p in stores)
+    for p in stores:
+        keys = [json.loads(line).get("key") for line in p.read_text().splitlines()[1:] if line.strip()]
+        assert len(keys) == len(set(keys)), p.name
 
 
 def check_fresh_seed_protocol(root, summary):

@@ -6,7 +6,7 @@ search killed during the evolution never trains the predictor again; re-ranking,
 there."""
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -15,21 +15,33 @@ from tqdm.auto import tqdm
 from oms_lightning.errors import UserError
 from oms_lightning.schedule import ModelSchedule
 from oms_lightning.search.evolution import ScoreCache, SearchResult, evolve_frontier
+from oms_lightning.search.space import encode_exactly
 
 
 class SearchCallback(Callback):
     """Runs `evolve_frontier` per space at `on_fit_end` (best checkpoint restored first), or directly via `search`.
 
-    seeds(space, budget, score_fn) → genotypes that start that space's population (e.g. the best single-member
-    samplers within the budget by predicted score). After a search, `results[budget]` lists one SearchResult per
-    space, in the order of `spaces`.
+    starts[budget] → schedules (e.g. the best single-member samplers within that budget) that start each space's
+    population where they are points of it: the best half a population of them by predicted score. After a search,
+    `results[budget]` lists one SearchResult per space, in the order of `spaces`.
     """
 
     def __init__(self, spaces: Sequence[Any], cost_fn: Callable[[ModelSchedule], float], budgets: Sequence[float],
-                 seed: int = 0, evolution: dict | None = None, seeds: Callable | None = None):
+                 seed: int = 0, evolution: dict | None = None,
+                 starts: Mapping[float, Sequence[ModelSchedule]] | None = None):
         self.spaces, self.cost_fn, self.budgets = list(spaces), cost_fn, [float(b) for b in budgets]
-        self.seed, self.evolution, self.seeds = seed, dict(evolution or {}), seeds
+        self.seed, self.evolution, self.starts = seed, dict(evolution or {}), dict(starts or {})
         self.results: dict[float, list[SearchResult]] = {}
+
+    def initial(self, space, budget: float, cache: ScoreCache) -> list:
+        """The genotypes of `starts[budget]` that `space` holds exactly, best predicted first, at most half a
+        population: the evolution starts where the baselines end."""
+        pairs = [(s, g) for s in self.starts.get(budget, ()) if (g := encode_exactly(space, s)) is not None]
+        if not pairs:
+            return []
+        scores, _ = cache.score([s for s, _ in pairs])
+        order = sorted(range(len(pairs)), key=lambda i: scores[i])[: max(1, int(self.evolution.get("population", 40)) // 2)]
+        return [pairs[i][1] for i in order]
 
     def on_fit_end(self, trainer, pl_module) -> None:
         best = getattr(trainer.checkpoint_callback, "best_model_path", "")
@@ -43,7 +55,7 @@ class SearchCallback(Callback):
         self.results = {b: [] for b in self.budgets}
         generations = int(self.evolution.get("generations", 200))
         for space in self.spaces:
-            seeds = None if self.seeds is None else (lambda b, sp=space: self.seeds(sp, b, cache))
+            seeds = lambda b, sp=space: self.initial(sp, b, cache)  # noqa: E731
             name = getattr(space, "solver", type(space).__name__)
             with tqdm(total=generations * len(self.budgets), desc=f"evolution ({name})", unit="gen",
                       dynamic_ncols=True) as bar:

@@ -1,7 +1,7 @@
-"""`python search.py budget=B`: zoo → latency profile → schedule→FID store → predictor → SearchCallback running
-the evolution on it → per budget: the search's candidates re-ranked and the strongest single-member baseline chosen
-on a selection seed, both scored on fresh evaluation seeds by `oms_lightning.evaluation` → schedule, frontier plot
-and summary.json.
+"""`python search.py budget=B`: zoo → latency profile → schedule→FID store → per budget: predictor → evolution
+(SearchCallback) → the strongest single-member baseline chosen, the search's candidates re-ranked and refined by true
+FID on a selection seed (`search/refine.py`) → the best schedule and the cheapest one at the baseline's quality scored
+on fresh evaluation seeds by `oms_lightning.evaluation` → schedule, frontier plot and summary.json.
 
 Every expensive stage is cached by zoo and settings as soon as it is done, so a multirun over budgets computes the
 store and the predictor once and a killed search redoes only what it lost. Searches sharing a cache folder take
@@ -21,8 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from oms_lightning.diffusion.solvers import ODE_SOLVERS, get_solver
 from oms_lightning.errors import UserError
-from oms_lightning.evaluation import (Evaluation, check_fresh_seeds, compare, cost_at_equal_quality,
-                                     fitting_nfes, single_member_baselines)
+from oms_lightning.evaluation import (PRIMARY, Evaluation, check_fresh_seeds, compare, cost_at_equal_quality,
+                                     fitting_nfes, non_inferiority, single_member_baselines, single_member_sampler)
 from oms_lightning.io import atomic_write_text, file_lock
 from oms_lightning.metrics import METRICS, FIDEvaluator, SampleMetrics, default_extractor_for
 from oms_lightning.predictor.encoding import DEFAULT_FEATURES, DEFAULT_SOLVERS
@@ -32,10 +32,12 @@ from oms_lightning.predictor.records import RecordStore, fid_settings, settings_
 from oms_lightning.schedule import ModelSchedule, schedule_key
 from oms_lightning.schedule_file import schedule_from_dict, schedule_to_dict
 from oms_lightning.search.callback import SearchCallback
+from oms_lightning.search.refine import Refinement, neighbours, refine
 from oms_lightning.search.report import print_details, print_table, report_outcomes
-from oms_lightning.steps import AYSTable, ays_table, optimize_command
+from oms_lightning.search.segments import Sampler, segment_schedules, two_segment_runs
+from oms_lightning.steps import AYS, AYSTable, ays_table, optimize_command
 from oms_lightning.search.space import SamplerSpace, encode_exactly, make_spaces, random_schedules, single_member_anchors
-from oms_lightning.member_ranges import split_member_name
+from oms_lightning.member_ranges import FULL, split_member_name
 from oms_lightning.zoo import Zoo, latency_path, load_or_profile, resolve_device, time_schedules, train_command
 
 
@@ -133,6 +135,11 @@ def check_evaluation_settings(cfg: DictConfig) -> list[int]:
     if not isinstance(e.equal_quality_max_budgets, (int, float)) or e.equal_quality_max_budgets <= 0:
         raise UserError(f"invalid value search.evaluation.equal_quality_max_budgets={e.equal_quality_max_budgets!r}: "
                         f"expected a positive multiple of the budget")
+    margin = e.get("margin")
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 1:
+        raise UserError(f"invalid value search.evaluation.margin={margin!r}: expected a fraction of the baseline's "
+                        f"FID in [0, 1) (the non-inferiority margin; 0.02 = 2 %)")
+    check_refine_settings(cfg.search.refine, int(cfg.search.rerank.n_samples))
     anchors = cfg.search.dataset.iia_anchors
     if isinstance(anchors, bool) or not isinstance(anchors, int) or anchors < 0:
         raise UserError(f"invalid value search.dataset.iia_anchors={anchors!r}: expected an integer >= 0 (how many "
@@ -145,6 +152,28 @@ def check_evaluation_settings(cfg: DictConfig) -> list[int]:
     if cfg.search.iia == "rerank" or cfg.search.ablation or anchors:
         used["the IIA calibration"] = cfg.search.iia_calibration.seed
     return check_fresh_seeds(e.seeds, used)
+
+
+def check_refine_settings(rf: DictConfig, n_select: int) -> None:
+    """Refuse bad `search.refine` settings: counts are non-negative integers, rungs increasing sample counts, keep
+    and cheapest_share fractions."""
+    def integer(key: str, least: int) -> None:
+        v = rf.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            raise UserError(f"invalid value search.refine.{key}={v!r}: expected an integer >= {least}")
+
+    for key, least in (("evaluations", 0), ("width", 1), ("per_round", 1), ("seeds", 0), ("seed_samplers", 1)):
+        integer(key, least)
+    rungs = list(rf.rungs)
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 2 for n in rungs) or rungs != sorted(set(rungs)):
+        raise UserError(f"invalid value search.refine.rungs={rungs}: expected increasing sample counts >= 2 (those "
+                        f"at or above search.rerank.n_samples={n_select}, the last rung, are skipped)")
+    for key, low_open in (("keep", True), ("cheapest_share", False)):
+        v = rf.get(key)
+        number = not isinstance(v, bool) and isinstance(v, (int, float))
+        if not number or v > 1 or v < 0 or (low_open and v == 0):
+            raise UserError(f"invalid value search.refine.{key}={v!r}: expected a fraction in "
+                            f"{'(0, 1]' if low_open else '[0, 1]'}")
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -196,17 +225,34 @@ def _generate(d: DictConfig, zoo: Zoo, schedules: list, store: RecordStore, eval
                                 strategy=d.strategy)
 
 
-def rerank_fn(cfg: DictConfig, zoo: Zoo, evaluator, profile, cache: Path):
-    """True FID on the *selection* seed (another seed than the dataset's), cached in a record store: used to pick
-    the winner among the top-k and the baseline among all single-member samplers — never to report them."""
-    r = cfg.search.rerank
-    store = store_for(cache, "rerank", zoo, fid_settings(evaluator, r.n_samples, r.seed))
+class Selection:
+    """True FID on the *selection* seed (another seed than the dataset's), one record store per sample count: the
+    re-rank, the baseline choice and the refinement's races measure here — never to report. Sample i always starts
+    from noise (seed, i), so every schedule sees the same noise (common random numbers: paired differences), and
+    a schedule measured once is never measured again, in this run or the next."""
 
-    def rerank(schedules: list[ModelSchedule]) -> list[dict]:
-        return generate_records(zoo, schedules, store, evaluator, r.n_samples, r.seed, cfg.search.dataset.batch_size,
-                                profile, progress=True)
+    def __init__(self, cfg: DictConfig, zoo: Zoo, evaluator, profile, cache: Path):
+        self.zoo, self.evaluator, self.profile, self.cache = zoo, evaluator, profile, cache
+        self.seed, self.n = int(cfg.search.rerank.seed), int(cfg.search.rerank.n_samples)
+        self.batch_size = int(cfg.search.dataset.batch_size)
+        self.stores: dict[int, RecordStore] = {}
 
-    return rerank
+    def store(self, n: int) -> RecordStore:
+        if n not in self.stores:
+            self.stores[n] = store_for(self.cache, "rerank", self.zoo, fid_settings(self.evaluator, n, self.seed))
+        return self.stores[n]
+
+    def records(self, schedules: list[ModelSchedule], n: int | None = None) -> list[dict]:
+        n = self.n if n is None else int(n)
+        return generate_records(self.zoo, schedules, self.store(n), self.evaluator, n, self.seed, self.batch_size,
+                                self.profile, progress=len(schedules) > 1)
+
+    def __call__(self, schedules: list[ModelSchedule]) -> list[dict]:
+        """Records at the selection's own sample count (the re-rank)."""
+        return self.records(schedules)
+
+    def fid_at(self, schedules: list[ModelSchedule], n: int) -> list[float]:
+        return [float("inf") if r["fid"] is None else r["fid"] for r in self.records(schedules, n)]
 
 
 def same_steps_single_member(winner: ModelSchedule, zoo: Zoo, rerank) -> dict[str, float]:
@@ -269,38 +315,44 @@ def waiting_for(holder: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
-def choose_baseline(cfg: DictConfig, zoo: Zoo, profile, budget: float, rerank,
+def choose_baseline(cfg: DictConfig, zoo: Zoo, profile, budget: float, rerank: Selection,
                     ays: AYSTable) -> tuple[ModelSchedule, list[dict], list[ModelSchedule]]:
     """The strongest single-member sampler within the budget, chosen on the selection seed: every member × solver
-    × spacing (AYS included where a member has steps) at the NFEs `evaluation.baseline_nfes` allows. Returns (the
-    chosen schedule, every candidate's record, the candidates best first)."""
+    × spacing (AYS included where a member has steps) at the NFEs `evaluation.baseline_nfes` allows, and each
+    member's best of those at every other NFE that fits (the member's FID-vs-cost curve: quality is not monotone
+    in NFE, so a smaller NFE may win). Returns (the chosen schedule, every candidate's record, the candidates best
+    first)."""
     candidates = in_range(zoo, single_member_baselines(zoo.names, zoo.schedule, profile.latency, budget,
                                                        nfes=cfg.search.evaluation.baseline_nfes, ays=ays))
     log(f"budget {1000 * budget:.0f} ms: choosing the baseline among {len(candidates)} single-member samplers "
         f"(selection seed {cfg.search.rerank.seed}, cached)")
-    records = [{**r, "cost": profile.cost(s)} for r, s in zip(rerank(candidates), candidates)]
+    records = rerank(candidates)
+    curve = member_curves(zoo, profile, budget, candidates, records, ays) if cfg.search.evaluation.curves else []
+    if curve:
+        log(f"budget {1000 * budget:.0f} ms: each member's best sampler at every NFE that fits ({len(curve)} more)")
+        candidates, records = candidates + curve, records + rerank(curve)
+    records = [{**r, "cost": profile.cost(s)} for r, s in zip(records, candidates)]
     order = sorted(range(len(records)), key=lambda j: records[j]["fid"])
     return candidates[order[0]], records, [candidates[j] for j in order]
 
 
-def seeds_fn(cfg: DictConfig, zoo: Zoo, profile, ays: AYSTable):
-    """seeds(space, budget, cache) → the genotypes of the best single-member samplers within the budget that are
-    points of the space, by predicted score (at most half a population): the search starts where baselines end."""
-    n = max(1, int(cfg.search.evolution.population) // 2)
-    by_budget: dict[float, list[ModelSchedule]] = {}  # the same samplers serve every space
-
-    def seeds(space, budget: float, cache) -> list:
-        if budget not in by_budget:
-            by_budget[budget] = in_range(zoo, single_member_baselines(zoo.names, zoo.schedule, profile.latency,
-                                                                      budget, nfes="largest", ays=ays))
-        pairs = [(s, g) for s in by_budget[budget] if (g := encode_exactly(space, s)) is not None]
-        if not pairs:
-            return []
-        scores, _ = cache.score([s for s, _ in pairs])
-        order = sorted(range(len(pairs)), key=lambda i: scores[i])[:n]
-        return [pairs[i][1] for i in order]
-
-    return seeds
+def member_curves(zoo: Zoo, profile, budget: float, candidates: list[ModelSchedule], records: list[dict],
+                  ays: AYSTable) -> list[ModelSchedule]:
+    """Per member, its best sampler among `candidates` (by selection FID) at every NFE within the budget that is
+    not among them yet."""
+    known = {schedule_key(s) for s in candidates}
+    best: dict[str, ModelSchedule] = {}
+    for s, r in sorted(zip(candidates, records), key=lambda p: p[1]["fid"]):
+        best.setdefault(s.meta["member"], s)
+    out = []
+    for member, s in best.items():
+        m = s.meta
+        for nfe in fitting_nfes(profile.latency[member], budget, "all"):
+            c = single_member_sampler(member, m["solver"], m["order"], m["spacing"], nfe, zoo.schedule, ays)
+            if c is not None and schedule_key(c) not in known:
+                known.add(schedule_key(c))
+                out.append(c)
+    return in_range(zoo, out)
 
 
 def candidates(results: list, top_k: int, per_space: int) -> list[ModelSchedule]:
@@ -313,14 +365,54 @@ def candidates(results: list, top_k: int, per_space: int) -> list[ModelSchedule]
     return list(chosen.values())
 
 
-def evaluate_budget(cfg: DictConfig, zoo: Zoo, profile, results: list, spaces: list, rerank, evaluation: Evaluation,
-                    noise_floor: dict, predictor_metrics: dict, ays: AYSTable, members_only: list | None) -> dict:
+def refine_budget(cfg: DictConfig, zoo: Zoo, profile, budget: float, measured: list[ModelSchedule],
+                  baseline: ModelSchedule, singles: list[ModelSchedule], selection: Selection) -> Refinement | None:
+    """The refinement stage (`search/refine.py`): true FID around the re-ranked candidates and single-member
+    samplers already measured (`measured`, the baseline among them), seeded with two-segment schedules on the best
+    single samplers' grids; None with `search.refine.evaluations=0`."""
+    rf = cfg.search.refine
+    if int(rf.evaluations) <= 0:
+        return None
+    seeds = segment_seeds(singles, profile.latency, budget, zoo, int(rf.seed_samplers), int(rf.seeds), cfg.seed)
+    log(f"budget {1000 * budget:.0f} ms: refining by true FID on the selection seed ({rf.evaluations} evaluations, "
+        f"rungs {[*rf.rungs, selection.n]} samples, {len(seeds)} segment schedules to start)")
+
+    def move(s: ModelSchedule) -> list[ModelSchedule]:
+        return neighbours(s, zoo.names, zoo.schedule, profile.cost, budget, valid=lambda n: not zoo.out_of_range(n))
+
+    return refine(measured, baseline, seeds, selection.fid_at, profile.cost, move,
+                  rungs=[*(int(n) for n in rf.rungs if int(n) < selection.n), selection.n],
+                  evaluations=int(rf.evaluations), keep=float(rf.keep), width=int(rf.width),
+                  per_round=int(rf.per_round), cheapest_share=float(rf.cheapest_share), seed=cfg.seed, log=log)
+
+
+def segment_seeds(singles: list[ModelSchedule], latency: dict, budget: float, zoo: Zoo, samplers: int, count: int,
+                  seed: int) -> list[ModelSchedule]:
+    """`count` two-segment schedules (a seeded draw) on the grids of the `samplers` best single-member samplers
+    (selection order; standard spacings): OMS-DPM's "one member first, another after", which the predictor ranks
+    worst, as starting points of the refinement."""
+    chosen: list[Sampler] = []
+    for s in singles:
+        sampler = Sampler.of(s)
+        if sampler is not None and sampler.spacing != AYS and sampler not in chosen:
+            chosen.append(sampler)
+        if len(chosen) == samplers:
+            break
+    members = {m: latency[m] for m in zoo.names if zoo.time_range(m) == FULL and m in latency}
+    pool = in_range(zoo, segment_schedules(two_segment_runs(members, budget), chosen, zoo.schedule))
+    return random.Random(seed).sample(pool, min(count, len(pool)))
+
+
+def evaluate_budget(cfg: DictConfig, zoo: Zoo, profile, results: list, spaces: list, selection: Selection,
+                    evaluation: Evaluation, noise_floor: dict, predictor_metrics: dict, ays: AYSTable,
+                    members_only: list | None) -> dict:
     """One budget, in order: choose the baseline on the selection seed, re-rank the search's candidates (and the
     baseline itself when the spaces contain it: a search never loses to a point it could have chosen) on the same
-    seed, score winner and baseline on fresh seeds (paired intervals, verdicts), cost at equal quality, wall time,
-    predictor τ near the budget."""
+    seed, refine around them by true FID, then score the best schedule, the cheapest one at the baseline's quality
+    and the baseline on fresh seeds (paired intervals, verdicts, non-inferiority), time them, predictor τ near the
+    budget."""
     budget = results[0].budget
-    baseline, baseline_records, singles = choose_baseline(cfg, zoo, profile, budget, rerank, ays)
+    baseline, baseline_records, singles = choose_baseline(cfg, zoo, profile, budget, selection, ays)
     top = candidates(results, cfg.search.rerank.top_k, cfg.search.rerank.top_per_space)
     expressible = any(encode_exactly(space, baseline) is not None for space in spaces)
     if expressible and schedule_key(baseline) not in {schedule_key(s) for s in top}:
@@ -328,11 +420,20 @@ def evaluate_budget(cfg: DictConfig, zoo: Zoo, profile, results: list, spaces: l
     plain_top = list(top)
     if cfg.search.iia == "rerank":  # the corrected versions compete beside the plain ones (IIA may hurt FID)
         top += with_iia(cfg, zoo, plain_top)
-    reranked = rerank(top)
-    w = min(range(len(reranked)), key=lambda j: reranked[j]["fid"])
-    winner = top[w]
-    comparison = compare(evaluation, {"searched": winner, "baseline": baseline}, reference="baseline",
-                         noise_floor=noise_floor)
+    reranked = selection(top)
+    refinement = refine_budget(cfg, zoo, profile, budget, top + singles, baseline, singles, selection)
+    if refinement is None:
+        w = min(range(len(reranked)), key=lambda j: reranked[j]["fid"])
+        winner, winner_fid, cheapest = top[w], reranked[w]["fid"], None
+    else:
+        winner, cheapest = refinement.best, refinement.cheapest
+        winner_fid = refinement.fid(winner)
+    contenders = {"searched": winner, "baseline": baseline}
+    if cheapest is not None and schedule_key(cheapest) not in map(schedule_key, contenders.values()):
+        contenders["equal_quality"] = cheapest
+    comparison = compare(evaluation, contenders, reference="baseline", noise_floor=noise_floor)
+    equal_quality = (None if cheapest is None else
+                     equal_quality_row(cfg, comparison, contenders, cheapest, baseline, profile, refinement))
     equal = cost_at_equal_quality(evaluation, baseline, evaluation.mean(winner), profile.latency[baseline.meta["member"]],
                                   max_cost=cfg.search.evaluation.equal_quality_max_budgets * budget,
                                   known_nfe=baseline.nfe, ays=ays)
@@ -340,14 +441,36 @@ def evaluate_budget(cfg: DictConfig, zoo: Zoo, profile, results: list, spaces: l
     walls = time_schedules(zoo, [winner, baseline], profile.batch_size, rounds=cfg.search.evaluation.timing_rounds)
     test = predictor_metrics.get("test_predictions")
     near = rank_metrics_near(test["score"], test["fid"], test["cost"], budget) if test else None
-    ablation = (joint_ablation(cfg, zoo, profile, rerank, evaluation, noise_floor, baseline, singles, winner,
+    ablation = (joint_ablation(cfg, zoo, profile, selection, evaluation, noise_floor, baseline, singles, winner,
                                plain_top, members_only) if members_only is not None else None)
-    return {"budget": budget, "results": results, "winner": winner, "winner_record": reranked[w], "ablation": ablation,
+    return {"budget": budget, "results": results, "winner": winner, "ablation": ablation,
+            "winner_record": {"fid": winner_fid, "extractor": reranked[0]["extractor"]},
             "winner_is_baseline": schedule_key(winner) == schedule_key(baseline),
-            "baseline": baseline, "baseline_records": baseline_records,
+            "baseline": baseline, "baseline_records": baseline_records, "refinement": refinement,
+            "equal_quality": equal_quality,
             "costs": {"searched": profile.cost(winner), "baseline": profile.cost(baseline)},
             "comparison": comparison, "equal": equal, "walls": walls, "tau_near_budget": near,
-            "same_steps": same_steps_single_member(winner, zoo, rerank)}
+            "same_steps": same_steps_single_member(winner, zoo, selection)}
+
+
+def equal_quality_row(cfg: DictConfig, comparison: dict, contenders: dict, cheapest: ModelSchedule,
+                      baseline: ModelSchedule, profile, refinement: Refinement) -> dict:
+    """The second objective's verdict: the cheapest schedule the refinement found at the baseline's selection
+    quality, tested on the fresh seeds for non-inferiority to the baseline (margin: `evaluation.margin` × the
+    baseline's fresh-seed FID)."""
+    name = next(n for n, s in contenders.items() if schedule_key(s) == schedule_key(cheapest))
+    rows = comparison["contenders"]
+    base = rows["baseline"][PRIMARY]
+    margin = float(cfg.search.evaluation.margin) * base["mean"]
+    test = non_inferiority(rows[name][PRIMARY]["per_seed"], base["per_seed"], margin)
+    cost, base_cost = profile.cost(cheapest), profile.cost(baseline)
+    return {"schedule": cheapest.compact(), "contender": name, "cost": round(1000 * cost, 3),
+            "baseline_cost": round(1000 * base_cost, 3), "speedup": base_cost / cost,
+            "fid_mean": rows[name][PRIMARY]["mean"], "fid_ci": rows[name][PRIMARY]["ci"],
+            "fid_select": refinement.fid(cheapest), "baseline_fid_select": refinement.fid(baseline),
+            "diff": test["diff"], "upper": test["upper"], "margin": test["margin"],
+            "margin_fraction": float(cfg.search.evaluation.margin), "confidence": test["confidence"],
+            "non_inferior": test["holds"], "is_baseline": schedule_key(cheapest) == schedule_key(baseline)}
 
 
 # ----------------------------------------------------------------------------------------------- joint search
@@ -408,10 +531,41 @@ def joint_ablation(cfg: DictConfig, zoo: Zoo, profile, rerank, evaluation: Evalu
             "costs_ms": {n: 1000 * profile.cost(s) for n, s in contenders.items()}}
 
 
+# ----------------------------------------------------------------------------------------------- evolution
+def measured_records(selection: Selection, profile, n: int, dataset: list[dict], max_steps: int) -> list[dict]:
+    """The selection seed's true FIDs at the dataset's sample count (the refinement's first races measure there)
+    that the dataset does not hold, of schedules the predictor can encode (≤ max_steps steps): the predictor learns
+    from every FID the search has measured at that count."""
+    have = {r["key"] for r in dataset}
+    out = []
+    for r in selection.store(n).records():
+        s = schedule_from_dict(r["schedule"])
+        if r["fid"] is not None and r["key"] not in have and len(s.steps) <= max_steps:
+            out.append({**r, "cost": profile.cost(s)})
+    return out
+
+
+def evolve(cfg: DictConfig, zoo: Zoo, profile, spaces: list, budget: float, predictor, ays: AYSTable):
+    """The evolution stage: every space under the budget, scored by the predictor, starting from the best
+    single-member samplers; with `search.ablation`, the same with time fixed. Returns (results, members-only
+    results or None)."""
+    starts = {budget: in_range(zoo, single_member_baselines(zoo.names, zoo.schedule, profile.latency, budget,
+                                                            nfes="largest", ays=ays))}
+    evolution = {**OmegaConf.to_container(cfg.search.evolution, resolve=True), "null_prob": cfg.search.dataset.null_prob}
+    results = SearchCallback(spaces, profile.cost, [budget], seed=cfg.seed, evolution=evolution,
+                             starts=starts).search(predictor)[budget]
+    if not cfg.search.ablation:
+        return results, None
+    log("ablation: the same evolution with time fixed (members and solver families only)")
+    return results, SearchCallback(members_only_spaces(spaces), profile.cost, [budget], seed=cfg.seed,
+                                   evolution=evolution, starts=starts).search(predictor)[budget]
+
+
 # ----------------------------------------------------------------------------------------------- the job
 def run(cfg: DictConfig) -> list[dict]:
-    """The search as a straight line: zoo → profile → dataset → predictor + evolution → per budget re-rank,
-    baseline, fresh-seed evaluation → report."""
+    """The search as a straight line: zoo → profile → dataset → per budget (ascending): predictor (retrained on
+    every true FID measured so far) → evolution → baseline, re-rank and refinement on the selection seed →
+    fresh-seed evaluation (best FID; cheapest at the baseline's quality) → report."""
     started = time.perf_counter()
     seeds = check_evaluation_settings(cfg)
     device = resolve_device(str(cfg.device))
@@ -441,30 +595,23 @@ def run(cfg: DictConfig) -> list[dict]:
 
     logger = make_logger(cfg.logger, name=f"search-{cfg.data.name}-{'-'.join(f'{1000 * b:.0f}' for b in budgets)}ms",
                          group=f"search-{cfg.data.name}", config=OmegaConf.to_container(cfg, resolve=True))
-    callback = SearchCallback(spaces, profile.cost, budgets, seed=cfg.seed,
-                              evolution={**OmegaConf.to_container(cfg.search.evolution, resolve=True),
-                                         "null_prob": cfg.search.dataset.null_prob},
-                              seeds=seeds_fn(cfg, zoo, profile, ays))
-    predictor, predictor_metrics = train_or_load_predictor(cfg, zoo, records, cache, logger,
-                                                           max_steps=max(sp.max_steps for sp in spaces))
-    callback.search(predictor)
-    members_only = None
-    if cfg.search.ablation:
-        log("ablation: the same evolution with time fixed (members and solver families only)")
-        members_only = SearchCallback(members_only_spaces(spaces), profile.cost, budgets, seed=cfg.seed,
-                                      evolution=callback.evolution, seeds=seeds_fn(cfg, zoo, profile, ays)
-                                      ).search(predictor)
-
     e = cfg.search.evaluation
     sample_metrics = SampleMetrics(evaluator, datamodule)
     evaluation = Evaluation(zoo, sample_metrics, seeds, int(e.n), cfg.search.dataset.batch_size, progress=log,
                             store=lambda seed: store_for(cache, f"eval{seed}", zoo, {
                                 **fid_settings(evaluator, int(e.n), seed), "metrics": list(METRICS)}))
     noise_floor = sample_metrics.noise_floor(int(e.n), seed=seeds[0])
-    rerank = rerank_fn(cfg, zoo, evaluator, profile, cache)
-    with file_lock(cache / ".evaluation.lock", waiting=waiting_for):  # the selection and evaluation stores
-        outcomes = [evaluate_budget(cfg, zoo, profile, callback.results[b], spaces, rerank, evaluation, noise_floor,
-                                    predictor_metrics, ays, members_only and members_only[b]) for b in budgets]
+    selection = Selection(cfg, zoo, evaluator, profile, cache)
+    outcomes, predictor_metrics = [], {}
+    max_steps = max(sp.max_steps for sp in spaces)
+    for budget in budgets:   # ascending: each budget's true FIDs teach the predictor of the next
+        known = records + measured_records(selection, profile, int(cfg.search.dataset.n_samples), records, max_steps)
+        predictor, predictor_metrics = train_or_load_predictor(cfg, zoo, known, cache, logger, max_steps=max_steps)
+        results, members_only = evolve(cfg, zoo, profile, spaces, budget, predictor, ays)
+        with file_lock(cache / ".evaluation.lock", waiting=waiting_for):  # the selection and evaluation stores
+            outcomes.append({**evaluate_budget(cfg, zoo, profile, results, spaces, selection, evaluation,
+                                               noise_floor, predictor_metrics, ays, members_only),
+                             "predictor_metrics": predictor_metrics, "n_records": len(known)})
 
     run_dir = Path(cfg.paths.run_dir)
     summaries = report_outcomes(outcomes, zoo, profile, run_dir, store_size=len(store), logger=logger,

@@ -46,6 +46,7 @@ def summarise(o: dict, profile, store_size: int, predictor_metrics: dict, settin
     win, base = c["searched"], c["baseline"]
     wall_w, wall_b = o["walls"]
     cost_w, cost_b = o["costs"]["searched"], o["costs"]["baseline"]
+    predictor_metrics = o.get("predictor_metrics", predictor_metrics)   # each budget has its own predictor
     test = predictor_metrics.get("test") or {}
     return {
         "budget": ms(o["budget"]), "schedule": o["winner"].compact(), "cost": ms(cost_w), "nfe": o["winner"].nfe,
@@ -79,13 +80,31 @@ def summarise(o: dict, profile, store_size: int, predictor_metrics: dict, settin
         "kendall_tau_neg_nfe": test.get("kendall_tau_neg_nfe"), "kendall_tau_neg_cost": test.get("kendall_tau_neg_cost"),
         "kendall_tau_near_budget": o["tau_near_budget"],
         "winner_steps_single_member_fid_select": o["same_steps"],
-        "n_records": store_size, "extractor": o["winner_record"]["extractor"],
+        "equal_quality": o.get("equal_quality"), "refinement": refinement_row(o.get("refinement")),
+        "n_records": o.get("n_records", store_size), "extractor": o["winner_record"]["extractor"],
         "budget_note": "; ".join(dict.fromkeys(r.budget_note for r in o["results"] if r.budget_note)) or None,
         "schedules_scored": sum(r.evaluated for r in o["results"]),
         "winner_family": o["winner"].solver, "winner_is_baseline": o["winner_is_baseline"],
         "latency_ms": {k: ms(v) for k, v in profile.latency.items()}, "latency_spread": dict(profile.spread),
         "ablation": ablation_rows(o.get("ablation")),
     }
+
+
+def refinement_row(r) -> dict | None:
+    """What the refinement spent and found: true evaluations, seconds, schedules measured at the full count, and
+    each round's leader."""
+    if r is None:
+        return None
+    return {"evaluations": r.evaluations, "seconds": round(r.seconds, 1), "measured": len(r.archive),
+            "best_fid_select": r.fid(r.best), "cheapest_fid_select": r.fid(r.cheapest),
+            "reference_fid_select": r.fid(r.reference), "rounds": r.rounds}
+
+
+def _speedup(eq: dict | None) -> str:
+    if eq is None:
+        return "n/a (refinement off)"
+    verdict = "non-inferior" if eq["non_inferior"] else "not shown"
+    return f"×{eq['speedup']:.2f} {verdict} (+{eq['upper']:.2f} < {eq['margin']:.2f}?)"
 
 
 def ablation_rows(ablation: dict | None) -> dict | None:
@@ -112,7 +131,8 @@ def _pm(mean: float, ci) -> str:
 
 def print_table(rows: list[dict]) -> None:
     head = ("budget ms", "searched schedule", "cost ms", "FID", "best single sampler", "cost ms", "FID",
-            "difference [95 % CI]", "verdict", "single cost @ equal FID", "wall ms searched / single")
+            "difference [95 % CI]", "verdict", "speed-up at equal quality (upper bound < margin?)",
+            "single cost @ equal FID", "wall ms searched / single")
     print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for s in rows:
         eq = s["baseline_cost_at_equal_fid"]
@@ -123,6 +143,7 @@ def print_table(rows: list[dict]) -> None:
               f"{s['baseline_cost']:.0f} | "
               f"{_pm(s['baseline_fid_mean'], s['baseline_fid_ci'])} | {s['diff']:+.2f} [{lo:+.2f}, {hi:+.2f}] | "
               f"**{s['verdict']}**{' (the baseline itself)' if s.get('winner_is_baseline') else ''} | "
+              f"{_speedup(s.get('equal_quality'))} | "
               f"{'not reached' if eq is None else f'{eq:.0f}'} | "
               f"{1000 * s['wall_seconds']['searched']:.0f} / {1000 * s['wall_seconds']['baseline']:.0f} |")
 
@@ -149,6 +170,18 @@ def print_details(rows: list[dict]) -> None:
               f"pixel FD: {p['mean']:.3f} vs {p['baseline_mean']:.3f} → {p['verdict']}; copy rate "
               f"{s['copy_rate']['searched']:.3f} / {s['copy_rate']['baseline']:.3f} "
               f"(real held-out {s['copy_rate']['real_heldout']:.3f})")
+        eq, rf = s.get("equal_quality"), s.get("refinement")
+        if rf:
+            print(f"  refinement: {rf['evaluations']} true evaluations raced in {rf['seconds']:.0f} s, {rf['measured']} "
+                  f"schedules measured at {s['n_select']} samples; selection FID best {rf['best_fid_select']:.2f}, "
+                  f"baseline {rf['reference_fid_select']:.2f}")
+        if eq:
+            print(f"  equal quality: {eq['schedule']} costs {eq['cost']:.0f} ms against {eq['baseline_cost']:.0f} "
+                  f"(×{eq['speedup']:.2f}); FID {_pm(eq['fid_mean'], eq['fid_ci'])}, difference {eq['diff']:+.2f}, "
+                  f"one-sided {100 * eq['confidence']:.0f} % upper bound {eq['upper']:+.2f} vs margin "
+                  f"{eq['margin']:.2f} ({100 * eq['margin_fraction']:.0f} % of the baseline's FID) → "
+                  f"{'non-inferior' if eq['non_inferior'] else 'non-inferiority not shown'}"
+                  f"{' (the baseline itself: nothing cheaper reached its quality)' if eq['is_baseline'] else ''}")
         found = " — the search chose the baseline itself" if s["winner_is_baseline"] else ""
         print(f"  winner's solver family: {s['winner_family']}{found}")
         for flag in s["disagreements"]:
@@ -206,6 +239,12 @@ def frontier_plot(path: Path, outcomes: list[dict], title: str) -> Path:
             ax.errorbar([x], [fid["mean"]], yerr=[[fid["mean"] - fid["ci"][0]], [fid["ci"][1] - fid["mean"]]],
                         fmt=style, ms=10 if name == "searched" else 6, capsize=4, zorder=5,
                         label=(f"{name} (fresh seeds, 95 % CI)" if i == 0 else None))
+        eq = o.get("equal_quality")
+        if eq and not eq["is_baseline"]:
+            ax.errorbar([eq["cost"]], [eq["fid_mean"]], yerr=[[eq["fid_mean"] - eq["fid_ci"][0]],
+                                                               [eq["fid_ci"][1] - eq["fid_mean"]]],
+                        fmt="bD", ms=7, capsize=4, zorder=5,
+                        label="cheapest at the baseline's quality (fresh seeds)" if i == 0 else None)
         ax.axvline(1000 * o["budget"], linestyle=":", color="red")
     ax.set(xlabel="cost (ms per batch, profiled)", ylabel="FID", yscale="log", title=title)
     ax.legend(fontsize=7)
@@ -246,6 +285,17 @@ def _log_wandb(logger, outcomes, rows, schedule_path: Path, plot: Path, grid: Pa
                   for o in outcomes for r in o["results"] for c in r.population]
     logger.log_table("search/population", columns=["budget_ms", "schedule", "cost_ms", "nfe", "predicted_score"],
                      data=population)
+    points = [[o["budget"] * 1000, r["schedule"]["steps"][0]["members"][0] + " alone", r["key"], r["cost"] * 1000,
+               r["fid"], "selection seed"] for o in outcomes for r in o["baseline_records"]]
+    for o, row in zip(outcomes, rows):
+        for name, schedule, cost, fid in (("searched", row["schedule"], row["cost"], row["fid_mean"]),
+                                          ("baseline", row["baseline_schedule"], row["baseline_cost"],
+                                           row["baseline_fid_mean"])) + (
+                (("equal_quality", row["equal_quality"]["schedule"], row["equal_quality"]["cost"],
+                  row["equal_quality"]["fid_mean"]),) if row.get("equal_quality") else ()):
+            points.append([o["budget"] * 1000, name, schedule, cost, fid, "fresh seeds (mean)"])
+    logger.log_table("search/frontier_points", columns=["budget_ms", "what", "schedule", "cost_ms", "fid", "fid_on"],
+                     data=points)
     logger.log_image("search/frontier", images=[str(plot)])
     logger.log_image("search/winner_samples", images=[str(grid)])
     artifact = wandb.Artifact("schedule", type="model-schedule",
