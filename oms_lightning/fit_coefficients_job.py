@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from tqdm.auto import tqdm
+from oms_lightning.progress import progress as progress_bar
 from omegaconf import DictConfig, OmegaConf
 
 from oms_lightning.diffusion import iia
@@ -219,7 +219,7 @@ def run_fit(zoo: Zoo, plain: ModelSchedule, settings: dict, x_fit, x_held, refer
         f"{settings['calibration']['seed']}), fine reference from "
         + (f"member {settings['reference_member']}" if settings["reference_member"] else "each step's own members"))
     started = time.perf_counter()
-    with warnings.catch_warnings(), tqdm(total=len(plain), desc="IIA fit", unit="step", leave=False) as bar:
+    with warnings.catch_warnings(), progress_bar(total=len(plain), desc="IIA fit", unit="step", leave=False) as bar:
         # a singular or ill-conditioned step falls back to a ridge; the per-step lines below say so (`fallback`)
         warnings.simplefilter("ignore", iia.IIAFitWarning)
         fit = iia.fit_coefficients(plain.solver, zoo.denoisers_for(plain), _times(plain), plain.orders,

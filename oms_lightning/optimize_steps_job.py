@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
+from oms_lightning.progress import progress as progress_bar
 
 from oms_lightning.diffusion import ays
 from oms_lightning.diffusion.solvers import get_solver
@@ -161,7 +161,7 @@ def run_optimizer(cfg: DictConfig, settings: dict, zoo: Zoo, datamodule, evaluat
     logger = make_logger(cfg.logger, name=f"ays-{settings['member']}-{settings['solver']}-{settings['steps']}",
                          group=f"optimize_steps-{cfg.data.name}", config=OmegaConf.to_container(cfg, resolve=True))
     total = (settings["max_sweeps"] + 1) * len(settings["levels"])   # sweep 0 of each level is its start
-    bar = tqdm(total=total, desc="AYS sweeps", unit="sweep")
+    bar = progress_bar(total=total, desc="AYS sweeps", unit="sweep")
     since = [time.perf_counter()]                     # when the last recorded sweep ended
 
     def on_sweep(snapshot: ays.OptimizeResult) -> None:

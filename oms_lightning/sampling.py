@@ -6,7 +6,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from oms_lightning.progress import progress as progress_bar
 
 from oms_lightning.diffusion.noise_schedule import VPSchedule
 from oms_lightning.diffusion.seeding import SampleNoise, per_sample_noise
@@ -72,7 +72,8 @@ def generate(zoo, model_schedule: ModelSchedule, n: int, seed: int = 0, batch_si
     stochastic = get_solver(model_schedule.solver).stochastic
     out = []
     starts = range(first_index, first_index + n, batch_size)
-    for start in tqdm(starts, desc=f"sampling {n} ({model_schedule.nfe} NFE)", disable=not progress, leave=False):
+    for start in progress_bar(starts, desc=f"sampling {n} ({model_schedule.nfe} NFE)", disable=not progress,
+                              leave=False):
         indices = range(start, min(start + batch_size, first_index + n))
         x = per_sample_noise(zoo.image_shape, indices, seed, dtype=zoo.dtype, device=zoo.device)
         # a stochastic solver's noise too is drawn per sample: image i never depends on the batch it is in

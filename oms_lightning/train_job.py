@@ -10,6 +10,7 @@ Layout for member M on data D (paths.run_dir):
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from oms_lightning.callbacks import EMA, AtomicCheckpointIO
+from oms_lightning.progress import PlainProgressBar, on_terminal
 from oms_lightning.checkpoint import check_training_checkpoint, load_member, save_member
 from oms_lightning.config import shorten_validation_interval, validate_train_config
 from oms_lightning.errors import UserError
@@ -78,6 +80,8 @@ def build_trainer(cfg: DictConfig, logger, run_dir: Path) -> L.Trainer:
         ModelCheckpoint(dirpath=run_dir, save_top_k=0, save_last=True, every_n_train_steps=cfg.checkpoint_every),
         ThroughputMonitor(batch_size_fn=len),
     ]
+    if cfg.trainer.get("enable_progress_bar", True) and not on_terminal(sys.stdout):
+        callbacks.append(PlainProgressBar())   # a log gets one line per interval, not a redraw per step
     extra = {}
     if cfg.model.get("network") == "multidecoder" and cfg.trainer.get("strategy") == "ddp":
         # a batch may hold no sample of some stage: that decoder then takes no part in the loss, which plain DDP

@@ -63,6 +63,11 @@ class DiffusionModule(L.LightningModule):
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if compile:
             self.net.compile()  # in place: state_dict keys stay those of the plain network
+        else:  # one image at mid-noise: Lightning's model summary counts real FLOPs and sizes per layer with it
+            self.example_input_array = (torch.zeros(1, *self.image_shape), torch.full((1,), 0.5))
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        return self.net(x, t)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

@@ -735,13 +735,17 @@ def _warn_noisy(profile: LatencyProfile, attempts: int) -> None:
 
 # ---------------------------------------------------------------------- wall time of whole schedules
 def time_schedules(zoo: Zoo, schedules: Sequence[ModelSchedule], batch_size: int, rounds: int = 3,
-                   seed: int = 0) -> list[dict]:
+                   seed: int = 0, profile_rounds: bool = False) -> list[dict] | tuple[list[dict], dict[str, float]]:
     """Wall seconds to generate one batch of `batch_size` images with each schedule, timed in interleaved rounds.
 
     Each schedule first runs once untimed (warm-up; it also validates them all before any timing); then every
     round runs the schedules in order (A, B, …, A, B, …), so a busy spell slows them alike rather than whichever
     ran during it. Returns, per schedule in order, {"wall_seconds": median, "wall_spread": (max − min) / median,
     "runs": rounds}. Device work is synchronised around each run, so queued kernels are not missed.
+
+    With `profile_rounds`, every round first re-measures each member's latency (one short interleaved profile
+    round), and the median of those is returned too, (rows, latency): the cost model re-priced on the machine as
+    the timing found it, so cost and wall time are compared on the same machine state.
     """
     _check_count("batch_size", batch_size, 1)
     _check_count("rounds", rounds, 1)
@@ -753,10 +757,22 @@ def time_schedules(zoo: Zoo, schedules: Sequence[ModelSchedule], batch_size: int
     for s in schedules:
         run(s)
     walls: list[list[float]] = [[] for _ in schedules]
-    for _ in range(rounds):
+    latencies: list[dict[str, float]] = []
+    for r in range(rounds):
+        if profile_rounds:
+            latencies.append(profile_latency(zoo, batch_size, warmup=1 if r == 0 else 0, repeats=2, rounds=1).latency)
         for i, s in enumerate(schedules):
             walls[i].append(_wall_seconds(lambda: run(s), zoo.device))
-    return [_wall_summary(w) for w in walls]
+    rows = [_wall_summary(w) for w in walls]
+    if not profile_rounds:
+        return rows
+    return rows, {n: statistics.median(lat[n] for lat in latencies) for n in latencies[0]}
+
+
+def machine_speed_change(before: Mapping[str, float], now: Mapping[str, float]) -> float:
+    """How much slower (> 0) or faster (< 0) the machine ran members now than when they were profiled: the median
+    over members of latency_now / latency_profiled − 1."""
+    return statistics.median(now[n] / before[n] for n in now if n in before and before[n] > 0) - 1.0
 
 
 def _wall_summary(walls: Sequence[float]) -> dict:

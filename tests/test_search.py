@@ -269,3 +269,37 @@ def test_bad_iia_setting_and_calibration_seed_overlap_are_refused(zoo_root):
     assert r.returncode == 2 and "the IIA calibration" in r.stderr
     r = run_search(zoo_root, "search.dataset.iia_anchors=-1")
     assert r.returncode == 2 and "search.dataset.iia_anchors=-1" in r.stderr
+
+
+@pytest.mark.parametrize("spec,seconds", [("900", 0.9), (450, 0.45), ("6xmedium", 6 * 0.128), ("2.5xtiny", 2.5 * 0.022),
+                                          ("3 x small", 3 * 0.061), ("4×medium", 4 * 0.128)])
+def test_budgets_in_milliseconds_or_in_nfes_of_a_member(spec, seconds):
+    from oms_lightning.search.pipeline import budget_in_nfes, resolve_budget
+
+    latency = {"medium": 0.128, "small": 0.061, "tiny": 0.022}
+    assert resolve_budget(spec, latency) == pytest.approx(seconds)
+    both = budget_in_nfes(resolve_budget(spec, latency), latency)
+    assert both["member"] == "medium" and both["nfe"] == pytest.approx(seconds / 0.128, abs=1e-3)
+
+
+@pytest.mark.parametrize("spec,message", [("6xhuge", "not a zoo member; use NFEs of one of medium, small, tiny"),
+                                          ("six", "neither milliseconds per batch"), ("x6", "neither"),
+                                          ("0.5xtiny", "below the cheapest valid schedule"),
+                                          ("nan", "below the cheapest")])
+def test_bad_budget_spellings_are_one_clear_error(spec, message):
+    from oms_lightning.errors import UserError
+    from oms_lightning.search.pipeline import resolve_budget
+
+    with pytest.raises(UserError, match=message):
+        resolve_budget(spec, {"medium": 0.128, "small": 0.061, "tiny": 0.022})
+
+
+def test_a_budget_in_nfes_runs_from_the_command_line(zoo_root):
+    r = run_search(zoo_root, "budget=3xsmall", "search.refine.evaluations=0")
+    assert r.returncode == 0, r.stderr[-4000:]
+    summary = json.loads((zoo_root / "run" / "summary.json").read_text())
+    assert summary["budget"] == pytest.approx(60.0) and summary["budget_nfe"] == {"member": "small", "nfe": 3.0,
+                                                                                    "spec": "3xsmall"}
+    assert summary["equal_quality"] is None and summary["refinement"] is None
+    r = run_search(zoo_root, "budget=3xlarge")
+    assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "'large' is not a zoo member" in r.stderr

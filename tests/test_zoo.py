@@ -350,3 +350,18 @@ def test_cost_model_error_is_relative_to_wall_time():
     assert cost_model_error(0.5, 1.0) == pytest.approx(-0.5)
     with pytest.raises(ValueError):
         cost_model_error(1.0, 0.0)
+
+
+def test_timing_can_reprice_the_cost_model_on_the_machine_as_timed(root):
+    zoo = Zoo.load(root, "digits")
+    first = ModelSchedule.single(zoo.names[0], [1.0, 0.5, 1e-3], solver="ddim")
+    rows, latency = time_schedules(zoo, [first], batch_size=2, rounds=2, profile_rounds=True)
+    assert len(rows) == 1 and rows[0]["runs"] == 2
+    assert set(latency) == set(zoo.names) and all(v > 0 for v in latency.values())
+
+
+def test_machine_speed_change_is_the_median_latency_ratio():
+    from oms_lightning.zoo import machine_speed_change
+
+    assert machine_speed_change({"a": 1.0, "b": 2.0, "c": 1.0}, {"a": 1.5, "b": 3.0, "c": 0.9}) == pytest.approx(0.5)
+    assert machine_speed_change({"a": 1.0}, {"a": 0.8}) == pytest.approx(-0.2)

@@ -17,7 +17,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Sequence
 
-from tqdm.auto import tqdm
+from oms_lightning.progress import progress as progress_bar
 
 from oms_lightning.errors import UserError
 from oms_lightning.predictor.records import RecordStore, fid_settings, schedule_key, settings_fingerprint
@@ -77,7 +77,7 @@ def generate_records(zoo, schedules: Sequence[ModelSchedule], store: RecordStore
     if len(todo) < len(unique):
         log.info("%s: %d of %d distinct schedules already have records; evaluating %d", store.path,
                  len(unique) - len(todo), len(unique), len(todo))
-    with tqdm(total=len(todo), desc="schedule→FID", unit="schedule", disable=not progress or not todo,
+    with progress_bar(total=len(todo), desc="schedule→FID", unit="schedule", disable=not progress or not todo,
               dynamic_ncols=True) as bar:
         for key, schedule in todo:
             record = evaluate_schedule(zoo, schedule, evaluator, n, seed, batch_size, profile)

@@ -10,9 +10,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from lightning.pytorch.callbacks import Callback
-from tqdm.auto import tqdm
 
 from oms_lightning.errors import UserError
+from oms_lightning.progress import progress as progress_bar, write
 from oms_lightning.schedule import ModelSchedule
 from oms_lightning.search.evolution import ScoreCache, SearchResult, evolve_frontier
 from oms_lightning.search.space import encode_exactly
@@ -57,8 +57,7 @@ class SearchCallback(Callback):
         for space in self.spaces:
             seeds = lambda b, sp=space: self.initial(sp, b, cache)  # noqa: E731
             name = getattr(space, "solver", type(space).__name__)
-            with tqdm(total=generations * len(self.budgets), desc=f"evolution ({name})", unit="gen",
-                      dynamic_ncols=True) as bar:
+            with progress_bar(total=generations * len(self.budgets), desc=f"evolution ({name})", unit="gen") as bar:
                 def progress(gen, best, bar=bar):
                     bar.update()
                     bar.set_postfix(score=f"{best.score:.3f}", nfe=best.schedule.nfe, refresh=False)
@@ -67,7 +66,7 @@ class SearchCallback(Callback):
                                         cache=cache, seeds=seeds, progress=progress, **self.evolution)
             for b in self.budgets:
                 if found[b] is None:
-                    tqdm.write(f"[search] {name}: no schedule of this space fits {1000 * b:.1f} ms; skipped there")
+                    write(f"[search] {name}: no schedule of this space fits {1000 * b:.1f} ms; skipped there")
                 else:
                     self.results[b].append(found[b])
         empty = [b for b, r in self.results.items() if not r]

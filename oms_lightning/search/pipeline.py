@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import random
+import re
 import time
 from pathlib import Path
 
@@ -38,7 +39,8 @@ from oms_lightning.search.segments import Sampler, segment_schedules, two_segmen
 from oms_lightning.steps import AYS, AYSTable, ays_table, optimize_command
 from oms_lightning.search.space import SamplerSpace, encode_exactly, make_spaces, random_schedules, single_member_anchors
 from oms_lightning.member_ranges import FULL, split_member_name
-from oms_lightning.zoo import Zoo, latency_path, load_or_profile, resolve_device, time_schedules, train_command
+from oms_lightning.zoo import (Zoo, latency_path, load_or_profile, machine_speed_change, resolve_device, time_schedules,
+                               train_command)
 
 
 def log(msg: str) -> None:
@@ -103,26 +105,48 @@ def in_range(zoo: Zoo, schedules: list[ModelSchedule]) -> list[ModelSchedule]:
 
 
 def resolve_budgets(cfg: DictConfig, latency: dict[str, float]) -> list[float]:
-    """Budgets in seconds per batch: `budgets=[...]` (one predictor, a frontier) or `budget=` (ms per batch;
-    default: `default_budget_nfe` NFEs of the costliest member)."""
+    """Budgets in seconds per batch: `budgets=[...]` (one predictor, a frontier) or `budget=` (default:
+    `default_budget_nfe` NFEs of the costliest member); each in ms per batch or in NFEs of a member (`6xmedium`,
+    see `resolve_budget`)."""
     if cfg.get("budgets"):
         return sorted(resolve_budget(b, latency) for b in cfg.budgets)
     if cfg.budget is None:
-        return [cfg.default_budget_nfe * max(latency.values())]
+        return [resolve_budget(f"{cfg.default_budget_nfe}x{max(latency, key=latency.get)}", latency)]
     return [resolve_budget(cfg.budget, latency)]
 
 
+_NFE_UNIT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*[x×]\s*(\S+)\s*$")
+
+
 def resolve_budget(value, latency: dict[str, float]) -> float:
-    try:
-        budget = float(value) / 1000.0
-    except (TypeError, ValueError):
-        raise UserError(f"budget={value!r} is not a number (milliseconds per batch)") from None
+    """A budget in seconds per batch from milliseconds per batch (`900`) or from NFEs of a member (`6xmedium`: six
+    forward passes of `medium`, converted through this profile, so it means the same on a busy machine: the
+    profile's *ratios* hold under load while its absolute times do not)."""
+    unit = _NFE_UNIT.match(str(value)) if isinstance(value, str) else None
+    if unit:
+        count, member = float(unit.group(1)), unit.group(2)
+        if member not in latency:
+            raise UserError(f"budget={value!r}: {member!r} is not a zoo member; use NFEs of one of "
+                            f"{', '.join(sorted(latency))} (e.g. budget=6x{max(latency, key=latency.get)})")
+        budget = count * latency[member]
+    else:
+        try:
+            budget = float(value) / 1000.0
+        except (TypeError, ValueError):
+            raise UserError(f"budget={value!r} is neither milliseconds per batch (900) nor NFEs of a member "
+                            f"(6x{max(latency, key=latency.get)})") from None
     cheapest = min(latency, key=latency.get)
-    if budget < latency[cheapest]:
+    if not budget >= latency[cheapest]:
         raise UserError(f"budget {1000 * budget:.1f} ms is below the cheapest valid schedule: one NFE of "
                         f"{cheapest!r} costs {1000 * latency[cheapest]:.1f} ms per batch on this device; "
-                        f"use budget >= {1000 * latency[cheapest]:.1f}")
+                        f"use budget >= {1000 * latency[cheapest]:.1f} (or budget=1x{cheapest})")
     return budget
+
+
+def budget_in_nfes(budget: float, latency: dict[str, float]) -> dict:
+    """The budget in NFEs of the costliest member: the form that survives a busy machine, beside the milliseconds."""
+    member = max(latency, key=latency.get)
+    return {"member": member, "nfe": round(budget / latency[member], 3), "spec": f"{budget / latency[member]:.3g}x{member}"}
 
 
 def check_evaluation_settings(cfg: DictConfig) -> list[int]:
@@ -438,7 +462,8 @@ def evaluate_budget(cfg: DictConfig, zoo: Zoo, profile, results: list, spaces: l
                                   max_cost=cfg.search.evaluation.equal_quality_max_budgets * budget,
                                   known_nfe=baseline.nfe, ays=ays)
     log(f"budget {1000 * budget:.0f} ms: timing winner and baseline, interleaved")
-    walls = time_schedules(zoo, [winner, baseline], profile.batch_size, rounds=cfg.search.evaluation.timing_rounds)
+    walls, latency_now = time_schedules(zoo, [winner, baseline], profile.batch_size,
+                                        rounds=cfg.search.evaluation.timing_rounds, profile_rounds=True)
     test = predictor_metrics.get("test_predictions")
     near = rank_metrics_near(test["score"], test["fid"], test["cost"], budget) if test else None
     ablation = (joint_ablation(cfg, zoo, profile, selection, evaluation, noise_floor, baseline, singles, winner,
@@ -450,6 +475,8 @@ def evaluate_budget(cfg: DictConfig, zoo: Zoo, profile, results: list, spaces: l
             "equal_quality": equal_quality,
             "costs": {"searched": profile.cost(winner), "baseline": profile.cost(baseline)},
             "comparison": comparison, "equal": equal, "walls": walls, "tau_near_budget": near,
+            "costs_now": {"searched": winner.cost(latency_now), "baseline": baseline.cost(latency_now)},
+            "machine_speed_change": machine_speed_change(profile.latency, latency_now),
             "same_steps": same_steps_single_member(winner, zoo, selection)}
 
 
@@ -531,6 +558,41 @@ def joint_ablation(cfg: DictConfig, zoo: Zoo, profile, rerank, evaluation: Evalu
             "costs_ms": {n: 1000 * profile.cost(s) for n, s in contenders.items()}}
 
 
+def zoo_and_profile(cfg: DictConfig, device) -> tuple[Zoo, object]:
+    """The zoo (missing members trained first, `ensure_zoo`) and its latency profile (measured or cached)."""
+    ensure_zoo(cfg)
+    zoo = Zoo.load(cfg.paths.checkpoints, str(cfg.data.name), names=list(cfg.zoo.members), device=device)
+    profile = load_or_profile(zoo, latency_path(cfg.paths.checkpoints, str(cfg.data.name)),
+                              batch_size=cfg.profile.batch_size, device=device,
+                              max_age_hours=cfg.profile.max_age_hours, max_spread=cfg.profile.max_spread)
+    return zoo, profile
+
+
+# ----------------------------------------------------------------------------------------------- measuring
+@dataclasses.dataclass
+class Measures:
+    """Everything that measures quality, built once per search: the FID evaluator over the data, the selection
+    seed's stores (`Selection`), the fresh-seed `Evaluation` and the real-vs-real noise floor."""
+
+    evaluator: FIDEvaluator
+    selection: Selection
+    evaluation: Evaluation
+    noise_floor: dict
+
+
+def measures(cfg: DictConfig, zoo: Zoo, profile, device, seeds: list[int]) -> Measures:
+    cache, e = Path(cfg.paths.cache), cfg.search.evaluation
+    datamodule = instantiate(cfg.data.module)
+    evaluator = FIDEvaluator(default_extractor_for(str(cfg.data.name)), datamodule,
+                             cache_dir=Path(cfg.paths.checkpoints) / str(cfg.data.name), device=device)
+    sample_metrics = SampleMetrics(evaluator, datamodule)
+    evaluation = Evaluation(zoo, sample_metrics, seeds, int(e.n), cfg.search.dataset.batch_size, progress=log,
+                            store=lambda seed: store_for(cache, f"eval{seed}", zoo, {
+                                **fid_settings(evaluator, int(e.n), seed), "metrics": list(METRICS)}))
+    return Measures(evaluator, Selection(cfg, zoo, evaluator, profile, cache), evaluation,
+                    sample_metrics.noise_floor(int(e.n), seed=seeds[0]))
+
+
 # ----------------------------------------------------------------------------------------------- evolution
 def measured_records(selection: Selection, profile, n: int, dataset: list[dict], max_steps: int) -> list[dict]:
     """The selection seed's true FIDs at the dataset's sample count (the refinement's first races measure there)
@@ -569,12 +631,8 @@ def run(cfg: DictConfig) -> list[dict]:
     started = time.perf_counter()
     seeds = check_evaluation_settings(cfg)
     device = resolve_device(str(cfg.device))
-    ensure_zoo(cfg)
-    zoo = Zoo.load(cfg.paths.checkpoints, str(cfg.data.name), names=list(cfg.zoo.members), device=device)
+    zoo, profile = zoo_and_profile(cfg, device)
     cache = Path(cfg.paths.cache)
-    profile = load_or_profile(zoo, latency_path(cfg.paths.checkpoints, str(cfg.data.name)),
-                              batch_size=cfg.profile.batch_size, device=device,
-                              max_age_hours=cfg.profile.max_age_hours, max_spread=cfg.profile.max_spread)
     budgets = resolve_budgets(cfg, profile.latency)
     log(f"zoo {list(zoo.names)}; latency per batch of {profile.batch_size} on {profile.device_name}: "
         + ", ".join(f"{n} {1000 * v:.1f} ms (spread {100 * profile.spread.get(n, 0):.0f} %)"
@@ -583,41 +641,34 @@ def run(cfg: DictConfig) -> list[dict]:
                   for n, r in profile.routed.items())
         + f"; budget(s) {', '.join(f'{1000 * b:.1f}' for b in budgets)} ms")
 
-    datamodule = instantiate(cfg.data.module)
-    evaluator = FIDEvaluator(default_extractor_for(str(cfg.data.name)), datamodule,
-                             cache_dir=Path(cfg.paths.checkpoints) / str(cfg.data.name), device=device)
+    m = measures(cfg, zoo, profile, device, seeds)
     ays = load_ays(cfg, zoo)
     spaces = make_spaces(str(cfg.search.space.kind), zoo.names, zoo.schedule, int(cfg.search.space.size), ays,
                          zoo.ranges())
-    records, store = build_dataset(cfg, zoo, spaces, evaluator, profile, cache)
+    records, store = build_dataset(cfg, zoo, spaces, m.evaluator, profile, cache)
 
     from oms_lightning.tracking import make_logger
 
     logger = make_logger(cfg.logger, name=f"search-{cfg.data.name}-{'-'.join(f'{1000 * b:.0f}' for b in budgets)}ms",
                          group=f"search-{cfg.data.name}", config=OmegaConf.to_container(cfg, resolve=True))
-    e = cfg.search.evaluation
-    sample_metrics = SampleMetrics(evaluator, datamodule)
-    evaluation = Evaluation(zoo, sample_metrics, seeds, int(e.n), cfg.search.dataset.batch_size, progress=log,
-                            store=lambda seed: store_for(cache, f"eval{seed}", zoo, {
-                                **fid_settings(evaluator, int(e.n), seed), "metrics": list(METRICS)}))
-    noise_floor = sample_metrics.noise_floor(int(e.n), seed=seeds[0])
-    selection = Selection(cfg, zoo, evaluator, profile, cache)
     outcomes, predictor_metrics = [], {}
     max_steps = max(sp.max_steps for sp in spaces)
     for budget in budgets:   # ascending: each budget's true FIDs teach the predictor of the next
-        known = records + measured_records(selection, profile, int(cfg.search.dataset.n_samples), records, max_steps)
+        known = records + measured_records(m.selection, profile, int(cfg.search.dataset.n_samples), records,
+                                           max_steps)
         predictor, predictor_metrics = train_or_load_predictor(cfg, zoo, known, cache, logger, max_steps=max_steps)
         results, members_only = evolve(cfg, zoo, profile, spaces, budget, predictor, ays)
         with file_lock(cache / ".evaluation.lock", waiting=waiting_for):  # the selection and evaluation stores
-            outcomes.append({**evaluate_budget(cfg, zoo, profile, results, spaces, selection, evaluation,
-                                               noise_floor, predictor_metrics, ays, members_only),
-                             "predictor_metrics": predictor_metrics, "n_records": len(known)})
+            outcomes.append({**evaluate_budget(cfg, zoo, profile, results, spaces, m.selection, m.evaluation,
+                                               m.noise_floor, predictor_metrics, ays, members_only),
+                             "predictor_metrics": predictor_metrics, "n_records": len(known),
+                             "budget_nfe": budget_in_nfes(budget, profile.latency)})
 
     run_dir = Path(cfg.paths.run_dir)
     summaries = report_outcomes(outcomes, zoo, profile, run_dir, store_size=len(store), logger=logger,
                                 predictor_metrics=predictor_metrics, settings={
                                     "select_seed": int(cfg.search.rerank.seed), "n_select": int(cfg.search.rerank.n_samples),
-                                    "eval_seeds": seeds, "n_eval": int(e.n)})
+                                    "eval_seeds": seeds, "n_eval": int(cfg.search.evaluation.n)})
     for s in summaries:
         s["wall_seconds_total"] = round(time.perf_counter() - started, 1)
     atomic_write_text(run_dir / "summary.json", json.dumps(summaries[0] if len(summaries) == 1 else summaries,

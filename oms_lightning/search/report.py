@@ -10,6 +10,7 @@ the selection-seed numbers that chose the winner and the baseline are kept besid
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def summarise(o: dict, profile, store_size: int, predictor_metrics: dict, settin
     predictor_metrics = o.get("predictor_metrics", predictor_metrics)   # each budget has its own predictor
     test = predictor_metrics.get("test") or {}
     return {
-        "budget": ms(o["budget"]), "schedule": o["winner"].compact(), "cost": ms(cost_w), "nfe": o["winner"].nfe,
+        "budget": ms(o["budget"]), "budget_nfe": o.get("budget_nfe"), "schedule": o["winner"].compact(), "cost": ms(cost_w), "nfe": o["winner"].nfe,
         "spacing": o["winner"].meta.get("spacing"),
         "fid": win["fid"]["mean"], "fid_mean": win["fid"]["mean"], "fid_ci": win["fid"]["ci"],
         "fid_select": o["winner_record"]["fid"],
@@ -76,6 +77,10 @@ def summarise(o: dict, profile, store_size: int, predictor_metrics: dict, settin
         "wall_spread": {"searched": wall_w["wall_spread"], "baseline": wall_b["wall_spread"]},
         "cost_model_error": {"searched": _rounded(cost_model_error(cost_w, wall_w["wall_seconds"])),
                              "baseline": _rounded(cost_model_error(cost_b, wall_b["wall_seconds"]))},
+        # the same cost model re-priced by a profile measured between the timing rounds: the machine as timed
+        "cost_model_error_now": {n: _rounded(cost_model_error(o["costs_now"][n], w["wall_seconds"]))
+                                 for n, w in (("searched", wall_w), ("baseline", wall_b))} if "costs_now" in o else None,
+        "machine_speed_change": _rounded(o.get("machine_speed_change")),
         "kendall_tau": predictor_metrics["kendall_tau"], "kendall_tau_val": predictor_metrics.get("kendall_tau_val"),
         "kendall_tau_neg_nfe": test.get("kendall_tau_neg_nfe"), "kendall_tau_neg_cost": test.get("kendall_tau_neg_cost"),
         "kendall_tau_near_budget": o["tau_near_budget"],
@@ -190,6 +195,11 @@ def print_details(rows: list[dict]) -> None:
         print(f"  wall time per batch: searched {1000 * w['searched']:.0f} ms (cost model {s['cost']:.0f}, "
               f"error {100 * e['searched']:+.0f} %), baseline {1000 * w['baseline']:.0f} ms (cost model "
               f"{s['baseline_cost']:.0f}, error {100 * e['baseline']:+.0f} %)")
+        now, moved = s.get("cost_model_error_now"), s.get("machine_speed_change")
+        if now is not None and moved is not None:
+            print(f"  the machine ran {100 * abs(moved):.0f} % {'slower' if moved > 0 else 'faster'} at timing than "
+                  f"when profiled; re-priced on a profile taken between the timing rounds the cost model's error is "
+                  f"{100 * now['searched']:+.0f} % (searched) and {100 * now['baseline']:+.0f} % (baseline)")
         near = s["kendall_tau_near_budget"] or {}
         print(f"  predictor Kendall tau on its test split {s['kendall_tau']:.3f} (ranking by NFE alone "
               f"{_fmt(s['kendall_tau_neg_nfe'])}; within ±10 % of this budget {_fmt(near.get('kendall_tau'))} "
@@ -306,14 +316,18 @@ def _log_wandb(logger, outcomes, rows, schedule_path: Path, plot: Path, grid: Pa
 
 # ----------------------------------------------------------------------------------------------- report command
 def collect(folders: list[Path]) -> list[dict]:
-    rows = []
+    """Every budget row of every summary.json below the folders, one row per run and budget: a run's W&B offline
+    copy (`files/summary.json`) holds the same row as its run folder, so rows are keyed by their content and the
+    first copy found is kept (its other places listed under `copies`)."""
+    rows: dict[str, dict] = {}
     for folder in folders:
         for f in sorted(Path(folder).rglob("summary.json")):
             data = json.loads(f.read_text())
             for row in data if isinstance(data, list) else [data]:
                 if "budget" in row and "fid_ci" in row:
-                    rows.append({**row, "source": str(f)})
-    return rows
+                    key = hashlib.sha256(json.dumps(row, sort_keys=True).encode()).hexdigest()
+                    rows.setdefault(key, {**row, "source": str(f), "copies": []})["copies"].append(str(f))
+    return [{**r, "copies": r["copies"][1:]} for r in rows.values()]
 
 
 def budget_plot(rows: list[dict], out: Path) -> Path:
