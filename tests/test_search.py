@@ -303,3 +303,4 @@ def test_a_budget_in_nfes_runs_from_the_command_line(zoo_root):
     assert summary["equal_quality"] is None and summary["refinement"] is None
     r = run_search(zoo_root, "budget=3xlarge")
     assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "'large' is not a zoo member" in r.stderr
+

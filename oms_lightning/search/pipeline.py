@@ -9,6 +9,7 @@ turns per stage (file locks in the cache folder) and reuse each other's results.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -45,6 +46,18 @@ from oms_lightning.zoo import (Zoo, latency_path, load_or_profile, machine_speed
 
 def log(msg: str) -> None:
     print(f"[search] {msg}", flush=True)
+
+
+STAGE_SECONDS: dict[str, float] = {}   # where a run's time went, stage by stage (summary.json: stage_seconds)
+
+
+@contextlib.contextmanager
+def stage(name: str):
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        STAGE_SECONDS[name] = STAGE_SECONDS.get(name, 0.0) + time.perf_counter() - started
 
 
 # ----------------------------------------------------------------------------------------------- zoo
@@ -436,7 +449,8 @@ def evaluate_budget(cfg: DictConfig, zoo: Zoo, profile, results: list, spaces: l
     and the baseline on fresh seeds (paired intervals, verdicts, non-inferiority), time them, predictor τ near the
     budget."""
     budget = results[0].budget
-    baseline, baseline_records, singles = choose_baseline(cfg, zoo, profile, budget, selection, ays)
+    with stage("baseline choice"):
+        baseline, baseline_records, singles = choose_baseline(cfg, zoo, profile, budget, selection, ays)
     top = candidates(results, cfg.search.rerank.top_k, cfg.search.rerank.top_per_space)
     expressible = any(encode_exactly(space, baseline) is not None for space in spaces)
     if expressible and schedule_key(baseline) not in {schedule_key(s) for s in top}:
@@ -444,8 +458,10 @@ def evaluate_budget(cfg: DictConfig, zoo: Zoo, profile, results: list, spaces: l
     plain_top = list(top)
     if cfg.search.iia == "rerank":  # the corrected versions compete beside the plain ones (IIA may hurt FID)
         top += with_iia(cfg, zoo, plain_top)
-    reranked = selection(top)
-    refinement = refine_budget(cfg, zoo, profile, budget, top + singles, baseline, singles, selection)
+    with stage("re-rank"):
+        reranked = selection(top)
+    with stage("refinement"):
+        refinement = refine_budget(cfg, zoo, profile, budget, top + singles, baseline, singles, selection)
     if refinement is None:
         w = min(range(len(reranked)), key=lambda j: reranked[j]["fid"])
         winner, winner_fid, cheapest = top[w], reranked[w]["fid"], None
@@ -455,15 +471,19 @@ def evaluate_budget(cfg: DictConfig, zoo: Zoo, profile, results: list, spaces: l
     contenders = {"searched": winner, "baseline": baseline}
     if cheapest is not None and schedule_key(cheapest) not in map(schedule_key, contenders.values()):
         contenders["equal_quality"] = cheapest
-    comparison = compare(evaluation, contenders, reference="baseline", noise_floor=noise_floor)
+    with stage("fresh-seed evaluation"):
+        comparison = compare(evaluation, contenders, reference="baseline", noise_floor=noise_floor)
     equal_quality = (None if cheapest is None else
                      equal_quality_row(cfg, comparison, contenders, cheapest, baseline, profile, refinement))
-    equal = cost_at_equal_quality(evaluation, baseline, evaluation.mean(winner), profile.latency[baseline.meta["member"]],
-                                  max_cost=cfg.search.evaluation.equal_quality_max_budgets * budget,
-                                  known_nfe=baseline.nfe, ays=ays)
+    with stage("baseline cost at equal FID"):
+        equal = cost_at_equal_quality(evaluation, baseline, evaluation.mean(winner),
+                                      profile.latency[baseline.meta["member"]],
+                                      max_cost=cfg.search.evaluation.equal_quality_max_budgets * budget,
+                                      known_nfe=baseline.nfe, ays=ays)
     log(f"budget {1000 * budget:.0f} ms: timing winner and baseline, interleaved")
-    walls, latency_now = time_schedules(zoo, [winner, baseline], profile.batch_size,
-                                        rounds=cfg.search.evaluation.timing_rounds, profile_rounds=True)
+    with stage("wall-time check"):
+        walls, latency_now = time_schedules(zoo, [winner, baseline], profile.batch_size,
+                                            rounds=cfg.search.evaluation.timing_rounds, profile_rounds=True)
     test = predictor_metrics.get("test_predictions")
     near = rank_metrics_near(test["score"], test["fid"], test["cost"], budget) if test else None
     ablation = (joint_ablation(cfg, zoo, profile, selection, evaluation, noise_floor, baseline, singles, winner,
@@ -631,7 +651,9 @@ def run(cfg: DictConfig) -> list[dict]:
     started = time.perf_counter()
     seeds = check_evaluation_settings(cfg)
     device = resolve_device(str(cfg.device))
-    zoo, profile = zoo_and_profile(cfg, device)
+    STAGE_SECONDS.clear()
+    with stage("zoo and latency profile"):
+        zoo, profile = zoo_and_profile(cfg, device)
     cache = Path(cfg.paths.cache)
     budgets = resolve_budgets(cfg, profile.latency)
     log(f"zoo {list(zoo.names)}; latency per batch of {profile.batch_size} on {profile.device_name}: "
@@ -645,7 +667,8 @@ def run(cfg: DictConfig) -> list[dict]:
     ays = load_ays(cfg, zoo)
     spaces = make_spaces(str(cfg.search.space.kind), zoo.names, zoo.schedule, int(cfg.search.space.size), ays,
                          zoo.ranges())
-    records, store = build_dataset(cfg, zoo, spaces, m.evaluator, profile, cache)
+    with stage("schedule→FID dataset"):
+        records, store = build_dataset(cfg, zoo, spaces, m.evaluator, profile, cache)
 
     from oms_lightning.tracking import make_logger
 
@@ -656,8 +679,11 @@ def run(cfg: DictConfig) -> list[dict]:
     for budget in budgets:   # ascending: each budget's true FIDs teach the predictor of the next
         known = records + measured_records(m.selection, profile, int(cfg.search.dataset.n_samples), records,
                                            max_steps)
-        predictor, predictor_metrics = train_or_load_predictor(cfg, zoo, known, cache, logger, max_steps=max_steps)
-        results, members_only = evolve(cfg, zoo, profile, spaces, budget, predictor, ays)
+        with stage("predictor"):
+            predictor, predictor_metrics = train_or_load_predictor(cfg, zoo, known, cache, logger,
+                                                                   max_steps=max_steps)
+        with stage("evolution"):
+            results, members_only = evolve(cfg, zoo, profile, spaces, budget, predictor, ays)
         with file_lock(cache / ".evaluation.lock", waiting=waiting_for):  # the selection and evaluation stores
             outcomes.append({**evaluate_budget(cfg, zoo, profile, results, spaces, m.selection, m.evaluation,
                                                m.noise_floor, predictor_metrics, ays, members_only),
@@ -665,12 +691,15 @@ def run(cfg: DictConfig) -> list[dict]:
                              "budget_nfe": budget_in_nfes(budget, profile.latency)})
 
     run_dir = Path(cfg.paths.run_dir)
-    summaries = report_outcomes(outcomes, zoo, profile, run_dir, store_size=len(store), logger=logger,
-                                predictor_metrics=predictor_metrics, settings={
-                                    "select_seed": int(cfg.search.rerank.seed), "n_select": int(cfg.search.rerank.n_samples),
-                                    "eval_seeds": seeds, "n_eval": int(cfg.search.evaluation.n)})
+    with stage("report"):
+        summaries = report_outcomes(outcomes, zoo, profile, run_dir, store_size=len(store), logger=logger,
+                                    predictor_metrics=predictor_metrics, settings={
+                                        "select_seed": int(cfg.search.rerank.seed),
+                                        "n_select": int(cfg.search.rerank.n_samples),
+                                        "eval_seeds": seeds, "n_eval": int(cfg.search.evaluation.n)})
     for s in summaries:
         s["wall_seconds_total"] = round(time.perf_counter() - started, 1)
+        s["stage_seconds"] = {k: round(v, 1) for k, v in STAGE_SECONDS.items()}   # all budgets together
     atomic_write_text(run_dir / "summary.json", json.dumps(summaries[0] if len(summaries) == 1 else summaries,
                                                             indent=2) + "\n")
     if logger:
@@ -679,6 +708,7 @@ def run(cfg: DictConfig) -> list[dict]:
         logger.experiment.save(str(run_dir / "summary.json"), base_path=str(run_dir), policy="now")
     print_table(summaries)
     print_details(summaries)
+    log("time per stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in STAGE_SECONDS.items()))
     log(f"done in {time.perf_counter() - started:.0f} s; results: {run_dir / 'summary.json'}, "
         f"{run_dir / 'schedule.json'}, {run_dir / 'frontier.png'}, {run_dir / 'winner.png'}")
     return summaries
