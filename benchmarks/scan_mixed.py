@@ -7,9 +7,9 @@ yardstick (issue 22).
    one) and reads its summary: the searched schedule, the baseline, the equal-quality schedule.
 2. Per budget, on the search's own cache (so every selection-seed FID is shared, never re-measured):
    * the strongest single-member sampler, as the search chose it (same pool, same seed);
-   * the solver/spacing pairs ranked on *mixed* schedules too: every pair of the baseline pool gets a probe of
-     `--probe` two-segment schedules at the first rung; the best `--pairs` by probe and the best pair by single
-     member go on;
+   * the solver/spacing pairs ranked on *mixed* schedules too: every pair of the baseline pool gets `--probe`
+     two-segment probes (the cheapest member first, the baseline's after) at the first rung; the best `--pairs`
+     by probe and the best single's pair go on;
    * every two-segment schedule (first k NFEs one member, the most NFEs that still fit of another, both orders)
      and every three-segment schedule on a grid of quarters of the budget, on those pairs;
    * all of them scored by true FID on the selection seed — raced (successive halving at the search's rungs,
@@ -53,21 +53,16 @@ def compose(args):
                                                               "paths.run_dir=unused", *args.overrides])
 
 
-def rank_pairs(singles, selection, latency, budget, noise, probe: int, pairs: int, rungs):
-    """Solver/spacing pairs of the baseline pool ranked on mixed schedules: each gets `probe` evenly spread
-    two-segment schedules at the first rung; the best `pairs` by their best probe, plus the pair of the best single."""
-    from oms_lightning.search.segments import Sampler, segment_schedules, two_segment_runs
+def rank_pairs(singles, selection, latency, budget, noise, probe: int, pairs: int, rung: int):
+    """Solver/spacing pairs of the baseline pool ranked on mixed schedules (`segments.rank_samplers` over `probe`
+    probes in OMS-DPM's pattern); the best `pairs` by probe, plus the pair of the best single."""
+    from oms_lightning.search.segments import Sampler, probe_runs, rank_samplers, segment_schedules
 
     samplers = list(dict.fromkeys(s for s in map(Sampler.of, singles) if s is not None and s.spacing != "ays"))
-    runs = two_segment_runs(latency, budget)
-    picked = [runs[int(i * len(runs) / probe)] for i in range(min(probe, len(runs)))]
-    score = {}
-    for sampler in samplers:
-        probes = segment_schedules(picked, [sampler], noise)
-        score[sampler] = min(selection.fid_at(probes, rungs[0])) if probes else float("inf")
-    ranked = sorted(score, key=score.get)
-    best_single = next(s for s in map(Sampler.of, singles) if s is not None and s.spacing != "ays")
-    return list(dict.fromkeys(ranked[:pairs] + [best_single])), score
+    probes = probe_runs(latency, budget, singles[0].meta["member"], probe)
+    ranked = rank_samplers(samplers, probes, noise, selection.fid_at, rung)
+    return (list(dict.fromkeys([s for s, _ in ranked[:pairs]] + samplers[:1])),
+            len(segment_schedules(probes, samplers, noise)))
 
 
 def scan_budget(cfg, zoo, profile, m, budget, ays, args):
@@ -80,7 +75,7 @@ def scan_budget(cfg, zoo, profile, m, budget, ays, args):
     rungs = [*(int(n) for n in cfg.search.refine.rungs if int(n) < m.selection.n), m.selection.n]
     baseline, _, singles = choose_baseline(cfg, zoo, profile, budget, m.selection, ays)
     latency = {n: profile.latency[n] for n in zoo.names}
-    pairs, probe_scores = rank_pairs(singles, m.selection, latency, budget, zoo.schedule, args.probe, args.pairs, rungs)
+    pairs, probed = rank_pairs(singles, m.selection, latency, budget, zoo.schedule, args.probe, args.pairs, rungs[0])
     runs = two_segment_runs(latency, budget) + three_segment_runs(latency, budget, grid=args.grid)
     schedules = in_range(zoo, segment_schedules(runs, pairs, zoo.schedule))
     print(f"# budget {1000 * budget:.0f} ms: {len(schedules)} segment schedules on {[p.label for p in pairs]}",
@@ -89,7 +84,7 @@ def scan_budget(cfg, zoo, profile, m, budget, ays, args):
     best, best_fid = ranked[0]
     if m.selection.fid_at([baseline], rungs[-1])[0] < best_fid:   # mixing found nothing better than one member
         best, best_fid = baseline, m.selection.fid_at([baseline], rungs[-1])[0]
-    evaluations = len(schedules) + len(probe_scores) * args.probe
+    evaluations = len(schedules) + probed
     return {"best": best, "best_fid_select": best_fid, "baseline": baseline, "schedules": len(schedules),
             "evaluations": evaluations, "seconds": time.perf_counter() - started,
             "pairs": [p.label for p in pairs], "best_is_baseline": schedule_key(best) == schedule_key(baseline)}
@@ -168,7 +163,7 @@ if __name__ == "__main__":
     p.add_argument("--budgets", nargs="+", default=["3xmedium", "6xmedium", "12xmedium"],
                    help="ms per profiled batch or NFEs of a member (6xmedium)")
     p.add_argument("--search-dir", default=None, help="a finished search's run folder (skips running it)")
-    p.add_argument("--probe", type=int, default=6, help="two-segment probes per solver/spacing pair")
+    p.add_argument("--probe", type=int, default=3, help="two-segment probes per solver/spacing pair")
     p.add_argument("--pairs", type=int, default=2, help="solver/spacing pairs scanned (best by probe; + best single's)")
     p.add_argument("--grid", type=int, default=4, help="three-segment runs on fractions 1/grid of the budget")
     p.add_argument("--out", default=str(ROOT / "outputs" / "benchmarks" / "scan_mixed"))

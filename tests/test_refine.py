@@ -13,8 +13,8 @@ from oms_lightning.evaluation import non_inferiority, single_member_sampler
 from oms_lightning.schedule import schedule_key
 from oms_lightning.search.refine import (member_moves, neighbours, nfe_moves, race, refine, solver_moves,
                                         time_moves)
-from oms_lightning.search.segments import (Sampler, merge_runs, runs_of, segment_schedule, segment_schedules,
-                                           three_segment_runs, two_segment_runs)
+from oms_lightning.search.segments import (Sampler, merge_runs, probe_runs, rank_samplers, runs_of, segment_schedule,
+                                           segment_schedules, three_segment_runs, two_segment_runs)
 
 NOISE = VPSchedule()
 LATENCY = {"medium": 0.128, "small": 0.061, "tiny": 0.022}
@@ -237,3 +237,23 @@ def test_segment_schedules_deduplicate_across_samplers():
     even = sum(1 for r in runs if sum(n for _, n in r) % 2 == 0)
     assert len(out) == len(runs) + even
     assert random.Random(0).sample(out, 3)   # a seeded draw works on the list
+
+
+def test_probe_runs_put_the_cheapest_member_first_and_fill_the_budget():
+    probes = probe_runs(LATENCY, 0.4, "small", 3)
+    assert [r[0][0] for r in probes] == ["tiny"] * 3 and [r[1][0] for r in probes] == ["small"] * 3
+    assert [r[0][1] for r in probes] == sorted(r[0][1] for r in probes)     # growing share of the cheap member
+    for runs in probes:
+        spent = sum(n * LATENCY[m] for m, n in runs)
+        assert spent <= 0.4 + 1e-12 and spent + LATENCY["small"] > 0.4
+    assert probe_runs(LATENCY, 0.4, "tiny", 1)[0][1][0] == "medium"         # the cheapest twice is no mixing
+
+
+def test_samplers_are_ranked_by_their_best_mixed_probe():
+    samplers = [Sampler("dpm_solver++", None, "karras"), Sampler("ddim", None, "karras"),
+                Sampler("heun", None, "time_quadratic")]
+    probes = probe_runs(LATENCY, 0.4, "small", 2)
+    quality = {"dpm_solver++": 3.0, "ddim": 5.0, "heun": 1.0}
+    ranked = rank_samplers(samplers, probes, NOISE, lambda ss, n: [quality[s.solver] + s.nfe / 100 for s in ss], 64)
+    assert [s.solver for s, _ in ranked] == ["heun", "dpm_solver++", "ddim"]
+    assert ranked[0][1] == pytest.approx(1.0 + min(s.nfe for s in segment_schedules(probes, samplers[2:], NOISE)) / 100)

@@ -36,7 +36,8 @@ from oms_lightning.schedule_file import schedule_from_dict, schedule_to_dict
 from oms_lightning.search.callback import SearchCallback
 from oms_lightning.search.refine import Refinement, neighbours, refine
 from oms_lightning.search.report import print_details, print_table, report_outcomes
-from oms_lightning.search.segments import Sampler, segment_schedules, two_segment_runs
+from oms_lightning.search.segments import (Sampler, probe_runs, rank_samplers, segment_schedules,
+                                           two_segment_runs)
 from oms_lightning.steps import AYS, AYSTable, ays_table, optimize_command
 from oms_lightning.search.space import SamplerSpace, encode_exactly, make_spaces, random_schedules, single_member_anchors
 from oms_lightning.member_ranges import FULL, split_member_name
@@ -199,7 +200,8 @@ def check_refine_settings(rf: DictConfig, n_select: int) -> None:
         if isinstance(v, bool) or not isinstance(v, int) or v < least:
             raise UserError(f"invalid value search.refine.{key}={v!r}: expected an integer >= {least}")
 
-    for key, least in (("evaluations", 0), ("width", 1), ("per_round", 1), ("seeds", 0), ("seed_samplers", 1)):
+    for key, least in (("evaluations", 0), ("width", 1), ("per_round", 1), ("seeds", 0), ("seed_samplers", 1),
+                       ("probes", 0)):
         integer(key, least)
     rungs = list(rf.rungs)
     if any(isinstance(n, bool) or not isinstance(n, int) or n < 2 for n in rungs) or rungs != sorted(set(rungs)):
@@ -405,39 +407,45 @@ def candidates(results: list, top_k: int, per_space: int) -> list[ModelSchedule]
 def refine_budget(cfg: DictConfig, zoo: Zoo, profile, budget: float, measured: list[ModelSchedule],
                   baseline: ModelSchedule, singles: list[ModelSchedule], selection: Selection) -> Refinement | None:
     """The refinement stage (`search/refine.py`): true FID around the re-ranked candidates and single-member
-    samplers already measured (`measured`, the baseline among them), seeded with two-segment schedules on the best
-    single samplers' grids; None with `search.refine.evaluations=0`."""
+    samplers already measured (`measured`, the baseline among them), seeded with two-segment schedules on the
+    solver/spacing pairs that mix best; None with `search.refine.evaluations=0`."""
     rf = cfg.search.refine
     if int(rf.evaluations) <= 0:
         return None
-    seeds = segment_seeds(singles, profile.latency, budget, zoo, int(rf.seed_samplers), int(rf.seeds), cfg.seed)
+    rungs = [*(int(n) for n in rf.rungs if int(n) < selection.n), selection.n]
+    seeds, probed = segment_seeds(cfg, singles, profile.latency, budget, zoo, selection, rungs[0])
     log(f"budget {1000 * budget:.0f} ms: refining by true FID on the selection seed ({rf.evaluations} evaluations, "
-        f"rungs {[*rf.rungs, selection.n]} samples, {len(seeds)} segment schedules to start)")
+        f"rungs {rungs} samples, {len(seeds)} segment schedules to start, {probed} probes of mixing)")
 
     def move(s: ModelSchedule) -> list[ModelSchedule]:
         return neighbours(s, zoo.names, zoo.schedule, profile.cost, budget, valid=lambda n: not zoo.out_of_range(n))
 
-    return refine(measured, baseline, seeds, selection.fid_at, profile.cost, move,
-                  rungs=[*(int(n) for n in rf.rungs if int(n) < selection.n), selection.n],
-                  evaluations=int(rf.evaluations), keep=float(rf.keep), width=int(rf.width),
-                  per_round=int(rf.per_round), cheapest_share=float(rf.cheapest_share), seed=cfg.seed, log=log)
+    result = refine(measured, baseline, seeds, selection.fid_at, profile.cost, move, rungs=rungs,
+                    evaluations=max(0, int(rf.evaluations) - probed), keep=float(rf.keep), width=int(rf.width),
+                    per_round=int(rf.per_round), cheapest_share=float(rf.cheapest_share), seed=cfg.seed, log=log)
+    result.evaluations += probed   # the probes were true evaluations too
+    return result
 
 
-def segment_seeds(singles: list[ModelSchedule], latency: dict, budget: float, zoo: Zoo, samplers: int, count: int,
-                  seed: int) -> list[ModelSchedule]:
-    """`count` two-segment schedules (a seeded draw) on the grids of the `samplers` best single-member samplers
-    (selection order; standard spacings): OMS-DPM's "one member first, another after", which the predictor ranks
-    worst, as starting points of the refinement."""
-    chosen: list[Sampler] = []
-    for s in singles:
-        sampler = Sampler.of(s)
-        if sampler is not None and sampler.spacing != AYS and sampler not in chosen:
-            chosen.append(sampler)
-        if len(chosen) == samplers:
-            break
+def segment_seeds(cfg: DictConfig, singles: list[ModelSchedule], latency: dict, budget: float, zoo: Zoo,
+                  selection: Selection, n: int) -> tuple[list[ModelSchedule], int]:
+    """Two-segment schedules (OMS-DPM's "one member first, another after", which the predictor ranks worst) as the
+    refinement's starting points: every solver/spacing pair of the baseline pool is probed on `refine.probes`
+    of them at n samples (`segments.probe_runs`; pairs rank differently once members mix), and `refine.seeds` schedules are drawn (seeded)
+    on the `refine.seed_samplers` pairs that mixed best and the best single sampler's pair. Returns (seeds, the
+    number of probe schedules measured)."""
+    rf = cfg.search.refine
     members = {m: latency[m] for m in zoo.names if zoo.time_range(m) == FULL and m in latency}
-    pool = in_range(zoo, segment_schedules(two_segment_runs(members, budget), chosen, zoo.schedule))
-    return random.Random(seed).sample(pool, min(count, len(pool)))
+    runs = two_segment_runs(members, budget)
+    samplers = list(dict.fromkeys(s for s in map(Sampler.of, singles) if s is not None and s.spacing != AYS))
+    if not runs or not samplers or len(members) < 2:
+        return [], 0
+    probes = probe_runs(members, budget, singles[0].meta.get("member", ""), int(rf.probes))
+    ranked = rank_samplers(samplers, probes, zoo.schedule, selection.fid_at, n) if int(rf.probes) else []
+    chosen = list(dict.fromkeys([s for s, _ in ranked[: int(rf.seed_samplers)]] + samplers[:1]))
+    pool = in_range(zoo, segment_schedules(runs, chosen, zoo.schedule))
+    probed = len(segment_schedules(probes, samplers, zoo.schedule)) if ranked else 0
+    return random.Random(cfg.seed).sample(pool, min(int(rf.seeds), len(pool))), probed
 
 
 def evaluate_budget(cfg: DictConfig, zoo: Zoo, profile, results: list, spaces: list, selection: Selection,

@@ -214,8 +214,9 @@ def refine(starts: Sequence[ModelSchedule], reference: ModelSchedule, seeds: Seq
            cheapest_share: float = 0.34, seed: int = 0, log: Callable[[str], None] | None = None) -> Refinement:
     """Local search by true FID. `starts` (measured at the full count, the reference among them) seed the archive;
     `seeds` (unmeasured, e.g. segment schedules) enter the first race; then each round races up to `per_round`
-    unseen neighbours (`move`) of the `width` best archive entries of the current objective, until `evaluations`
-    candidates have been raced. The `cheapest` objective (its share of the evaluations) only takes moves that
+    unseen neighbours (`move`) of the `width` best archive entries of the current objective — the leader's first,
+    so its neighbourhood is exhausted before the runners-up get a look — until `evaluations` candidates have been
+    raced. The `cheapest` objective (its share of the evaluations) only takes moves that
     lower an incumbent's cost and ranks by cost among schedules whose FID is at most the reference's at the same
     sample count."""
     started = time.perf_counter()
@@ -245,11 +246,11 @@ def refine(starts: Sequence[ModelSchedule], reference: ModelSchedule, seeds: Seq
     spent, rounds = 0, []
 
     def run_round(objective: str, pool: list[ModelSchedule], limit: int, size: int = per_round) -> bool:
+        """Race the first `size` untried schedules of `pool` (in the order given: the leader's neighbours first)."""
         nonlocal spent
         pool = [p for p in pool if schedule_key(p) not in tried]
         if not pool or spent >= limit:
             return False
-        rng.shuffle(pool)
         batch = pool[: min(size, limit - spent)]
         tried.update(schedule_key(p) for p in batch)
         spent += len(batch)
@@ -284,10 +285,11 @@ def refine(starts: Sequence[ModelSchedule], reference: ModelSchedule, seeds: Seq
     for objective, limit in (("best", budget_best), ("cheapest", evaluations)):
         while spent < limit:
             pool = []
-            for inc in incumbents(objective):
+            for inc in incumbents(objective):   # the leader's whole neighbourhood before the runner-up's
                 moves = move(inc)
                 if objective == "cheapest":
                     moves = [m for m in moves if cost(m) < cost(inc)]
+                rng.shuffle(moves)
                 pool += moves
             if not run_round(objective, list({schedule_key(p): p for p in pool}.values()), limit):
                 break

@@ -130,3 +130,30 @@ def segment_schedules(runs_list: Sequence[Sequence[tuple[str, int]]], samplers: 
             if s is not None:
                 out.setdefault(schedule_key(s), s)
     return list(out.values())
+
+
+def probe_runs(latency: Mapping[str, float], budget: float, second: str, count: int) -> list[list[tuple[str, int]]]:
+    """`count` two-segment runs in OMS-DPM's pattern: the cheapest member for the first i/(count+1) of the budget
+    (i = 1 … count), then `second` (e.g. the baseline's member; the costliest when that is the cheapest) for the
+    most NFEs that still fit."""
+    cheap = min(latency, key=latency.get)
+    if second == cheap:
+        second = max(latency, key=latency.get)
+    out = []
+    for i in range(1, count + 1):
+        k = _fill(0.0, latency[cheap], budget * i / (count + 1))
+        rest = _fill(k * latency[cheap], latency[second], budget)
+        if k >= 1 and rest >= 1 and [(cheap, k), (second, rest)] not in out:
+            out.append([(cheap, k), (second, rest)])
+    return out
+
+
+def rank_samplers(samplers: Sequence[Sampler], probes: Sequence[Sequence[tuple[str, int]]], noise: VPSchedule,
+                  fid_at, n: int) -> list[tuple[Sampler, float]]:
+    """Solver/spacing pairs ranked on *mixed* schedules (the pair that is best for one member alone need not be
+    best when members mix): each sampler's best FID at n samples over the probe runs, best first."""
+    scored = []
+    for sampler in samplers:
+        schedules = segment_schedules(probes, [sampler], noise)
+        scored.append((sampler, min(fid_at(schedules, n)) if schedules else float("inf")))
+    return sorted(scored, key=lambda p: p[1])
