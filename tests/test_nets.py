@@ -46,8 +46,8 @@ def test_time_conditioning_changes_the_output():
 
 
 def test_missing_resolution_names_the_ones_defined():
-    with pytest.raises(UserError, match=r"no architecture for 16x16.*\[8, 32\]"):
-        preset_for(preset("small"), 16)
+    with pytest.raises(UserError, match=r"no architecture for 64x64.*\[8, 14, 16, 28, 32\]"):
+        preset_for(preset("small"), 64)
 
 
 def test_indivisible_size_and_heads_are_refused():
