@@ -257,3 +257,21 @@ def test_samplers_are_ranked_by_their_best_mixed_probe():
     ranked = rank_samplers(samplers, probes, NOISE, lambda ss, n: [quality[s.solver] + s.nfe / 100 for s in ss], 64)
     assert [s.solver for s, _ in ranked] == ["heun", "dpm_solver++", "ddim"]
     assert ranked[0][1] == pytest.approx(1.0 + min(s.nfe for s in segment_schedules(probes, samplers[2:], NOISE)) / 100)
+
+
+def test_confirmation_decides_among_close_candidates_with_more_samples():
+    """At the full count (256) a lucky candidate looks best; at 4096 samples the truly best one wins, and the
+    cheapest answer must still reach the reference at the larger count."""
+    from oms_lightning.search.refine import confirmed
+
+    ref = sampler_schedule(member="medium", nfe=6)
+    lucky, good, cheap_bad, cheap_ok = (sampler_schedule(member=m, nfe=n) for m, n in
+                                        (("small", 6), ("small", 5), ("tiny", 4), ("tiny", 6)))
+    truth = {schedule_key(s): f for s, f in ((ref, 6.0), (lucky, 6.2), (good, 5.0), (cheap_bad, 6.5),
+                                              (cheap_ok, 5.9))}
+    at_full = {**truth, schedule_key(lucky): 4.0, schedule_key(cheap_bad): 5.5}
+    archive = {schedule_key(s): (s, cost(s), at_full[schedule_key(s)]) for s in (ref, lucky, good, cheap_bad, cheap_ok)}
+    rounds = []
+    best, cheapest = confirmed(archive, ref, lambda ss, n: [truth[schedule_key(s)] for s in ss], cost, 4096, 3, rounds)
+    assert best == good and cheapest == cheap_ok
+    assert rounds[-1]["objective"] == "confirm" and rounds[-1]["n"] == 4096

@@ -35,7 +35,7 @@ def tiny_search_args(root) -> list[str]:
             "search.rerank.n_samples=32", "search.rerank.top_k=2", "search.evaluation.n=32",
             "search.evaluation.seeds=[100,101]", "search.evaluation.timing_rounds=1",
             "search.refine.evaluations=45", "search.refine.rungs=[16]", "search.refine.per_round=4",
-            "search.refine.seeds=3", "search.refine.probes=1",
+            "search.refine.seeds=3", "search.refine.probes=1", "search.refine.confirm=64",
             f"hydra.run.dir={root}/run", f"hydra.sweep.dir={root}/multi"]
 
 

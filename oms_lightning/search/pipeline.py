@@ -36,7 +36,7 @@ from oms_lightning.schedule_file import schedule_from_dict, schedule_to_dict
 from oms_lightning.search.callback import SearchCallback
 from oms_lightning.search.refine import Refinement, neighbours, refine
 from oms_lightning.search.report import print_details, print_table, report_outcomes
-from oms_lightning.search.segments import (Sampler, probe_runs, rank_samplers, segment_schedules,
+from oms_lightning.search.segments import (Sampler, probe_runs, rank_samplers, segment_schedules, spread,
                                            two_segment_runs)
 from oms_lightning.steps import AYS, AYSTable, ays_table, optimize_command
 from oms_lightning.search.space import SamplerSpace, encode_exactly, make_spaces, random_schedules, single_member_anchors
@@ -201,7 +201,7 @@ def check_refine_settings(rf: DictConfig, n_select: int) -> None:
             raise UserError(f"invalid value search.refine.{key}={v!r}: expected an integer >= {least}")
 
     for key, least in (("evaluations", 0), ("width", 1), ("per_round", 1), ("seeds", 0), ("seed_samplers", 1),
-                       ("probes", 0)):
+                       ("probes", 0), ("confirm", 0), ("confirm_top", 1)):
         integer(key, least)
     rungs = list(rf.rungs)
     if any(isinstance(n, bool) or not isinstance(n, int) or n < 2 for n in rungs) or rungs != sorted(set(rungs)):
@@ -422,8 +422,12 @@ def refine_budget(cfg: DictConfig, zoo: Zoo, profile, budget: float, measured: l
 
     result = refine(measured, baseline, seeds, selection.fid_at, profile.cost, move, rungs=rungs,
                     evaluations=max(0, int(rf.evaluations) - probed), keep=float(rf.keep), width=int(rf.width),
-                    per_round=int(rf.per_round), cheapest_share=float(rf.cheapest_share), seed=cfg.seed, log=log)
+                    per_round=int(rf.per_round), cheapest_share=float(rf.cheapest_share),
+                    confirm=int(rf.confirm), confirm_top=int(rf.confirm_top), seed=cfg.seed, log=log)
     result.evaluations += probed   # the probes were true evaluations too
+    if int(rf.confirm) > selection.n:
+        log(f"budget {1000 * budget:.0f} ms: confirmed at {rf.confirm} samples: best {result.best.compact()}, "
+            f"cheapest at the baseline's quality {result.cheapest.compact()}")
     return result
 
 
@@ -431,8 +435,9 @@ def segment_seeds(cfg: DictConfig, singles: list[ModelSchedule], latency: dict, 
                   selection: Selection, n: int) -> tuple[list[ModelSchedule], int]:
     """Two-segment schedules (OMS-DPM's "one member first, another after", which the predictor ranks worst) as the
     refinement's starting points: every solver/spacing pair of the baseline pool is probed on `refine.probes`
-    of them at n samples (`segments.probe_runs`; pairs rank differently once members mix), and `refine.seeds` schedules are drawn (seeded)
-    on the `refine.seed_samplers` pairs that mixed best and the best single sampler's pair. Returns (seeds, the
+    of them at n samples (`segments.probe_runs`; pairs rank differently once members mix), and `refine.seeds`
+    schedules are spread evenly over the two-segment families of the `refine.seed_samplers` pairs that mixed best
+    and of the best single sampler's pair. Returns (seeds, the
     number of probe schedules measured)."""
     rf = cfg.search.refine
     members = {m: latency[m] for m in zoo.names if zoo.time_range(m) == FULL and m in latency}
@@ -443,9 +448,11 @@ def segment_seeds(cfg: DictConfig, singles: list[ModelSchedule], latency: dict, 
     probes = probe_runs(members, budget, singles[0].meta.get("member", ""), int(rf.probes))
     ranked = rank_samplers(samplers, probes, zoo.schedule, selection.fid_at, n) if int(rf.probes) else []
     chosen = list(dict.fromkeys([s for s, _ in ranked[: int(rf.seed_samplers)]] + samplers[:1]))
-    pool = in_range(zoo, segment_schedules(runs, chosen, zoo.schedule))
+    quota = [int(rf.seeds) // len(chosen) + (i < int(rf.seeds) % len(chosen)) for i in range(len(chosen))]
+    seeds = [s for sampler, q in zip(chosen, quota)   # each pair's family evenly over its splits, best pair first
+             for s in spread(in_range(zoo, segment_schedules(runs, [sampler], zoo.schedule)), q)]
     probed = len(segment_schedules(probes, samplers, zoo.schedule)) if ranked else 0
-    return random.Random(cfg.seed).sample(pool, min(int(rf.seeds), len(pool))), probed
+    return seeds, probed
 
 
 def evaluate_budget(cfg: DictConfig, zoo: Zoo, profile, results: list, spaces: list, selection: Selection,

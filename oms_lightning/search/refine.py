@@ -187,6 +187,29 @@ def race(candidates: Sequence[ModelSchedule], fid_at: FidAt, rungs: Sequence[int
     return ranked
 
 
+# ----------------------------------------------------------------------------------------------- confirmation
+def confirmed(archive: dict, reference: ModelSchedule, fid_at: FidAt, cost: CostFn, n: int, top: int,
+              rounds: list) -> tuple[ModelSchedule, ModelSchedule]:
+    """The best and the cheapest-at-reference-quality schedule decided at n samples among the `top` best by FID and
+    the `top` cheapest whose FID is at most the reference's (at the full count): the minimum of many noisy FIDs is
+    optimistic, and candidates within noise of each other are told apart by more samples, not by the luck of one
+    draw. Same seed and noise as before (common random numbers), so the comparison stays paired."""
+    entries = list(archive.values())
+    ref_full = archive[schedule_key(reference)][2]
+    by_fid = [e[0] for e in sorted(entries, key=lambda e: e[2])[:top]]
+    by_cost = [e[0] for e in sorted((e for e in entries if e[2] <= ref_full), key=lambda e: (e[1], e[2]))[:top]]
+    pool = list({schedule_key(s): s for s in [reference, *by_fid, *by_cost]}.values())
+    fid = dict(zip(map(schedule_key, pool), fid_at(pool, n)))
+    best = min(by_fid, key=lambda s: fid[schedule_key(s)])
+    ref = fid[schedule_key(reference)]
+    feasible = [s for s in by_cost if fid[schedule_key(s)] <= ref]
+    cheapest = min(feasible, key=cost) if feasible else reference
+    rounds.append({"objective": "confirm", "raced": len(pool), "survivors": len(pool), "leader": best.compact(),
+                   "leader_fid": fid[schedule_key(best)], "leader_cost": cost(best), "n": n,
+                   "cheapest": cheapest.compact(), "cheapest_fid": fid[schedule_key(cheapest)], "reference_fid": ref})
+    return best, cheapest
+
+
 # ----------------------------------------------------------------------------------------------- the loop
 @dataclass
 class Refinement:
@@ -211,7 +234,8 @@ class Refinement:
 def refine(starts: Sequence[ModelSchedule], reference: ModelSchedule, seeds: Sequence[ModelSchedule],
            fid_at: FidAt, cost: CostFn, move: Callable[[ModelSchedule], list[ModelSchedule]], *,
            rungs: Sequence[int], evaluations: int, keep: float = 1 / 3, width: int = 3, per_round: int = 24,
-           cheapest_share: float = 0.34, seed: int = 0, log: Callable[[str], None] | None = None) -> Refinement:
+           cheapest_share: float = 0.34, confirm: int = 0, confirm_top: int = 4, seed: int = 0,
+           log: Callable[[str], None] | None = None) -> Refinement:
     """Local search by true FID. `starts` (measured at the full count, the reference among them) seed the archive;
     `seeds` (unmeasured, e.g. segment schedules) enter the first race; then each round races up to `per_round`
     unseen neighbours (`move`) of the `width` best archive entries of the current objective — the leader's first,
@@ -293,5 +317,8 @@ def refine(starts: Sequence[ModelSchedule], reference: ModelSchedule, seeds: Seq
                 pool += moves
             if not run_round(objective, list({schedule_key(p): p for p in pool}.values()), limit):
                 break
-    return Refinement(archive, best_of("best"), best_of("cheapest"), reference, spent,
+    best, cheapest = best_of("best"), best_of("cheapest")
+    if confirm > full:   # a last, larger look at the few that the full count cannot tell apart
+        best, cheapest = confirmed(archive, reference, fid_at, cost, confirm, confirm_top, rounds)
+    return Refinement(archive, best, cheapest, reference, spent,
                       time.perf_counter() - started, rounds)

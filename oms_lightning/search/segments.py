@@ -132,6 +132,13 @@ def segment_schedules(runs_list: Sequence[Sequence[tuple[str, int]]], samplers: 
     return list(out.values())
 
 
+def spread(items: Sequence, count: int) -> list:
+    """`count` items evenly spread over the sequence (all of them when it is shorter)."""
+    if count >= len(items):
+        return list(items)
+    return [items[int((i + 0.5) * len(items) / count)] for i in range(count)]
+
+
 def probe_runs(latency: Mapping[str, float], budget: float, second: str, count: int) -> list[list[tuple[str, int]]]:
     """`count` two-segment runs in OMS-DPM's pattern: the cheapest member for the first i/(count+1) of the budget
     (i = 1 … count), then `second` (e.g. the baseline's member; the costliest when that is the cheapest) for the
