@@ -249,8 +249,12 @@ def refine(starts: Sequence[ModelSchedule], reference: ModelSchedule, seeds: Seq
     archive: dict[str, tuple[ModelSchedule, float, float]] = {}
     tried: set[str] = set()
 
-    def ref_fid(n: int) -> float:
-        return fid_at([reference], n)[0]
+    ref_at: dict[int, float] = {}
+
+    def ref_fid(n: int) -> float:   # asked once per ranked candidate: measured (or read from the store) once per n
+        if n not in ref_at:
+            ref_at[n] = fid_at([reference], n)[0]
+        return ref_at[n]
 
     def rank_best(s, fid, n):
         return (fid,)
