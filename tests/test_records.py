@@ -303,3 +303,19 @@ def test_two_process_ddp_records_equal_a_single_process_run(setup, tmp_path):
         assert b["fid"] == pytest.approx(a["fid"], rel=1e-6)
     # with nothing left over, the merged store is the single-process store record for record, in input order
     assert [rec["key"] for rec in ddp[1:]] == [a["key"] for a in single if a["key"] != single[3]["key"]]
+
+
+@pytest.mark.slow
+def test_spawned_ranks_called_in_process_equal_a_single_process_run(setup, tmp_path):
+    """ddp_spawn: what the search uses, since it spreads many calls from one running job (ranks receive the
+    schedules and the profile as plain dicts: Fabric's spawn refuses frozen dataclasses)."""
+    _, _, _, (zoo, evaluator, profile, schedules) = setup
+    single = generate_distributed(zoo, schedules, tmp_path / "single.jsonl", evaluator, N, SEED, BATCH, profile,
+                                  accelerator="cpu", devices=1, progress=False)
+    spawned = generate_distributed(zoo, schedules, tmp_path / "spawn.jsonl", evaluator, N, SEED, BATCH, profile,
+                                   accelerator="cpu", devices=2, strategy="ddp_spawn", progress=False)
+    assert sorted(p.name for p in tmp_path.glob("spawn*")) == ["spawn.jsonl"]  # shards merged and deleted
+    assert [r["key"] for r in spawned] == [r["key"] for r in single]
+    assert {r["key"]: r["fid"] for r in spawned} == pytest.approx({r["key"]: r["fid"] for r in single}, rel=1e-6)
+    stored = RecordStore(tmp_path / "spawn.jsonl", zoo.fingerprint(), fid_settings(evaluator, N, SEED)).records()
+    assert len(stored) == len(single)

@@ -187,6 +187,33 @@ def test_bad_evaluation_settings_stop_before_any_work(zoo_root, override, messag
     assert not list((zoo_root / "digits" / "search").glob("records-*.jsonl"))
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["search.dataset.devices=2", "search.dataset.strategy=ddp"], "ddp re-runs the whole search in every rank"),
+    (["search.dataset.devices=0"], "search.dataset.devices=0"),
+    (["+search.dataset.num_nodes=2"], "spreads over the devices of one machine"),
+    (["search.dataset.spread_min=0"], "search.dataset.spread_min=0"),
+])
+def test_device_settings_that_cannot_spread_the_search_are_refused(zoo_root, overrides, message):
+    r = run_search(zoo_root, "budget=60", *overrides)
+    assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_two_spawned_processes_share_the_dataset_and_the_refinement(zoo_root):
+    r = run_search(zoo_root, "budget=60", "search.dataset.devices=2", "search.dataset.accelerator=cpu",
+                   "search.dataset.spread_min=4", "search.refine.evaluations=8")
+    assert r.returncode == 0, r.stderr[-4000:]
+    spread = re.findall(r"new schedules spread over 2 processes \(([\w-]+)\.jsonl", r.stdout + r.stderr)
+    assert sum(name.startswith("records-") for name in spread) == 1   # the dataset
+    # the selection seed at its own sample count (baseline, re-rank) and at the refinement's other counts
+    assert len({name for name in spread if name.startswith("rerank-")}) >= 2
+    assert (r.stdout + r.stderr).count("Starting with 2 processes") == len(spread)
+    summary = json.loads((zoo_root / "run" / "summary.json").read_text())
+    assert summary["refinement"]["evaluations"] > 0
+    check_no_schedule_measured_twice(zoo_root / "digits" / "search")
+    assert not list((zoo_root / "digits" / "search").glob("*.rank*"))  # every shard merged
+
+
 def test_missing_member_lists_the_train_commands(zoo_root):
     r = run_search(zoo_root, "zoo.members=[tiny,small,medium]")
     assert r.returncode == 2 and "python train.py model=medium data=digits" in r.stderr

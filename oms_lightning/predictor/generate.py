@@ -152,8 +152,14 @@ def _to_device(zoo, evaluator, device):
     return zoo, evaluator
 
 
-def _worker(fabric, zoo, schedules, store_path, evaluator, n, seed, batch_size, profile, progress) -> list[dict]:
+def _worker(fabric, zoo, schedule_dicts, store_path, evaluator, n, seed, batch_size, profile_dict,
+            progress) -> list[dict]:
+    from oms_lightning.schedule_file import schedule_from_dict
+    from oms_lightning.zoo import LatencyProfile
+
     rank, world = fabric.global_rank, fabric.world_size
+    schedules = [schedule_from_dict(d) for d in schedule_dicts]
+    profile = LatencyProfile.from_dict(profile_dict)
     settings = fid_settings(evaluator, n, seed)
     store_path = Path(store_path)
     order = [k for k, _ in _unique(schedules)]
@@ -187,14 +193,16 @@ def generate_distributed(zoo, schedules: Sequence[ModelSchedule], store_path: st
     i % world_size == r into `<store stem>.rank<r>.jsonl`; after a barrier rank 0 merges the shards into the store
     in input order and deletes them. Shards left by an interrupted run are merged first, so a re-run resumes.
 
-    devices=1 runs in this process (no launch). With strategy="ddp" the script is re-run for the other ranks (as
-    Lightning's Trainer does), so everything before this call must be deterministic (e.g. seeded schedules).
-    Each rank reloads the zoo and moves the evaluator to its device. Returns the records of `schedules` in input
-    order on every rank.
+    devices=1 runs in this process (no launch). strategy="ddp_spawn" starts the ranks as fresh processes that
+    receive these arguments (what a job calls many times, as the search does); with strategy="ddp" the script
+    itself is re-run for the other ranks (as Lightning's Trainer does), so everything before this call must be
+    deterministic. Schedules and the profile cross the process boundary as plain dicts (Fabric's spawn refuses
+    frozen dataclasses); each rank reloads the zoo and moves the evaluator to its device. Returns the records of
+    `schedules` in input order on every rank.
     """
     from lightning.fabric import Fabric
 
     fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes,
                     strategy=_strategy(strategy, timeout))
-    return fabric.launch(_worker, zoo, list(schedules), str(store_path), evaluator, n, seed, batch_size, profile,
-                         progress)
+    return fabric.launch(_worker, zoo, [schedule_to_dict(s) for s in schedules], str(store_path), evaluator, n,
+                         seed, batch_size, profile.to_dict(), progress)

@@ -178,6 +178,7 @@ def check_evaluation_settings(cfg: DictConfig) -> list[int]:
         raise UserError(f"invalid value search.evaluation.margin={margin!r}: expected a fraction of the baseline's "
                         f"FID in [0, 1) (the non-inferiority margin; 0.02 = 2 %)")
     check_refine_settings(cfg.search.refine, int(cfg.search.rerank.n_samples))
+    check_device_settings(cfg.search.dataset)
     anchors = cfg.search.dataset.iia_anchors
     if isinstance(anchors, bool) or not isinstance(anchors, int) or anchors < 0:
         raise UserError(f"invalid value search.dataset.iia_anchors={anchors!r}: expected an integer >= 0 (how many "
@@ -236,7 +237,7 @@ def build_dataset(cfg: DictConfig, zoo: Zoo, spaces: list, evaluator, profile,
     log(f"schedule→FID store {store.path}: {len(store)} records, {len(schedules)} schedules wanted")
     start = time.perf_counter()
     with file_lock(cache / ".records.lock", waiting=waiting_for):
-        records = _generate(d, zoo, schedules, store, evaluator, profile)
+        records = measure(cfg, zoo, schedules, store, evaluator, d.n_samples, d.sample_seed, profile)
     # costs from today's profile: a store outlives a re-measured profile, and cost is not part of a record's identity
     usable = [{**r, "cost": profile.cost(schedule_from_dict(r["schedule"]))} for r in records
               if r["fid"] is not None]
@@ -256,12 +257,36 @@ def iia_anchors(cfg: DictConfig, zoo: Zoo, anchors: list[ModelSchedule], count: 
     return with_iia(cfg, zoo, chosen)
 
 
-def _generate(d: DictConfig, zoo: Zoo, schedules: list, store: RecordStore, evaluator, profile) -> list[dict]:
-    if d.devices == 1 and d.num_nodes == 1:
-        return generate_records(zoo, schedules, store, evaluator, d.n_samples, d.sample_seed, d.batch_size, profile)
-    return generate_distributed(zoo, schedules, store.path, evaluator, d.n_samples, d.sample_seed, d.batch_size,
-                                profile, accelerator=d.accelerator, devices=d.devices, num_nodes=d.num_nodes,
-                                strategy=d.strategy)
+def measure(cfg: DictConfig, zoo: Zoo, schedules: list, store: RecordStore, evaluator, n: int, seed: int, profile,
+            progress: bool = True) -> list[dict]:
+    """The true FID of every schedule not yet in `store` — in this process, or spread over
+    `search.dataset.devices` fresh Fabric processes (ddp_spawn) when at least `search.dataset.spread_min`
+    schedules are new — for the dataset and for every selection-seed evaluation (re-rank, baseline, refinement)
+    alike."""
+    d = cfg.search.dataset
+    pending = {schedule_key(s) for s in schedules} - store.done_keys()
+    if d.devices == 1 or len(pending) < d.spread_min:   # starting the ranks costs seconds: spread only what pays
+        return generate_records(zoo, schedules, store, evaluator, n, seed, d.batch_size, profile, progress)
+    strategy = "ddp_spawn" if d.strategy == "auto" else d.strategy
+    log(f"{len(pending)} new schedules spread over {d.devices} processes ({store.path.name})")
+    return generate_distributed(zoo, schedules, store.path, evaluator, n, seed, d.batch_size, profile,
+                                accelerator=d.accelerator, devices=d.devices, strategy=strategy, progress=progress)
+
+
+def check_device_settings(d: DictConfig) -> None:
+    """The search calls the spread many times, so its ranks must be spawned with their arguments: `ddp` would
+    re-run search.py whole in every rank (which then waits forever on the stores' locks rank 0 holds)."""
+    if isinstance(d.devices, bool) or not isinstance(d.devices, int) or d.devices < 1:
+        raise UserError(f"invalid value search.dataset.devices={d.devices!r}: expected an integer >= 1")
+    if isinstance(d.spread_min, bool) or not isinstance(d.spread_min, int) or d.spread_min < 1:
+        raise UserError(f"invalid value search.dataset.spread_min={d.spread_min!r}: expected an integer >= 1 (the "
+                        f"fewest new schedules worth starting the device processes for)")
+    if d.devices > 1 and d.strategy not in ("auto", "ddp_spawn"):
+        raise UserError(f"search.dataset.strategy={d.strategy!r}: the search spreads its evaluations over processes "
+                        f"spawned per call; use auto or ddp_spawn (ddp re-runs the whole search in every rank)")
+    if d.get("num_nodes", 1) != 1:
+        raise UserError(f"search.dataset.num_nodes={d.num_nodes}: the search spreads over the devices of one "
+                        f"machine; run one search per node on its own cache instead")
 
 
 class Selection:
@@ -271,9 +296,8 @@ class Selection:
     a schedule measured once is never measured again, in this run or the next."""
 
     def __init__(self, cfg: DictConfig, zoo: Zoo, evaluator, profile, cache: Path):
-        self.zoo, self.evaluator, self.profile, self.cache = zoo, evaluator, profile, cache
+        self.cfg, self.zoo, self.evaluator, self.profile, self.cache = cfg, zoo, evaluator, profile, cache
         self.seed, self.n = int(cfg.search.rerank.seed), int(cfg.search.rerank.n_samples)
-        self.batch_size = int(cfg.search.dataset.batch_size)
         self.stores: dict[int, RecordStore] = {}
 
     def store(self, n: int) -> RecordStore:
@@ -283,8 +307,8 @@ class Selection:
 
     def records(self, schedules: list[ModelSchedule], n: int | None = None) -> list[dict]:
         n = self.n if n is None else int(n)
-        return generate_records(self.zoo, schedules, self.store(n), self.evaluator, n, self.seed, self.batch_size,
-                                self.profile, progress=len(schedules) > 1)
+        return measure(self.cfg, self.zoo, schedules, self.store(n), self.evaluator, n, self.seed, self.profile,
+                       progress=len(schedules) > 1)
 
     def __call__(self, schedules: list[ModelSchedule]) -> list[dict]:
         """Records at the selection's own sample count (the re-rank)."""
