@@ -27,7 +27,6 @@ import warnings
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from oms_lightning.progress import progress as progress_bar
 from omegaconf import DictConfig, OmegaConf
 
@@ -39,7 +38,7 @@ from oms_lightning.evaluation import Evaluation, check_fresh_seeds, compare
 from oms_lightning.images import save_grid
 from oms_lightning.io import atomic_write_text
 from oms_lightning.member_ranges import split_member_name
-from oms_lightning.metrics import FIDEvaluator, SampleMetrics, default_extractor_for
+from oms_lightning.metrics import sample_metrics_for
 from oms_lightning.sample_job import load_zoo_and_schedule, member_name
 from oms_lightning.sampling import generate
 from oms_lightning.schedule import ModelSchedule
@@ -297,11 +296,7 @@ def evaluate(cfg: DictConfig, settings: dict, zoo: Zoo, plain: ModelSchedule, co
     e = cfg.fit_coefficients.evaluation
     if not settings["eval_n"]:
         return None
-    data_name = str(cfg.data.name)
-    datamodule = instantiate(cfg.data.module)
-    evaluator = FIDEvaluator(default_extractor_for(data_name), datamodule,
-                             cache_dir=Path(cfg.paths.checkpoints) / data_name, device=zoo.device)
-    metrics = SampleMetrics(evaluator, datamodule)
+    metrics = sample_metrics_for(cfg.data, cfg.paths.checkpoints, zoo.device)
     evaluation = Evaluation(zoo, metrics, settings["eval_seeds"], settings["eval_n"], int(e.batch_size),
                             progress=log)
     noise_floor = metrics.noise_floor(settings["eval_n"], seed=settings["eval_seeds"][0])

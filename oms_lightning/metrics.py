@@ -474,6 +474,35 @@ def load_or_train_fashion_classifier(cache_dir: str | Path = "checkpoints/fashio
 # Factory and evaluator
 # --------------------------------------------------------------------------------------------------------------
 
+def fid_evaluator_for(data, checkpoints: str | Path, device: str | torch.device = "cpu", *, data_module=None,
+                      split: str | None = None) -> "FIDEvaluator":
+    """`data.module`'s FID with the data's extractor against `split` (default `data.fid_reference`, else train),
+    statistics cached under <checkpoints>/<data.name>."""
+    from hydra.utils import instantiate
+
+    data_module = instantiate(data.module) if data_module is None else data_module
+    return FIDEvaluator(default_extractor_for(str(data.name)), data_module, cache_dir=Path(checkpoints) / str(data.name),
+                        device=device, split=split or str(data.get("fid_reference", "train")))
+
+
+def search_evaluator_for(metrics: "SampleMetrics", data, checkpoints: str | Path) -> "FIDEvaluator":
+    """The FID that searches and optimisers *select* on: against `data.search_reference` when the data names one
+    (Fashion-MNIST: val, so no choice is made on the test split that reports it), else the reported one."""
+    split = data.get("search_reference")
+    if not split or split == metrics.evaluator.split:
+        return metrics.evaluator
+    return fid_evaluator_for(data, checkpoints, metrics.evaluator.device, data_module=metrics.data_module, split=split)
+
+
+def sample_metrics_for(data, checkpoints: str | Path, device: str | torch.device = "cpu") -> "SampleMetrics":
+    """The wiring every job shares: `data.module` → `fid_evaluator_for` (the reported reference) → the sample
+    metrics (`.evaluator`, `.data_module`)."""
+    from hydra.utils import instantiate
+
+    data_module = instantiate(data.module)
+    return SampleMetrics(fid_evaluator_for(data, checkpoints, device, data_module=data_module), data_module)
+
+
 def default_extractor_for(data_name: str) -> str:
     """"digits_classifier" for the 8x8 digits, "fashion_classifier" for Fashion-MNIST, "inception" for the rest."""
     return {"digits": "digits_classifier", "fashion_mnist": "fashion_classifier"}.get(data_name, "inception")
@@ -768,44 +797,47 @@ LOWER_IS_BETTER = {"fid": True, "kid_heldout": True, "pixel_fd": True, "copy_rat
 class SampleMetrics:
     """FID plus three checks of another nature, against one data module's real splits:
 
-    * ``fid`` — the evaluator's FID against its (train) reference, the number the record store keeps;
-    * ``kid_heldout`` — KID (`kernel_distance`) of extractor features against the *val* split, which neither
-      the generator nor the FID reference saw, so it is unbiased and catches overfitting to train;
-    * ``pixel_fd`` — Fréchet distance in raw-pixel space (`pixel_features`) against the train split, which
+    * ``fid`` — the evaluator's FID against its reference split (train for digits, the held-out test split for
+      Fashion-MNIST: `data.fid_reference`), the number the record store keeps;
+    * ``kid_heldout`` — KID (`kernel_distance`) of extractor features against a split the generator never saw:
+      the reference itself when it is held out, else *val*; unbiased, and it catches overfitting to train;
+    * ``pixel_fd`` — Fréchet distance in raw-pixel space (`pixel_features`) against the reference split, which
       does not depend on the extractor;
     * ``copy_rate`` — fraction of samples closer to a training image than `copy_threshold` (memorisation).
 
-    All are lower-is-better. The constructor precomputes the val features, the train pixel statistics and
-    the copy threshold; `evaluator` must score against the same train images as `data_module`.
+    All are lower-is-better. The constructor precomputes the held-out features, the reference pixel statistics
+    and the copy threshold; `evaluator` must score against the data module's split of its name.
     """
 
     def __init__(self, evaluator: FIDEvaluator, data_module, *, copy_quantile: float = 0.05):
         if not hasattr(data_module, "real_images"):
             raise UserError(f"SampleMetrics needs a data module with real_images(split), got "
                             f"{type(data_module).__name__}")
-        self.evaluator = evaluator
+        self.evaluator, self.data_module = evaluator, data_module
         self.train = data_module.real_images("train")
-        val = data_module.real_images("val")
-        _check_images(self.train, "train images")
-        _check_images(val, "val images")
-        self._check_same_train_images(evaluator)
-        if val.shape[0] < 2:
-            raise UserError(f"the held-out KID needs at least 2 val images, the val split has {val.shape[0]}; "
-                            "set data.module.val_fraction higher")
-        self.val = val
-        self.val_features = self.features(val)
-        self.train_pixel_stats = gaussian_stats(pixel_features(self.train))
+        reference = self.train if evaluator.split == "train" else data_module.real_images(evaluator.split)
+        self.heldout_split = "val" if evaluator.split == "train" else evaluator.split
+        heldout = data_module.real_images(self.heldout_split)
+        self.val = data_module.real_images("val")   # the noise floor's real samples: never trained on, never the reference
+        for images, what in ((self.train, "train images"), (heldout, f"{self.heldout_split} images"),
+                             (self.val, "val images")):
+            _check_images(images, what)
+        self._check_reference(evaluator, reference)
+        if heldout.shape[0] < 2:
+            raise UserError(f"the held-out KID needs at least 2 {self.heldout_split} images, the split has "
+                            f"{heldout.shape[0]}; set data.module.val_fraction higher")
+        self.heldout_features = self.features(heldout)
+        self.reference_pixel_stats = gaussian_stats(pixel_features(reference))
         self.copy_quantile = float(copy_quantile)
         self.copy_threshold = copy_threshold(self.train, self.copy_quantile)
 
-    def _check_same_train_images(self, evaluator: FIDEvaluator) -> None:
-        """fid and pixel_fd/copy_rate must refer to one train set, or their numbers do not go together."""
+    def _check_reference(self, evaluator: FIDEvaluator, reference: Tensor) -> None:
+        """fid and pixel_fd must refer to one real set, or their numbers do not go together."""
         fp = evaluator.fingerprint
-        if (evaluator.split != "train" or fp.get("num_images") != self.train.shape[0]
-                or fp.get("images") != _images_hash(self.train)):
-            raise UserError(f"SampleMetrics needs an FIDEvaluator on the data module's train split (the "
-                            f"evaluator's reference is the {evaluator.split!r} split, {fp.get('num_images')} "
-                            f"images); build both from the same data module")
+        if fp.get("num_images") != reference.shape[0] or fp.get("images") != _images_hash(reference):
+            raise UserError(f"SampleMetrics needs an FIDEvaluator on this data module's {evaluator.split!r} split "
+                            f"(the evaluator's reference holds {fp.get('num_images')} other images); build both "
+                            f"from the same data module")
 
     @torch.no_grad()
     def features(self, images: Tensor) -> Tensor:
@@ -818,19 +850,21 @@ class SampleMetrics:
         """All of `METRICS` for generated `images` (N >= 2, in [-1, 1]); `seed` is passed to evaluator.fid."""
         fid = self.evaluator.fid(images, seed).value        # validates the images (shape, N >= 2, finite)
         return {"fid": fid,
-                "kid_heldout": kernel_distance(self.features(images), self.val_features),
-                "pixel_fd": frechet_distance(*gaussian_stats(pixel_features(images)), *self.train_pixel_stats),
+                "kid_heldout": kernel_distance(self.features(images), self.heldout_features),
+                "pixel_fd": frechet_distance(*gaussian_stats(pixel_features(images)), *self.reference_pixel_stats),
                 "copy_rate": copy_rate(images, self.train, self.copy_threshold)}
 
     def noise_floor(self, n: int, seed: int = 0) -> dict[str, float]:
-        """What `score` gives real data at sample size n: the best a generator can hope for.
+        """What `score` gives real data at sample size n: the best a generator can hope for (`n_used` real images).
 
-        Two disjoint random sets of real train images, each of m = min(n, N_train // 2) images (returned as
-        `n_used`), drawn by `seed`. fid and pixel_fd: Fréchet distance between the two sets, in extractor and
-        pixel space (computed with `frechet_distance`, not against the evaluator's reference, which contains
-        both sets). kid_heldout: the first set against the val split. copy_rate: that of the real val images,
-        the reference rate (about `copy_quantile`).
+        Held-out reference (Fashion-MNIST's test split): m = min(n, N_val) real val images, drawn by `seed`, scored
+        exactly as samples are — the sizes actually compared. Train reference (digits, whose val split is too small
+        for that): two disjoint random sets of m = min(n, N_train // 2) train images, Fréchet distances between
+        them (the reference contains both sets), kid_heldout of the first against val. copy_rate: that of real
+        val images, the reference rate (about `copy_quantile`).
         """
+        if self.evaluator.split not in ("train", "val"):   # a held-out reference the val images are not part of
+            return self._floor_against_reference(n, seed)
         m = min(int(n), self.train.shape[0] // 2)
         if m < 2:
             raise UserError(f"the noise floor needs n >= 2 and at least 4 train images, got n={n}, "
@@ -839,8 +873,16 @@ class SampleMetrics:
         first, second = self.train[perm[:m]], self.train[perm[m:2 * m]]
         feats1, feats2 = self.features(first), self.features(second)
         return {"fid": frechet_distance(*gaussian_stats(feats1), *gaussian_stats(feats2)),
-                "kid_heldout": kernel_distance(feats1, self.val_features),
+                "kid_heldout": kernel_distance(feats1, self.heldout_features),
                 "pixel_fd": frechet_distance(*gaussian_stats(pixel_features(first)),
                                              *gaussian_stats(pixel_features(second))),
                 "copy_rate": copy_rate(self.val, self.train, self.copy_threshold),
                 "n_used": m}
+
+    def _floor_against_reference(self, n: int, seed: int) -> dict[str, float]:
+        m = min(int(n), self.val.shape[0])
+        if m < 2:
+            raise UserError(f"the noise floor needs n >= 2 and at least 2 val images, got n={n}, "
+                            f"{self.val.shape[0]} val images")
+        perm = torch.randperm(self.val.shape[0], generator=torch.Generator().manual_seed(int(seed)))
+        return {**self.score(self.val[perm[:m]], seed), "n_used": m}

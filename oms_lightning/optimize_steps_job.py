@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from oms_lightning.progress import progress as progress_bar
 
@@ -27,7 +26,7 @@ from oms_lightning.diffusion.spacing import SPACINGS, default_t_end, timesteps
 from oms_lightning.errors import UserError
 from oms_lightning.evaluation import Evaluation, check_fresh_seeds, compare
 from oms_lightning.io import atomic_path, atomic_write_text
-from oms_lightning.metrics import FIDEvaluator, SampleMetrics, default_extractor_for
+from oms_lightning.metrics import SampleMetrics, sample_metrics_for, search_evaluator_for
 from oms_lightning.sampling import generate, single_member_schedule
 from oms_lightning.schedule import ModelSchedule
 from oms_lightning.steps import AYS, ays_levels, ays_sigmas, load_steps, save_steps, steps_path, times_from_sigmas
@@ -98,18 +97,16 @@ def optimize_steps(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    datamodule = instantiate(cfg.data.module)
-    evaluator = FIDEvaluator(default_extractor_for(data_name), datamodule,
-                             cache_dir=Path(cfg.paths.checkpoints) / data_name, device=device)
+    metrics = sample_metrics_for(cfg.data, cfg.paths.checkpoints, device)
     schedule_of = schedule_maker(member, settings, zoo)
     payload = finished_file(path, member, fingerprint, settings, bool(cfg.fresh))
     if payload is None:
-        payload = run_optimizer(cfg, settings, zoo, datamodule, evaluator, schedule_of, path, fingerprint)
+        payload = run_optimizer(cfg, settings, zoo, metrics, schedule_of, path, fingerprint)
     else:
         log(f"{path} already holds this optimisation (same weights and settings): reusing it (fresh=true redoes it)")
 
     plot(payload, zoo, run_dir / "plot.png")
-    summary = evaluate(cfg, settings, zoo, datamodule, evaluator, schedule_of, payload)
+    summary = evaluate(cfg, settings, zoo, metrics, schedule_of, payload)
     summary.update(steps_file=str(path), plot=str(run_dir / "plot.png"),
                    wall_seconds_total=round(time.perf_counter() - started, 1))
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -138,14 +135,15 @@ def finished_file(path: Path, member: str, fingerprint: str, settings: dict, fre
     return payload if not same_path_settings(payload.get("settings", {}), settings) else None
 
 
-def run_optimizer(cfg: DictConfig, settings: dict, zoo: Zoo, datamodule, evaluator: FIDEvaluator, schedule_of,
+def run_optimizer(cfg: DictConfig, settings: dict, zoo: Zoo, metrics: SampleMetrics, schedule_of,
                   path: Path, fingerprint: str) -> dict:
     """ays.optimize with the member's denoiser, its training data and FID as the quality; state after every sweep."""
     o = cfg.optimize_steps
     noise = zoo.schedule
     sigma_min = ays.sigma_of_t(noise, settings["t_end"]).item()
     sigma_max = ays.sigma_of_t(noise, 1.0).item()
-    data = datamodule.real_images("train").to(zoo.device, zoo.dtype)
+    data = metrics.train.to(zoo.device, zoo.dtype)
+    quality_fid = search_evaluator_for(metrics, cfg.data, cfg.paths.checkpoints)   # never the reported split
     saved = resume_state(partial_path(path), settings, bool(cfg.fresh))
     state = saved["state"] if saved else None
     if saved:
@@ -154,7 +152,7 @@ def run_optimizer(cfg: DictConfig, settings: dict, zoo: Zoo, datamodule, evaluat
     def quality(sigmas) -> float:
         images = generate(zoo, schedule_of(sigmas), settings["quality"]["n"], seed=settings["quality"]["seed"],
                           batch_size=int(o.quality.batch_size))
-        return evaluator.fid(images, settings["quality"]["seed"]).value
+        return quality_fid.fid(images, settings["quality"]["seed"]).value
 
     from oms_lightning.tracking import make_logger
 
@@ -276,13 +274,12 @@ def standard_sigmas(spacing: str, steps: int, ends, noise) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
-def evaluate(cfg: DictConfig, settings: dict, zoo: Zoo, datamodule, evaluator: FIDEvaluator, schedule_of,
+def evaluate(cfg: DictConfig, settings: dict, zoo: Zoo, metrics: SampleMetrics, schedule_of,
              payload: dict) -> dict:
     """AYS against every standard spacing, same member, solver, NFE and ends, paired on the fresh seeds."""
     e = cfg.optimize_steps.evaluation
     comparisons, noise_floor = [], None
     if e.steps:  # `evaluation.steps=[]` skips the comparison
-        metrics = SampleMetrics(evaluator, datamodule)
         evaluation = Evaluation(zoo, metrics, settings["eval_seeds"], int(e.n), int(e.batch_size), progress=log)
         noise_floor = metrics.noise_floor(int(e.n), seed=settings["eval_seeds"][0])
     for steps in e.steps:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from oms_lightning.errors import UserError
@@ -60,12 +59,10 @@ def sample(cfg: DictConfig) -> dict:
 
     fid = None
     if cfg.fid:
-        from oms_lightning.metrics import FIDEvaluator, SampleMetrics, default_extractor_for
+        from oms_lightning.metrics import sample_metrics_for
 
-        datamodule = instantiate(cfg.data.module)
-        evaluator = FIDEvaluator(default_extractor_for(str(cfg.data.name)), datamodule,
-                                 cache_dir=Path(cfg.paths.checkpoints) / str(cfg.data.name), device=device)
-        metrics = SampleMetrics(evaluator, datamodule)
+        metrics = sample_metrics_for(cfg.data, cfg.paths.checkpoints, device)
+        evaluator = metrics.evaluator
         # The metrics every comparison uses, and the same metrics between two disjoint sets of real images (the
         # noise floor): one seed gives no interval — compare samplers with search.py or oms_lightning.evaluation.
         scores = metrics.score(images, int(cfg.seed))

@@ -306,3 +306,32 @@ def test_real_images_downloads_first_when_asked(tmp_path, monkeypatch):
     dm = FashionMNISTDataModule(data_dir=str(tmp_path), download=True)
     assert dm.real_images("test").shape == (N_TEST, 1, 14, 14)
     assert fm.find_files(tmp_path / "FashionMNIST" / "raw") is not None
+
+
+# ------------------------------------------------------------------------------- metrics on the held-out test split
+def test_sample_metrics_report_on_test_and_the_search_selects_on_val(classifier, fake_data, monkeypatch, tmp_path):
+    """data=fashion_mnist: FID, KID and pixel FD against the held-out test split, copy rate against train, the
+    noise floor = n real val images scored exactly as samples (the sizes compared); searches select on val."""
+    (tmp_path / "fashion_mnist").mkdir()
+    (tmp_path / "fashion_mnist" / "fid_fashion_classifier.pt").write_bytes(
+        (classifier[2] / "fid_fashion_classifier.pt").read_bytes())      # the trained extractor, not a new one
+    data = OmegaConf.create({"name": "fashion_mnist", "fid_reference": "test", "search_reference": "val",
+                             "module": {"_target_": "builtins.object"}})
+    monkeypatch.setattr(hydra.utils, "instantiate", lambda _: fake_data)
+    sm = metrics.sample_metrics_for(data, tmp_path, "cpu")
+    assert sm.evaluator.split == "test" and sm.heldout_split == "test"
+    test, val = fake_data.real_images("test"), fake_data.real_images("val")
+    assert sm.evaluator.fid(test, 0).value == pytest.approx(0.0, abs=1e-3)
+    assert torch.equal(sm.heldout_features, sm.features(test))                 # KID against test
+    assert sm.score(test, 0)["pixel_fd"] == pytest.approx(0.0, abs=1e-4)       # pixel FD against test
+    assert sm.copy_threshold == metrics.copy_threshold(fake_data.real_images("train"), 0.05)   # copies of train
+    floor = sm.noise_floor(10_000, seed=0)
+    assert floor["n_used"] == val.shape[0]
+    assert {k: v for k, v in floor.items() if k != "n_used"} == sm.score(val[torch.randperm(
+        val.shape[0], generator=torch.Generator().manual_seed(0))], 0)
+    assert sm.noise_floor(10, seed=1)["n_used"] == 10
+
+    selecting = metrics.search_evaluator_for(sm, data, tmp_path)
+    assert selecting.split == "val" and selecting is not sm.evaluator
+    assert selecting.fid(val, 0).value == pytest.approx(0.0, abs=1e-3)
+    assert metrics.search_evaluator_for(sm, OmegaConf.create({"name": "fashion_mnist"}), tmp_path) is sm.evaluator

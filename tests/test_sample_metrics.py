@@ -204,10 +204,14 @@ def test_real_held_out_images_beat_noise(sample_metrics, digits):
         assert real_scores[name] < noise_scores[name], (name, real_scores, noise_scores)
 
 
-def test_sample_metrics_needs_the_evaluator_of_the_same_train_split(evaluator, digits, tmp_path):
-    on_val = FIDEvaluator("digits_classifier", digits, tmp_path, extractor=evaluator.extractor, split="val")
+def test_sample_metrics_needs_the_evaluator_of_the_same_data_module(evaluator, digits, tmp_path):
+    other = FIDEvaluator("digits_classifier", digits.real_images("train")[:500], tmp_path,
+                         extractor=evaluator.extractor)
     with pytest.raises(UserError, match="same data module"):
-        SampleMetrics(on_val, digits)
+        SampleMetrics(other, digits)
+    on_val = SampleMetrics(FIDEvaluator("digits_classifier", digits, tmp_path, extractor=evaluator.extractor,
+                                        split="val"), digits)   # a held-out reference is scored against itself
+    assert on_val.heldout_split == "val"
     with pytest.raises(UserError, match="real_images"):
         SampleMetrics(evaluator, object())
     with pytest.raises(UserError, match="n >= 2"):

@@ -18,7 +18,6 @@ import re
 import time
 from pathlib import Path
 
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from oms_lightning.diffusion.solvers import ODE_SOLVERS, get_solver
@@ -26,7 +25,7 @@ from oms_lightning.errors import UserError
 from oms_lightning.evaluation import (PRIMARY, Evaluation, check_fresh_seeds, compare, cost_at_equal_quality,
                                      fitting_nfes, non_inferiority, single_member_baselines, single_member_sampler)
 from oms_lightning.io import atomic_write_text, file_lock
-from oms_lightning.metrics import METRICS, FIDEvaluator, SampleMetrics, default_extractor_for
+from oms_lightning.metrics import METRICS, FIDEvaluator, sample_metrics_for, search_evaluator_for
 from oms_lightning.predictor.encoding import DEFAULT_FEATURES, DEFAULT_SOLVERS
 from oms_lightning.predictor.generate import generate_distributed, generate_records
 from oms_lightning.predictor.module import PredictorModule, fit_predictor, rank_metrics_near
@@ -641,10 +640,8 @@ class Measures:
 
 def measures(cfg: DictConfig, zoo: Zoo, profile, device, seeds: list[int]) -> Measures:
     cache, e = Path(cfg.paths.cache), cfg.search.evaluation
-    datamodule = instantiate(cfg.data.module)
-    evaluator = FIDEvaluator(default_extractor_for(str(cfg.data.name)), datamodule,
-                             cache_dir=Path(cfg.paths.checkpoints) / str(cfg.data.name), device=device)
-    sample_metrics = SampleMetrics(evaluator, datamodule)
+    sample_metrics = sample_metrics_for(cfg.data, cfg.paths.checkpoints, device)
+    evaluator = search_evaluator_for(sample_metrics, cfg.data, cfg.paths.checkpoints)   # dataset and selection
     evaluation = Evaluation(zoo, sample_metrics, seeds, int(e.n), cfg.search.dataset.batch_size, progress=log,
                             store=lambda seed: store_for(cache, f"eval{seed}", zoo, {
                                 **fid_settings(evaluator, int(e.n), seed), "metrics": list(METRICS)}))
