@@ -209,6 +209,23 @@ def test_presets_build_with_a_real_spread_of_cost(size):
     assert flops == sorted(flops) and flops[-1] >= 10 * flops[0]
 
 
+@pytest.mark.parametrize("size", [14, 16, 28])
+def test_multistage_preset_costs_about_what_small_costs_per_nfe(size):
+    """Routed per sample by t, the multi-decoder net's cost per NFE averages its three decoders' (stage
+    boundaries 1/3, 2/3): it is the unified `small`'s rival at about its cost."""
+    from oms_lightning.nets import MultiDecoderUNet
+
+    net = build_preset(OmegaConf.load(CONFIGS / "model" / "multistage.yaml"), size, 1, boundaries=[1 / 3, 2 / 3])
+    assert isinstance(net, MultiDecoderUNet) and net.num_stages == 3
+    per_stage = []
+    for t in (0.1, 0.5, 0.9):   # on the CPU: routing by t needs real values
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            assert net(torch.zeros(1, 1, size, size), torch.tensor([t])).shape == (1, 1, size, size)
+        per_stage.append(counter.get_total_flops())
+    assert len(set(per_stage)) == 3
+    assert 0.7 < sum(per_stage) / 3 / _flops("small", size) < 1.5
+
+
 def test_every_preset_runs_at_14_px():
     x = torch.randn(2, 1, 14, 14)
     for name in PRESETS:
@@ -335,3 +352,10 @@ def test_sample_metrics_report_on_test_and_the_search_selects_on_val(classifier,
     assert selecting.split == "val" and selecting is not sm.evaluator
     assert selecting.fid(val, 0).value == pytest.approx(0.0, abs=1e-3)
     assert metrics.search_evaluator_for(sm, OmegaConf.create({"name": "fashion_mnist"}), tmp_path) is sm.evaluator
+
+
+def test_the_cpu_preset_is_specialised_for_fashion_mnist_and_only_there(compose):
+    fashion = compose("search", ["data=fashion_mnist"])
+    assert fashion.search.zoo_train_steps == 3000 and fashion.data.fid_reference == "test"
+    assert compose("search", []).search.zoo_train_steps == 800                      # digits: the preset as is
+    assert compose("search", ["data=fashion_mnist", "search=paper"]).search.zoo_train_steps == 800_000
