@@ -359,3 +359,40 @@ def test_the_cpu_preset_is_specialised_for_fashion_mnist_and_only_there(compose)
     assert fashion.search.zoo_train_steps == 3000 and fashion.data.fid_reference == "test"
     assert compose("search", []).search.zoo_train_steps == 800                      # digits: the preset as is
     assert compose("search", ["data=fashion_mnist", "search=paper"]).search.zoo_train_steps == 800_000
+
+
+@pytest.mark.slow
+def test_a_tiny_search_on_fashion_shaped_data_reports_on_test(classifier, tmp_path, monkeypatch, compose):
+    """The whole search (dataset, predictor, evolution, refinement, fresh-seed evaluation, report) on synthetic
+    Fashion-MNIST files at 14 px: the reported metrics are against the test split, the stores against val."""
+    import json
+
+    from conftest import SMALL as SMALL_NET, TINY as TINY_NET, write_member
+    from test_search import tiny_search_args
+
+    from oms_lightning.search import pipeline
+    from oms_lightning.zoo import LatencyProfile, Zoo, device_description
+
+    monkeypatch.setattr(fm, "FILE_MD5", write_fake(tmp_path / "raw"))
+    shape = {"name": "fashion_mnist", "image_size": 14, "channels": 1}
+    write_member(tmp_path, "tiny", TINY_NET, data=shape, data_name="fashion_mnist")
+    write_member(tmp_path, "small", SMALL_NET, data=shape, data_name="fashion_mnist", seed=1)
+    (tmp_path / "fashion_mnist" / "fid_fashion_classifier.pt").write_bytes(
+        (classifier[2] / "fid_fashion_classifier.pt").read_bytes())
+    zoo = Zoo.load(tmp_path, "fashion_mnist", ["small", "tiny"])
+    LatencyProfile({"small": 0.02, "tiny": 0.01}, 256, device_description("cpu"), "float32", zoo.fingerprint()).save(
+        tmp_path / "fashion_mnist" / "latency.json")
+    args = [a for a in tiny_search_args(tmp_path) if not a.startswith("hydra.")]
+    cfg = compose("search", ["data=fashion_mnist", f"data.module.raw_dir={tmp_path / 'raw'}",
+                             "data.module.data_dir=null", "budget=60", "search.dataset.n_random=8",
+                             "search.refine.evaluations=6", f"paths.run_dir={tmp_path / 'run'}", *args])
+    summary = pipeline.run(cfg)[0]
+    assert summary["verdict"] in ("better", "tie", "worse") and summary["noise_floor"]["n_used"] == 32
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["budget"] == pytest.approx(60.0)
+    refs = sorted(p.name for p in (tmp_path / "fashion_mnist").glob("fid_ref_*.pt"))
+    assert refs == ["fid_ref_fashion_classifier_test.pt", "fid_ref_fashion_classifier_val.pt"]
+    for store in (tmp_path / "fashion_mnist" / "search").glob("*.jsonl"):
+        if store.name.startswith("iia-"):   # IIA fits: no FID in them
+            continue
+        split = json.loads(store.read_text().splitlines()[0])["settings"]["split"]
+        assert split == ("test" if store.name.startswith("eval") else "val"), store.name

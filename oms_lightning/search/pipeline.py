@@ -640,11 +640,11 @@ class Measures:
 
 def measures(cfg: DictConfig, zoo: Zoo, profile, device, seeds: list[int]) -> Measures:
     cache, e = Path(cfg.paths.cache), cfg.search.evaluation
-    sample_metrics = sample_metrics_for(cfg.data, cfg.paths.checkpoints, device)
-    evaluator = search_evaluator_for(sample_metrics, cfg.data, cfg.paths.checkpoints)   # dataset and selection
+    sample_metrics = sample_metrics_for(cfg.data, cfg.paths.checkpoints, device)   # what is reported
+    evaluator = search_evaluator_for(sample_metrics, cfg.data, cfg.paths.checkpoints)   # what the search selects on
     evaluation = Evaluation(zoo, sample_metrics, seeds, int(e.n), cfg.search.dataset.batch_size, progress=log,
                             store=lambda seed: store_for(cache, f"eval{seed}", zoo, {
-                                **fid_settings(evaluator, int(e.n), seed), "metrics": list(METRICS)}))
+                                **fid_settings(sample_metrics.evaluator, int(e.n), seed), "metrics": list(METRICS)}))
     return Measures(evaluator, Selection(cfg, zoo, evaluator, profile, cache), evaluation,
                     sample_metrics.noise_floor(int(e.n), seed=seeds[0]))
 
