@@ -167,8 +167,8 @@ def print_details(rows: list[dict]) -> None:
         print(f"\nbudget {s['budget']:.0f} ms — fresh seeds {s['eval_seeds']} × {s['n_eval']} samples "
               f"(selection seed {s['select_seed']} × {s['n_select']}: searched {s['fid_select']:.2f}, "
               f"baseline {s['baseline_fid_select']:.2f} among {s['baselines_considered']} single-member samplers)")
-        print(f"  noise floor (two disjoint real training sets of {nf.get('n_used')} each; a sample set scored "
-              f"against the whole split has less bias): FID {nf.get('fid', float('nan')):.2f}, "
+        print(f"  noise floor ({nf.get('n_used')} real images scored as samples are; SampleMetrics.noise_floor "
+              f"says which): FID {nf.get('fid', float('nan')):.2f}, "
               f"KID {nf.get('kid_heldout', float('nan')):.4f}, pixel FD {nf.get('pixel_fd', float('nan')):.3f}")
         h, p = s["heldout"], s["second_metric"]
         print(f"  held-out KID: searched {h['mean']:.4f}, baseline {h['baseline_mean']:.4f} → {h['verdict']}; "
