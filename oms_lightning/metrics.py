@@ -814,11 +814,10 @@ class SampleMetrics:
             raise UserError(f"SampleMetrics needs a data module with real_images(split), got "
                             f"{type(data_module).__name__}")
         self.evaluator, self.data_module = evaluator, data_module
-        self.train = data_module.real_images("train")
-        reference = self.train if evaluator.split == "train" else data_module.real_images(evaluator.split)
         self.heldout_split = "val" if evaluator.split == "train" else evaluator.split
-        heldout = data_module.real_images(self.heldout_split)
-        self.val = data_module.real_images("val")   # the noise floor's real samples: never trained on, never the reference
+        splits = {name: data_module.real_images(name) for name in {"train", "val", evaluator.split}}   # each read once
+        self.train, self.val = splits["train"], splits["val"]   # val: the noise floor's real samples
+        reference, heldout = splits[evaluator.split], splits[self.heldout_split]
         for images, what in ((self.train, "train images"), (heldout, f"{self.heldout_split} images"),
                              (self.val, "val images")):
             _check_images(images, what)
