@@ -10,7 +10,7 @@ from oms_lightning.cli import check_config_groups, exit_on_user_error
 @hydra.main(config_path="configs", config_name="cluster_stages", version_base="1.3")
 @exit_on_user_error
 def main(cfg):
-    from oms_lightning.cluster_stages_job import cluster_stages_job  # late: `--help` and config errors answer fast
+    from oms_lightning.jobs.cluster_stages import cluster_stages_job  # late: `--help` and config errors answer fast
 
     cluster_stages_job(cfg)
 

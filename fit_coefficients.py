@@ -11,7 +11,7 @@ from oms_lightning.cli import check_config_groups, exit_on_user_error
 @hydra.main(config_path="configs", config_name="fit_coefficients", version_base="1.3")
 @exit_on_user_error
 def main(cfg):
-    from oms_lightning.fit_coefficients_job import fit_coefficients  # late: `--help` and config errors answer fast
+    from oms_lightning.jobs.fit_coefficients import fit_coefficients  # late: `--help` and config errors answer fast
 
     fit_coefficients(cfg)
 

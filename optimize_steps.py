@@ -10,7 +10,7 @@ from oms_lightning.cli import check_config_groups, exit_on_user_error
 @hydra.main(config_path="configs", config_name="optimize_steps", version_base="1.3")
 @exit_on_user_error
 def main(cfg):
-    from oms_lightning.optimize_steps_job import optimize_steps  # late: `--help` and config errors answer fast
+    from oms_lightning.jobs.optimize_steps import optimize_steps  # late: `--help` and config errors answer fast
 
     optimize_steps(cfg)
 

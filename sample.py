@@ -10,7 +10,7 @@ from oms_lightning.cli import check_config_groups, exit_on_user_error
 @hydra.main(config_path="configs", config_name="sample", version_base="1.3")
 @exit_on_user_error
 def main(cfg):
-    from oms_lightning.sample_job import sample
+    from oms_lightning.jobs.sample import sample
 
     sample(cfg)
 

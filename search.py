@@ -10,7 +10,7 @@ from oms_lightning.cli import check_config_groups, exit_on_user_error
 @hydra.main(config_path="configs", config_name="search", version_base="1.3")
 @exit_on_user_error
 def main(cfg):
-    from oms_lightning.search.pipeline import run  # imported late so `--help` and config errors answer fast
+    from oms_lightning.jobs.search import run  # imported late so `--help` and config errors answer fast
 
     run(cfg)
 

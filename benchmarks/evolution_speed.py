@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from oms_lightning.diffusion.noise_schedule import VPSchedule  # noqa: E402
-from oms_lightning.member_ranges import MemberRanges  # noqa: E402
+from oms_lightning.zoo import MemberRanges  # noqa: E402
 from oms_lightning.predictor.module import PredictorModule  # noqa: E402
 from oms_lightning.search.evolution import ScoreCache, evolve_frontier  # noqa: E402
 from oms_lightning.search.space import make_spaces  # noqa: E402

@@ -14,7 +14,7 @@ a. training throughput, fp32 eager against the fast path (bf16 autocast + channe
 b. a zoo of CIFAR-shaped (32x32x3) random-weight members (the tiny/small/medium/large presets; --tiny: two
    micro nets) written with `save_member`: each member's profiled latency and spread, then the cost model
    (Σ profiled latencies) against measured wall time for random schedules of every search space;
-c. a tiny end-to-end `search.py` run (`oms_lightning.search.pipeline.run` on a config composed from `configs/`).
+c. a tiny end-to-end `search.py` run (`oms_lightning.jobs.search.run` on a config composed from `configs/`).
    CIFAR-10 itself needs a download, so CIFAR-shaped data is a folder of random 32x32 RGB PNGs
    (`data=image_folder`); the FID Inception's weights need a download too, so a random-weight Inception of the
    real architecture is written to a private torch hub folder and used through the package's own code path. A
@@ -185,7 +185,7 @@ def member_specs(tiny: bool, data: dict) -> dict[str, dict]:
 def write_zoo(checkpoints: Path, specs: dict[str, dict], data: dict) -> None:
     """Random-weight members in the true on-disk format (what train.py writes), seeded per member, at
     `<checkpoints>/<data name>/<member>.ckpt`; the noise schedule is train.py's default."""
-    from oms_lightning.checkpoint import save_member
+    from oms_lightning.zoo import save_member
     from oms_lightning.diffusion.noise_schedule import VPSchedule
     from oms_lightning.nets import UNet
 
@@ -307,7 +307,8 @@ def fid_probe(device: torch.device, size: dict, run: Path, tiny: bool) -> dict:
     (at the search's sample count, since the covariance's rank changes the eigensolver's work) sizes the search."""
     from oms_lightning.data import ImageFolderDataModule
     from oms_lightning.metrics import FIDEvaluator
-    from oms_lightning.sampling import generate, single_member_schedule
+    from oms_lightning.sampling import generate
+    from oms_lightning.samplers import single_member_schedule
     from oms_lightning.zoo import Zoo
 
     weights = prepare_cifar_search_data(run, size)
@@ -358,15 +359,16 @@ def estimate_fids(cfg, latency: dict[str, float] | None) -> int:
     single-member baseline within the budget (from `latency` when known, else 2 t_end regimes each), the re-rank
     candidates and the ablation, and both contenders on the evaluation seeds with a few bisection steps."""
     from oms_lightning.diffusion.noise_schedule import VPSchedule
-    from oms_lightning.evaluation import single_member_baselines
-    from oms_lightning.search.space import make_spaces, single_member_anchors
+    from oms_lightning.samplers import single_member_baselines
+    from oms_lightning.search.space import make_spaces
+    from oms_lightning.samplers import space_anchors
 
     s = cfg.search
     members = tuple(sorted(cfg.zoo.members))
     noise = VPSchedule.from_dict(OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "train.yaml").diffusion))
     spaces = make_spaces(str(s.space.kind), members, noise, int(s.space.size))
     records = -(-int(s.dataset.n_random) // len(spaces)) * len(spaces)
-    records += sum(len(single_member_anchors(sp, list(s.dataset.anchor_nfes))) for sp in spaces)
+    records += sum(len(space_anchors(sp, list(s.dataset.anchor_nfes))) for sp in spaces)
     if latency and set(members) <= set(latency):
         lat = {m: latency[m] for m in members}
         budget = cfg.default_budget_nfe * max(lat.values())
@@ -384,7 +386,7 @@ def count_fids(cache: Path) -> int:
 
 def section_search(device: torch.device, size: dict, run: Path, tiny: bool, choice: str, latency: dict | None,
                    seconds_left: float, run_probe: bool = True) -> dict:
-    from oms_lightning.search.pipeline import run as run_search
+    from oms_lightning.jobs.search import run as run_search
 
     say("## c. tiny end-to-end search (search.py's pipeline) on random-weight members")
     probe = fid_probe(device, size, run, tiny) if run_probe or choice != "digits" else None

@@ -66,8 +66,8 @@ def overhead_rows(args) -> list[str]:
     """Wall-time ratio corrected / plain of each run folder's schedule.json, on this machine now."""
     from omegaconf import OmegaConf
 
-    from oms_lightning.fit_coefficients_job import overhead
-    from oms_lightning.schedule_file import load_schedule
+    from oms_lightning.jobs.fit_coefficients import overhead
+    from oms_lightning.schedule.file import load_schedule
     from oms_lightning.zoo import Zoo
     timing = OmegaConf.create({"batch_size": args.batch_size, "rounds": args.rounds})
     rows = ["| run | NFE | plain s | IIA s | ratio | spread |", "|---|---:|---:|---:|---:|---:|"]

@@ -30,15 +30,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from oms_lightning.data import DigitsDataModule  # noqa: E402 - after the path set-up
 from oms_lightning.diffusion.solvers import get_solver  # noqa: E402
-from oms_lightning.evaluation import Evaluation, single_member_sampler, summarise_contender  # noqa: E402
-from oms_lightning.metrics import METRICS, FIDEvaluator, SampleMetrics, default_extractor_for  # noqa: E402
-from oms_lightning.stages_file import load_stages, stages_path  # noqa: E402
+from oms_lightning.evaluation import Evaluation, summarise_contender  # noqa: E402
+from oms_lightning.samplers import single_member_sampler  # noqa: E402
+from oms_lightning.metrics import METRICS, sample_metrics_for  # noqa: E402
+from oms_lightning.diffusion.stages_file import load_stages, stages_path  # noqa: E402
 from oms_lightning.zoo import Zoo  # noqa: E402
 
 SOLVER, SPACING = "dpm_solver++", "logsnr_uniform"
@@ -123,10 +124,8 @@ def sampler_mflops(flops: dict, ranges: list[tuple[float, float]], schedule, noi
 
 
 def evaluation_for(args, zoo: Zoo) -> tuple[Evaluation, dict]:
-    datamodule = DigitsDataModule()
-    evaluator = FIDEvaluator(default_extractor_for(args.data), datamodule,
-                             cache_dir=Path(args.checkpoints) / args.data, device=zoo.device)
-    metrics = SampleMetrics(evaluator, datamodule)
+    metrics = sample_metrics_for(OmegaConf.load(ROOT / "configs" / "data" / f"{args.data}.yaml"), args.checkpoints,
+                                 zoo.device)   # the wiring every job uses
     evaluation = Evaluation(zoo, metrics, args.eval_seeds, args.n, batch_size=500,
                             progress=lambda m: print(m, file=sys.stderr, flush=True))
     return evaluation, metrics.noise_floor(args.n, seed=args.eval_seeds[0])

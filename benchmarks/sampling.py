@@ -24,7 +24,8 @@ sys.path.insert(0, str(ROOT))
 
 from oms_lightning.diffusion.seeding import per_sample_noise  # noqa: E402
 from oms_lightning.diffusion.solvers import get_solver  # noqa: E402
-from oms_lightning.sampling import generate, single_member_schedule, solve  # noqa: E402
+from oms_lightning.sampling import generate, solve  # noqa: E402
+from oms_lightning.samplers import single_member_schedule
 from oms_lightning.search.space import SlotSpace  # noqa: E402
 from oms_lightning.zoo import Zoo, device_description, profile_latency  # noqa: E402
 

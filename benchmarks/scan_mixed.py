@@ -67,7 +67,8 @@ def rank_pairs(singles, selection, latency, budget, noise, probe: int, pairs: in
 
 def scan_budget(cfg, zoo, profile, m, budget, ays, args):
     from oms_lightning.schedule import schedule_key
-    from oms_lightning.search.pipeline import choose_baseline, in_range
+    from oms_lightning.search.dataset import in_range
+    from oms_lightning.search.selection import choose_baseline
     from oms_lightning.search.refine import race
     from oms_lightning.search.segments import segment_schedules, three_segment_runs, two_segment_runs
 
@@ -124,8 +125,9 @@ def main(args) -> None:
     search_dir, summaries = run_search(args)
     search_seconds = time.perf_counter() - started
     from oms_lightning.evaluation import check_fresh_seeds, compare
-    from oms_lightning.schedule_file import load_schedule
-    from oms_lightning.search.pipeline import load_ays, measures, zoo_and_profile
+    from oms_lightning.schedule.file import load_schedule
+    from oms_lightning.jobs.search import load_ays, zoo_and_profile
+    from oms_lightning.search.outcome import measures
     from oms_lightning.zoo import resolve_device
 
     cfg = compose(args)
@@ -141,7 +143,7 @@ def main(args) -> None:
              "FID scan | FID baseline | searched − baseline | scan − baseline | searched − scan | "
              "equal quality: speed-up, Δ, one-sided 95 % bound vs margin | search refinement: evaluations, s | "
              "scan: evaluations, s |", "|" + "---|" * 14]
-    from oms_lightning.search.pipeline import resolve_budget
+    from oms_lightning.search.settings import resolve_budget
 
     budgets = sorted(resolve_budget(b, profile.latency) for b in args.budgets)   # the search's order: ascending
     for budget, summary in zip(budgets, summaries):

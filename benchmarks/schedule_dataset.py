@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from oms_lightning.data import DigitsDataModule  # noqa: E402
-from oms_lightning.metrics import FIDEvaluator  # noqa: E402
+from oms_lightning.metrics import fid_evaluator_for  # noqa: E402
 from oms_lightning.sampling import generate  # noqa: E402
 from oms_lightning.search.space import SlotSpace, random_schedules  # noqa: E402
 from oms_lightning.zoo import Zoo, device_description  # noqa: E402
@@ -25,8 +25,8 @@ from oms_lightning.zoo import Zoo, device_description  # noqa: E402
 
 def main(args) -> None:
     zoo = Zoo.load(args.checkpoints, "digits", names=args.members, device=args.device)
-    evaluator = FIDEvaluator("digits_classifier", DigitsDataModule(), cache_dir=Path(args.checkpoints) / "digits",
-                             device=args.device)
+    evaluator = fid_evaluator_for(OmegaConf.load(ROOT / "configs" / "data" / "digits.yaml"), args.checkpoints,
+                                  args.device)   # the wiring every job uses
     schedules = random_schedules(SlotSpace(zoo.names, args.max_steps, zoo.schedule), args.schedules, seed=args.seed,
                                  null_prob=args.null_prob)
     sampling = fid = 0.0

@@ -14,10 +14,7 @@ Every claim "sampler A beats sampler B" in this project goes through `compare`:
 * a noise floor — the same metrics between two disjoint sets of real images — is printed next to every
   comparison, so a reader sees how large a difference chance alone makes.
 
-The strongest single-model baselines are built here too (`single_member_baselines`): every member with every
-solver, every spacing and every NFE whose cost fits the budget (or the largest ones only, for quick runs), and
-`cost_at_equal_quality` finds the cheapest NFE of the chosen baseline's sampler that reaches a target quality on
-the evaluation seeds, by bisection over NFE (no coarse grid).
+The strongest single-model baselines it compares against are built in `oms_lightning.samplers` (one member alone).
 
 Seeds used to *select* anything (the top-k re-rank, the baseline choice) must never be evaluation seeds:
 `check_fresh_seeds` refuses an overlap, because the minimum of noisy numbers is optimistic.
@@ -31,33 +28,17 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 from scipy import stats
 
-from oms_lightning.diffusion.noise_schedule import VPSchedule
-from oms_lightning.diffusion.solvers import ODE_SOLVERS, SOLVER_REGISTRY
-from oms_lightning.diffusion.spacing import SPACINGS, default_t_end
 from oms_lightning.errors import UserError
 from oms_lightning.metrics import LOWER_IS_BETTER, METRICS
 from oms_lightning.predictor.records import schedule_key
 from oms_lightning.sampling import generate
 from oms_lightning.schedule import ModelSchedule
-from oms_lightning.schedule_file import schedule_to_dict
-from oms_lightning.steps import AYS, AYSTable, spacing_times
+from oms_lightning.schedule.file import schedule_to_dict
 
 PRIMARY = "fid"
 CONFIDENCE = 0.95
 VERDICTS = ("better", "tie", "worse")
 
-def _samplers() -> tuple[tuple[str, int | None], ...]:
-    """Every single-member sampler of the registry's ODE solvers as (solver, NFEs per step or None for a fixed
-    count). A solver with a variable count (singlestep DPM-Solver) gets one sampler per count ≥ 2: its count 1 is
-    DDIM to 1e-12 (tests/test_solvers.py), so it would only double DDIM's work."""
-    out = []
-    for name in ODE_SOLVERS:
-        lo, hi = SOLVER_REGISTRY[name].nfe_per_step
-        out += [(name, k) for k in range(max(lo, 2), hi + 1)] if lo < hi else [(name, None)]
-    return tuple(out)
-
-
-SAMPLERS: tuple[tuple[str, int | None], ...] = _samplers()
 
 
 # ----------------------------------------------------------------------------------------------- statistics
@@ -214,126 +195,3 @@ def compare(evaluation: Evaluation, contenders: Mapping[str, ModelSchedule], ref
     return {"seeds": list(evaluation.seeds), "n": int(evaluation.n), "reference": reference,
             "confidence": confidence, "noise_floor": dict(noise_floor or {}), "contenders": rows,
             "disagreements": flags}
-
-
-# ----------------------------------------------------------------------------------------------- baselines
-def single_member_sampler(member: str, solver: str, order: int | None, spacing: str, nfe: int,
-                          noise: VPSchedule, ays: AYSTable | None = None) -> ModelSchedule | None:
-    """One member with one sampler at exactly `nfe` NFEs, or None if the sampler cannot make that many.
-
-    A solver with a variable NFE count per step (singlestep DPM-Solver-k) reaches any NFE as DPM-Solver's "fast"
-    variant does: ⌊nfe/k⌋ steps of order k and one last, lower-order step for the remainder. A fixed-count solver
-    (Heun: 2) makes only multiples of its count. Spacing `ays` takes the member's AYS steps for this solver from
-    `ays` (None when there are none).
-    """
-    levels = None
-    if spacing == AYS:
-        levels = (ays or {}).get((member, solver))
-        if levels is None:
-            return None
-    spec = SOLVER_REGISTRY[solver]
-    if spec.variable_order:
-        orders = [order] * (nfe // order) + ([nfe % order] if nfe % order else [])
-        steps = len(orders)
-    else:
-        per_step = spec.default_nfe_per_step
-        if nfe % per_step:
-            return None
-        steps, orders = nfe // per_step, None
-    times = spacing_times(spacing, steps, noise, t_end=default_t_end(nfe), ays=levels)
-    label = solver if order is None else f"{solver}-{order}"
-    return ModelSchedule.single(member, times, solver=solver, orders=orders,
-                                meta={"member": member, "sampler": label, "solver": solver, "order": order,
-                                      "spacing": spacing, "nfe": nfe})
-
-
-def t_end_regimes(most: int) -> list[range]:
-    """NFE ranges 1..most split where `default_t_end` changes (DPM-Solver's 1e-3 below 15 NFE, 1e-4 from 15 on):
-    quality is not monotone across that switch (measured on digits: DPM-Solver++ with `tiny`, Karras grid, FID 4.9
-    at 11 NFE but 6.6 at 22), so the NFE searches below treat each regime on its own."""
-    cut = next((n for n in range(2, most + 1) if default_t_end(n) != default_t_end(n - 1)), most + 1)
-    return [r for r in (range(1, min(cut, most + 1)), range(cut, most + 1)) if len(r)]
-
-
-def fitting_nfes(latency: float, budget: float, nfes: str | int) -> list[int]:
-    """NFEs whose cost (nfe × latency) fits the budget: "all"; "largest" (the largest of each t_end regime, see
-    `t_end_regimes`); or an int k (the k largest of each regime)."""
-    most = int(math.floor(budget / latency * (1 + 1e-9)))
-    if nfes == "all":
-        return list(range(1, most + 1))
-    k = 1 if nfes == "largest" else nfes
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise UserError(f"evaluation.baseline_nfes must be 'all', 'largest' or a positive integer, got {nfes!r}")
-    return sorted(n for r in t_end_regimes(most) for n in list(r)[-k:])
-
-
-def single_member_baselines(members: Sequence[str], noise: VPSchedule, latency: Mapping[str, float], budget: float,
-                            nfes: str | int = "all", spacings: Sequence[str] = SPACINGS,
-                            samplers: Sequence[tuple[str, int | None]] = SAMPLERS,
-                            ays: AYSTable | None = None) -> list[ModelSchedule]:
-    """Every member × sampler × spacing at the NFEs of `fitting_nfes` (samplers that cannot make an NFE — Heun at an
-    odd one — take the next one down); with `ays`, also every member and solver that has AYS steps on them. Each
-    schedule's meta names its member, sampler, spacing and NFE."""
-    out: dict[str, ModelSchedule] = {}
-    spacings = tuple(spacings) + ((AYS,) if ays and AYS not in spacings else ())
-    for member in members:
-        wanted = fitting_nfes(latency[member], budget, nfes)
-        for solver, order in samplers:
-            for spacing in spacings:
-                for nfe in wanted:
-                    s = single_member_sampler(member, solver, order, spacing, nfe, noise, ays)
-                    if s is None and nfe > 1:
-                        s = single_member_sampler(member, solver, order, spacing, nfe - 1, noise, ays)
-                    if s is not None:
-                        out.setdefault(schedule_key(s), s)
-    return list(out.values())
-
-
-def cost_at_equal_quality(evaluation: Evaluation, family: ModelSchedule, target: float, latency: float,
-                          max_cost: float, known_nfe: int | None = None, ays: AYSTable | None = None) -> dict | None:
-    """Cheapest NFE of `family`'s sampler (member, solver, spacing as in its meta) whose mean FID over the
-    evaluation seeds is ≤ target, up to max_cost. Bisection over NFE within each t_end regime (`t_end_regimes`),
-    assuming quality improves with NFE inside a regime (a non-monotone dip there could be missed); the cheapest
-    hit of all regimes wins. None if no regime reaches the target."""
-    m = family.meta
-    noise = evaluation.zoo.schedule
-
-    def at(nfe: int) -> ModelSchedule:
-        s = single_member_sampler(m["member"], m["solver"], m["order"], m["spacing"], nfe, noise, ays)
-        return s if s is not None else single_member_sampler(m["member"], m["solver"], m["order"], m["spacing"],
-                                                             nfe + 1, noise, ays)
-
-    spec = SOLVER_REGISTRY[m["solver"]]
-    step = 1 if spec.variable_order else spec.default_nfe_per_step
-    most = int(math.floor(max_cost / latency * (1 + 1e-9)))
-    hits = [n for r in t_end_regimes(most)
-            if (n := _bisect_nfe(evaluation, at, target, r.start, r.stop - 1, step, known_nfe)) is not None]
-    if not hits:
-        return None
-    best = at(min(hits))
-    return {"nfe": best.nfe, "cost": best.nfe * latency, "fid_mean": evaluation.mean(best),
-            "schedule": best.compact(), "sampler": m["sampler"], "member": m["member"], "spacing": m["spacing"]}
-
-
-def _bisect_nfe(evaluation: Evaluation, at, target: float, lo: int, hi: int, step: int,
-                known: int | None) -> int | None:
-    """Smallest NFE in [lo, hi] (multiples of `step`) whose schedule reaches the target, by bisection; None if
-    nothing up to hi does. A known NFE in the range (already scored, e.g. the baseline's) is tried first: when it
-    reaches the target the search stays below it (more NFEs are not always better, so hi might not reach)."""
-    lo = -(-lo // step) * step
-    hi -= hi % step
-    if hi < lo:
-        return None
-    if known is not None and lo <= known <= hi and known % step == 0 and evaluation.mean(at(known)) <= target:
-        hi = known
-    elif evaluation.mean(at(hi)) > target:
-        return None
-    elif known is not None and lo <= known < hi and known % step == 0:
-        lo = known + step
-    while lo < hi:  # invariant: at(hi) reaches the target
-        mid = lo + ((hi - lo) // (2 * step)) * step
-        if evaluation.mean(at(mid)) <= target:
-            hi = mid
-        else:
-            lo = mid + step
-    return hi

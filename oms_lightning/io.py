@@ -1,4 +1,4 @@
-"""Kill-safe file writes and inter-process locks.
+"""Kill-safe file writes, inter-process locks and the reader of the project's tagged JSON files.
 
 Every file the project writes goes through `atomic_path`: the bytes go to a temporary file *next to the target*
 (never under $TMPDIR, which may be another filesystem where a "move" is a copy over the old file), are fsynced,
@@ -8,12 +8,15 @@ torn one, and the previous file stays in place until the new one is complete.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from oms_lightning.errors import UserError
 
 TEMP_SUFFIX = ".tmp"
 
@@ -102,3 +105,17 @@ def file_lock(path: str | os.PathLike, waiting: Callable[[str], None] | None = N
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def read_tagged_json(path: str | os.PathLike, fmt: str, kind: str, fix: str) -> dict:
+    """The JSON object of one of the project's tagged files (`{"format": fmt, ...}`: stages, AYS steps), or a
+    UserError naming the file, what is wrong with it and `fix`. The caller checks the content."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{kind} file {path} is unreadable or not JSON ({type(e).__name__}); {fix}") from None
+    if not isinstance(d, dict) or d.get("format") != fmt:
+        found = d.get("format") if isinstance(d, dict) else None
+        raise UserError(f"{path} is not an oms-lightning {kind} file (format {found!r}, expected {fmt!r}); {fix}")
+    return d

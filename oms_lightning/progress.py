@@ -8,9 +8,10 @@ plain line every `PLAIN_EVERY` seconds and one at the end, so a log holds events
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from lightning.pytorch.callbacks import ProgressBar
 from tqdm.auto import tqdm
@@ -136,3 +137,22 @@ def _is_number(v: Any) -> bool:
     except (TypeError, ValueError):
         return False
     return True
+
+
+def job_log(job: str) -> Callable[[str], None]:
+    """A job's log: one flushed line per event, prefixed by the job's name (`[search] …`)."""
+    def log(msg: str) -> None:
+        print(f"[{job}] {msg}", flush=True)
+    return log
+
+
+STAGE_SECONDS: dict[str, float] = {}   # where a run's time went, stage by stage (the search's summary.json: stage_seconds)
+
+
+@contextlib.contextmanager
+def stage(name: str):
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        STAGE_SECONDS[name] = STAGE_SECONDS.get(name, 0.0) + time.perf_counter() - started

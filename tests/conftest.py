@@ -65,7 +65,7 @@ BIG = {**TINY, "channels": 128}  # (128/8)^2 = 256x the FLOPs of TINY
 
 
 def write_member(root, name, net_kwargs=SMALL, data=DATA, noise=None, seed=0, step=100, data_name="digits"):
-    from oms_lightning.checkpoint import save_member
+    from oms_lightning.zoo import save_member
     from oms_lightning.diffusion.noise_schedule import VPSchedule
     from oms_lightning.nets import UNet
 

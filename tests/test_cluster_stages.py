@@ -8,7 +8,7 @@ import torch
 from conftest import run_cli
 from oms_lightning.diffusion.noise_schedule import VPSchedule
 from oms_lightning.errors import UserError
-from oms_lightning.stages_file import STAGES_FORMAT, load_stages, save_stages, stages_path
+from oms_lightning.diffusion.stages_file import STAGES_FORMAT, load_stages, save_stages, stages_path
 
 TINY_ARGS = ["n_images=16", "n_times=21", "device=cpu"]
 
@@ -27,7 +27,7 @@ def overrides(root, *extra):
 
 
 def run_job(compose, root, *extra):
-    from oms_lightning.cluster_stages_job import cluster_stages_job
+    from oms_lightning.jobs.cluster_stages import cluster_stages_job
 
     return cluster_stages_job(compose("cluster_stages", overrides(root, *extra)))
 

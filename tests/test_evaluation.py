@@ -9,9 +9,9 @@ from scipy import stats
 from oms_lightning.diffusion.noise_schedule import VPSchedule
 from oms_lightning.diffusion.spacing import SPACINGS
 from oms_lightning.errors import UserError
-from oms_lightning.evaluation import (SAMPLERS, Evaluation, check_fresh_seeds, compare, cost_at_equal_quality,
-                                      fitting_nfes, single_member_baselines, single_member_sampler, t_interval,
-                                      verdict)
+from oms_lightning.evaluation import Evaluation, check_fresh_seeds, compare, t_interval, verdict
+from oms_lightning.samplers import (SAMPLERS, cost_at_equal_quality, fitting_nfes, single_member_baselines,
+                                    single_member_sampler)
 from oms_lightning.metrics import METRICS
 from oms_lightning.predictor.records import schedule_key
 

@@ -20,6 +20,7 @@ from oms_lightning import metrics
 from oms_lightning.data import FashionMNISTDataModule
 from oms_lightning.data import fashion_mnist as fm
 from oms_lightning.errors import UserError
+from oms_lightning.metrics import extractors
 from oms_lightning.metrics import (EXTRACTORS, FASHION_FORMAT, FashionClassifierExtractor, FIDEvaluator,
                                    default_extractor_for, feature_extractor, load_or_train_fashion_classifier)
 from oms_lightning.nets import build_preset
@@ -277,7 +278,7 @@ def test_features_are_those_of_the_14_px_images_at_every_size(classifier, raw):
 
 def test_cached_classifier_is_reloaded_without_training(classifier, monkeypatch):
     model, accuracy, cache = classifier
-    monkeypatch.setattr(metrics, "train_fashion_classifier",
+    monkeypatch.setattr(extractors, "train_fashion_classifier",
                         lambda *a, **k: pytest.fail("the cached classifier should have been loaded, not retrained"))
     again = feature_extractor("fashion_classifier", cache)
     assert isinstance(again, FashionClassifierExtractor)
@@ -288,7 +289,7 @@ def test_cached_classifier_is_reloaded_without_training(classifier, monkeypatch)
 def test_corrupt_cache_is_rebuilt_and_foreign_file_refused(classifier, fake_data, tmp_path, monkeypatch):
     path = tmp_path / "fid_fashion_classifier.pt"
     path.write_bytes(b"PK\x03\x04 truncated zip")
-    monkeypatch.setattr(metrics, "train_fashion_classifier", lambda *a, **k: classifier[:2])
+    monkeypatch.setattr(extractors, "train_fashion_classifier", lambda *a, **k: classifier[:2])
     with pytest.warns(UserWarning, match="training it again"):
         load_or_train_fashion_classifier(tmp_path, fake_data, min_accuracy=0.0)
     assert torch.load(path, weights_only=True)["format"] == FASHION_FORMAT
@@ -298,7 +299,7 @@ def test_corrupt_cache_is_rebuilt_and_foreign_file_refused(classifier, fake_data
 
 
 def test_too_low_accuracy_is_refused_and_not_cached(classifier, tmp_path, monkeypatch):
-    monkeypatch.setattr(metrics, "train_fashion_classifier", lambda *a, **k: (classifier[0], 0.5))
+    monkeypatch.setattr(extractors, "train_fashion_classifier", lambda *a, **k: (classifier[0], 0.5))
     with pytest.raises(UserError, match="reached only 0.5000 test accuracy"):
         load_or_train_fashion_classifier(tmp_path)
     assert not (tmp_path / "fid_fashion_classifier.pt").exists()
@@ -370,7 +371,7 @@ def test_a_tiny_search_on_fashion_shaped_data_reports_on_test(classifier, tmp_pa
     from conftest import SMALL as SMALL_NET, TINY as TINY_NET, write_member
     from test_search import tiny_search_args
 
-    from oms_lightning.search import pipeline
+    from oms_lightning.jobs import search as pipeline
     from oms_lightning.zoo import LatencyProfile, Zoo, device_description
 
     monkeypatch.setattr(fm, "FILE_MD5", write_fake(tmp_path / "raw"))

@@ -8,7 +8,7 @@ from conftest import SMALL, TINY, run_cli, write_member
 from oms_lightning.errors import UserError
 from oms_lightning.evaluation import VERDICTS
 from oms_lightning.schedule import ModelSchedule, ScheduleError, schedule_key
-from oms_lightning.schedule_file import load_schedule, save_schedule
+from oms_lightning.schedule.file import load_schedule, save_schedule
 
 TINY_ARGS = ["steps=3", "sub_steps=2", "fine_steps=10", "logger=none", "fit_coefficients.calibration.n=32",
              "fit_coefficients.calibration.held_out=16", "fit_coefficients.evaluation.n=16",
@@ -31,7 +31,7 @@ def overrides(root, *extra):
 
 
 def run_job(compose, root, *extra):
-    from oms_lightning.fit_coefficients_job import fit_coefficients
+    from oms_lightning.jobs.fit_coefficients import fit_coefficients
 
     return fit_coefficients(compose("fit_coefficients", overrides(root, *extra)))
 

@@ -8,6 +8,7 @@ import torch
 
 from oms_lightning import metrics
 from oms_lightning.errors import UserError
+from oms_lightning.metrics import extractors
 from oms_lightning.metrics import (CLASSIFIER_FORMAT, DigitsClassifierExtractor, FIDEvaluator, FIDResult,
                                    InceptionExtractor, default_extractor_for, feature_extractor,
                                    load_or_train_digits_classifier)
@@ -58,7 +59,7 @@ def test_classifier_cache_is_reused_without_training(classifier, cache_dir, monk
     def no_training(*args, **kwargs):
         raise AssertionError("the cached classifier should have been loaded, not retrained")
 
-    monkeypatch.setattr(metrics, "train_digits_classifier", no_training)
+    monkeypatch.setattr(extractors, "train_digits_classifier", no_training)
     model, accuracy = load_or_train_digits_classifier(cache_dir)
     assert accuracy == pytest.approx(classifier[1])
     for key, value in classifier[0].state_dict().items():
@@ -73,7 +74,7 @@ def test_someone_elses_classifier_file_is_a_user_error(tmp_path, monkeypatch, co
         torch.save({"state_dict": {}, "accuracy": 1.0}, path)
     else:
         torch.save({"format": CLASSIFIER_FORMAT, "state_dict": {"x": torch.zeros(1)}, "accuracy": 1.0}, path)
-    monkeypatch.setattr(metrics, "train_digits_classifier",
+    monkeypatch.setattr(extractors, "train_digits_classifier",
                         lambda *a, **k: pytest.fail("a file that is not our cache must not be replaced"))
     with pytest.raises(UserError, match="delete"):
         load_or_train_digits_classifier(tmp_path)
@@ -87,7 +88,7 @@ def test_our_own_stale_classifier_cache_is_rebuilt(tmp_path, monkeypatch, classi
     else:                                            # post-ReLU features: its numbers are not comparable
         state = {k: v.clone() for k, v in DigitsClassifierExtractor().state_dict().items()}
         torch.save({"format": "oms-lightning/fid-classifier-v1", "state_dict": state, "accuracy": 0.97}, path)
-    monkeypatch.setattr(metrics, "train_digits_classifier", lambda *a, **k: classifier)
+    monkeypatch.setattr(extractors, "train_digits_classifier", lambda *a, **k: classifier)
     with pytest.warns(UserWarning, match="training it again"):
         model, accuracy = load_or_train_digits_classifier(tmp_path)
     assert accuracy == classifier[1] and torch.load(path, weights_only=True)["format"] == CLASSIFIER_FORMAT
@@ -184,7 +185,7 @@ def test_inception_offline_is_a_user_error(tmp_path, monkeypatch):
         def __init__(self, *args, **kwargs):
             raise AssertionError("the network must not be built (it would download) when weights are missing")
 
-    monkeypatch.setattr(metrics, "_inception_network_class", lambda: MustNotBuild)
+    monkeypatch.setattr(extractors, "_inception_network_class", lambda: MustNotBuild)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "empty_hub"))
     with pytest.raises(UserError, match="not available offline") as err:
         InceptionExtractor()
@@ -228,7 +229,7 @@ def test_inception_preprocessing_with_a_stand_in_network(tmp_path, monkeypatch):
 
     weights = tmp_path / "inception.pth"
     weights.write_bytes(b"")
-    monkeypatch.setattr(metrics, "_inception_network_class", lambda: StandIn)
+    monkeypatch.setattr(extractors, "_inception_network_class", lambda: StandIn)
     extractor = feature_extractor("inception", tmp_path, weights_path=weights)
     features = extractor(torch.tensor([-1.0, 1.0]).view(2, 1, 1, 1).expand(2, 1, 8, 8))
     assert seen["features"] == ["2048"] and seen["path"] == str(weights) and seen["antialias"] is False

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import TINY, write_member
-from oms_lightning.checkpoint import load_member, save_member
+from oms_lightning.zoo import load_member, save_member
 from oms_lightning.diffusion.noise_schedule import VPSchedule
 from oms_lightning.errors import UserError
 from oms_lightning.nets import MultiDecoderUNet, UNet, build_net
@@ -109,8 +109,8 @@ def test_a_schedule_running_a_stage_outside_its_range_is_refused_with_the_step_n
 def test_train_multistage_from_the_stages_file_then_its_stages_join_the_zoo(compose, tmp_path):
     """train.py model=multistage reads checkpoints/<data>/stages.json, logs a loss per stage, and writes a member
     file whose stage paths the zoo loads; without a stages file the error names cluster_stages.py."""
-    from oms_lightning.stages_file import save_stages, stages_path
-    from oms_lightning.train_job import train
+    from oms_lightning.diffusion.stages_file import save_stages, stages_path
+    from oms_lightning.jobs.train import train
 
     smoke = ["experiment=digits_smoke", "model=multistage", f"paths.checkpoints={tmp_path}"]
     with pytest.raises(UserError, match="cluster_stages.py"):
@@ -129,7 +129,7 @@ def test_train_multistage_from_the_stages_file_then_its_stages_join_the_zoo(comp
 
 
 def test_the_single_member_ablation_of_a_winner_skips_stage_members_that_cannot_run_alone(tmp_path):
-    from oms_lightning.search.pipeline import same_steps_single_member
+    from oms_lightning.samplers import same_steps_single_member
 
     write_multistage(tmp_path)
     write_member(tmp_path, "tiny", TINY)
@@ -153,7 +153,7 @@ def test_the_single_member_ablation_of_a_winner_skips_stage_members_that_cannot_
 def test_iia_fits_a_schedule_whose_stage_member_steps_across_a_boundary(tmp_path):
     """IIA's fine sub-steps run between NFE times: a stage member's reference is its routed net, never the stage
     path outside its range; without the routed member in the zoo the search gets no coefficients (None)."""
-    from oms_lightning.fit_coefficients_job import fit_schedule
+    from oms_lightning.sampling import fit_schedule
 
     write_multistage(tmp_path)
     zoo = Zoo.load(tmp_path, "digits")

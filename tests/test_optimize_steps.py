@@ -6,8 +6,8 @@ import pytest
 from conftest import TINY, run_cli, write_member
 from oms_lightning.errors import UserError
 from oms_lightning.evaluation import VERDICTS
-from oms_lightning.schedule_file import load_schedule
-from oms_lightning.steps import STEPS_FORMAT
+from oms_lightning.schedule.file import load_schedule
+from oms_lightning.diffusion.ays_steps import STEPS_FORMAT
 
 TINY_ARGS = ["model=tiny", "solver=ddim", "steps=3", "logger=none", "optimize_steps.n_mc=32",
              "optimize_steps.n_candidates=5",
@@ -70,7 +70,7 @@ def test_optimize_steps_end_to_end_then_sample_with_spacing_ays(root):
 
 
 def run_job(compose, root, *extra):
-    from oms_lightning.optimize_steps_job import optimize_steps
+    from oms_lightning.jobs.optimize_steps import optimize_steps
 
     return optimize_steps(compose("optimize_steps", overrides(root, *extra)))
 
@@ -110,7 +110,7 @@ def test_an_interrupted_optimisation_resumes_where_it_stopped(compose, root, mon
 
 
 def test_a_resume_under_other_settings_is_refused(compose, root):
-    from oms_lightning.optimize_steps_job import partial_path, resume_state
+    from oms_lightning.jobs.optimize_steps import partial_path, resume_state
 
     partial = root / "x.partial.json"
     partial.write_text(json.dumps({"settings": {"n_mc": 32, "steps": 3}, "state": {
@@ -139,15 +139,15 @@ def test_bad_settings_are_refused_before_any_work(compose, root, extra, message)
 
 
 def test_no_member_is_one_clear_error(compose, root):
-    from oms_lightning.optimize_steps_job import optimize_steps
+    from oms_lightning.jobs.optimize_steps import optimize_steps
 
     with pytest.raises(UserError, match="model=<member>"):
         optimize_steps(compose("optimize_steps", [f"paths.checkpoints={root}", "logger=none"]))
 
 
 def test_a_corrupt_or_differently_made_steps_file_is_optimised_again(root):
-    from oms_lightning.optimize_steps_job import finished_file
-    from oms_lightning.steps import save_steps
+    from oms_lightning.jobs.optimize_steps import finished_file
+    from oms_lightning.diffusion.ays_steps import save_steps
 
     path = root / "tiny-fp-ddim.json"
     settings = {"solver": "ddim", "steps": 3, "n_mc": 32}

@@ -49,7 +49,7 @@ def _summary(budget, fid):
 
 
 def test_the_report_lists_a_run_once_whichever_copies_exist(tmp_path, capsys):
-    from oms_lightning.search.report import collect, main
+    from oms_lightning.jobs.report import collect, main
 
     run = tmp_path / "outputs" / "search" / "run1"
     copy = tmp_path / "outputs" / "wandb" / "wandb" / "offline-run-1" / "files"

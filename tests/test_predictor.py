@@ -16,7 +16,7 @@ from oms_lightning.predictor.module import (PredictorModule, ScheduleFIDDataModu
                                             pairwise_hinge_loss, rank_metrics, rank_metrics_near,
                                             standardised_mse_loss)
 from oms_lightning.schedule import ModelSchedule
-from oms_lightning.schedule_file import schedule_from_dict, schedule_to_dict
+from oms_lightning.schedule.file import schedule_from_dict, schedule_to_dict
 from oms_lightning.search.space import SlotSpace, random_schedules
 
 MEMBERS = ["a", "b", "c"]

@@ -17,7 +17,7 @@ from oms_lightning.predictor import generate as gen
 from oms_lightning.predictor.generate import (generate_distributed, generate_records, merge_shards, shard_path)
 from oms_lightning.predictor.records import FORMAT, RecordStore, fid_settings, schedule_key
 from oms_lightning.schedule import ModelSchedule
-from oms_lightning.schedule_file import schedule_from_dict, schedule_to_dict
+from oms_lightning.schedule.file import schedule_from_dict, schedule_to_dict
 from oms_lightning.search.space import GridSpace, SlotSpace, make_space
 
 MEMBERS = ("a", "b", "c")

@@ -9,7 +9,8 @@ import pytest
 
 from oms_lightning.diffusion.noise_schedule import VPSchedule
 from oms_lightning.errors import UserError
-from oms_lightning.evaluation import non_inferiority, single_member_sampler
+from oms_lightning.evaluation import non_inferiority
+from oms_lightning.samplers import single_member_sampler
 from oms_lightning.schedule import schedule_key
 from oms_lightning.search.refine import (member_moves, neighbours, nfe_moves, race, refine, solver_moves,
                                         time_moves)

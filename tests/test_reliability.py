@@ -41,7 +41,7 @@ def staged(folder) -> list:
 # ---------------------------------------------------------------------- 1. kill-safe saves
 SAVER = textwrap.dedent("""
     import sys, torch
-    from oms_lightning.callbacks import AtomicCheckpointIO
+    from oms_lightning.training.callbacks import AtomicCheckpointIO
     io, target = AtomicCheckpointIO(), sys.argv[1]
     step = 0
     while True:  # big enough that a kill often lands mid-write
@@ -91,7 +91,7 @@ def test_atomic_files_are_fsynced_and_readable_by_others(tmp_path):
 
 # ---------------------------------------------------------------------- 2./3. resume, no-op resume
 def test_a_no_op_resume_leaves_the_member_file_and_the_zoo_fingerprint_alone(compose, tmp_path):
-    from oms_lightning.train_job import train
+    from oms_lightning.jobs.train import train
     from oms_lightning.zoo import Zoo
 
     cfg = lambda *o: compose("train", [*SMOKE, f"paths.checkpoints={tmp_path}", *o])  # noqa: E731
@@ -106,7 +106,7 @@ def test_a_no_op_resume_leaves_the_member_file_and_the_zoo_fingerprint_alone(com
 
 
 def test_train_refuses_to_replace_a_member_whose_training_folder_is_gone(compose, tmp_path):
-    from oms_lightning.train_job import train
+    from oms_lightning.jobs.train import train
 
     write_member(tmp_path, "tiny", TINY)
     before = md5(tmp_path / "digits" / "tiny.ckpt")
@@ -121,7 +121,7 @@ def test_search_resumes_a_member_training_that_was_killed(tmp_path):
     checkpoints), instead of stopping with advice it cannot follow."""
     from hydra import compose, initialize_config_dir
 
-    from oms_lightning.search.pipeline import ensure_zoo
+    from oms_lightning.training import ensure_zoo
 
     steps = ["trainer.max_steps=3000", "checkpoint_every=10", "trainer.val_check_interval=3000",
              "trainer.enable_progress_bar=false"]
@@ -184,7 +184,7 @@ def test_run_folders_are_unique_per_process(compose):
 
 # ---------------------------------------------------------------------- 6. smaller defects
 def test_an_unsafe_pickle_is_refused_as_unsafe_not_with_torchs_advice(tmp_path):
-    from oms_lightning.checkpoint import load_member
+    from oms_lightning.zoo import load_member
 
     path = tmp_path / "evil.ckpt"
     torch.save({"format": "x", "payload": argparse.Namespace(code="would run on load")}, path)

@@ -9,16 +9,18 @@ import sys
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from conftest import ROOT, SMALL, TINY, write_member
 from oms_lightning.diffusion import solvers
 from oms_lightning.diffusion.noise_schedule import VPSchedule
 from oms_lightning.diffusion.seeding import per_sample_noise
 from oms_lightning.errors import UserError
-from oms_lightning.sampling import generate, single_member_schedule, solve
+from oms_lightning.sampling import generate, solve
+from oms_lightning.samplers import single_member_schedule
 from oms_lightning.schedule import ModelSchedule
-from oms_lightning.schedule_file import load_schedule, save_schedule
-from oms_lightning.schedule_slots import from_slots, to_slots
+from oms_lightning.schedule.file import load_schedule, save_schedule
+from oms_lightning.schedule.slots import from_slots, to_slots
 from oms_lightning.zoo import Zoo
 
 
@@ -107,6 +109,21 @@ def run_sample(tmp_path, *args):
     return subprocess.run([sys.executable, "sample.py", f"paths.checkpoints={tmp_path}",
                            f"paths.out_dir={tmp_path / 'out'}", "batch_size=8", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
+
+
+def test_every_output_of_a_run_goes_to_hydras_run_folder(tmp_path):
+    """One convention for every job (issue 24): `hydra.run.dir=...` moves all of a run's files, Hydra's own included."""
+    write_member(tmp_path, "tiny", TINY)
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "sample.py", f"paths.checkpoints={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}",
+                        "batch_size=8", "model=tiny", "steps=2", "n=4"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert {"summary.json", "grid.png", "images.npz", ".hydra"} <= {p.name for p in (tmp_path / "run").iterdir()}
+    for job, key in (("optimize_steps", "run_dir"), ("fit_coefficients", "run_dir"), ("cluster_stages", "run_dir"),
+                     ("search", "run_dir"), ("sample", "out_dir")):
+        cfg = OmegaConf.load(ROOT / "configs" / f"{job}.yaml")
+        assert OmegaConf.to_container(cfg.paths)[key] == "${hydra:runtime.output_dir}", job
 
 
 def test_sample_py_model_and_schedule_json(tmp_path):

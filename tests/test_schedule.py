@@ -12,7 +12,7 @@ from conftest import corrected_schedule
 from oms_lightning.diffusion.solvers import SOLVER_REGISTRY
 from oms_lightning.errors import UserError
 from oms_lightning.schedule import ModelSchedule, ScheduleError, Step
-from oms_lightning.schedule_file import schedule_from_dict, schedule_to_dict
+from oms_lightning.schedule.file import schedule_from_dict, schedule_to_dict
 
 LAT = {"large": 10.0, "small": 3.0, "tiny": 1.5}
 

@@ -1,4 +1,4 @@
-"""A model schedule on disk (oms_lightning.schedule_file): JSON round trips, refused files, atomic writes, v2."""
+"""A model schedule on disk (oms_lightning.schedule.file): JSON round trips, refused files, atomic writes, v2."""
 import json
 import os
 import random
@@ -8,7 +8,7 @@ import pytest
 from conftest import SCHEDULE_ZOO as ZOO
 from conftest import corrected_schedule, random_schedule
 from oms_lightning.schedule import ScheduleError, schedule_key
-from oms_lightning.schedule_file import (FORMAT, FORMAT_V2, load_schedule, save_schedule, schedule_from_dict,
+from oms_lightning.schedule.file import (FORMAT, FORMAT_V2, load_schedule, save_schedule, schedule_from_dict,
                                          schedule_from_json, schedule_to_dict, schedule_to_json)
 
 

@@ -1,4 +1,4 @@
-"""The OMS-DPM slot encoding of a model schedule (oms_lightning.schedule_slots): K triplets, 0 = null."""
+"""The OMS-DPM slot encoding of a model schedule (oms_lightning.schedule.slots): K triplets, 0 = null."""
 import math
 import random
 
@@ -7,7 +7,7 @@ import pytest
 from conftest import SCHEDULE_ZOO as ZOO
 from conftest import random_schedule
 from oms_lightning.schedule import ScheduleError
-from oms_lightning.schedule_slots import from_slots, to_slots
+from oms_lightning.schedule.slots import from_slots, to_slots
 
 
 def test_to_slots_hand(sched):

@@ -35,7 +35,7 @@ def tiny_search_args(root) -> list[str]:
             "search.rerank.n_samples=32", "search.rerank.top_k=2", "search.evaluation.n=32",
             "search.evaluation.seeds=[100,101]", "search.evaluation.timing_rounds=1",
             "search.refine.evaluations=45", "search.refine.rungs=[16]", "search.refine.per_round=4",
-            "search.refine.seeds=3", "search.refine.probes=1", "search.refine.confirm=64",
+            "search.refine.segments=3", "search.refine.probes=1", "search.refine.confirm=64",
             f"hydra.run.dir={root}/run", f"hydra.sweep.dir={root}/multi"]
 
 
@@ -54,7 +54,7 @@ def write_ays(root, member="tiny", solver="dpm_solver++"):
     """An AYS steps file for `member`'s weights (an EDM schedule stands in for an optimised one)."""
     from oms_lightning.diffusion.ays import edm_sigmas, insert_log_midpoints, sigma_of_t
     from oms_lightning.diffusion.noise_schedule import VPSchedule
-    from oms_lightning.steps import save_steps, steps_path
+    from oms_lightning.diffusion.ays_steps import save_steps, steps_path
 
     fp = Zoo.load(root, "digits", [member]).fingerprint()
     noise = VPSchedule()
@@ -66,7 +66,7 @@ def write_ays(root, member="tiny", solver="dpm_solver++"):
 
 def test_the_search_finds_the_ays_steps_of_its_members_weights(zoo_root, compose):
     from oms_lightning.errors import UserError
-    from oms_lightning.search.pipeline import load_ays
+    from oms_lightning.jobs.search import load_ays
 
     zoo = Zoo.load(zoo_root, "digits", ["small", "tiny"])
     cfg = compose("search", tiny_search_args(zoo_root)[:-2])
@@ -146,7 +146,7 @@ def check_fresh_seed_protocol(root, summary):
     from oms_lightning.data import DigitsDataModule
     from oms_lightning.metrics import FIDEvaluator
     from oms_lightning.sampling import generate
-    from oms_lightning.schedule_file import load_schedule
+    from oms_lightning.schedule.file import load_schedule
 
     assert summary["eval_seeds"] == [100, 101] and summary["select_seed"] not in summary["eval_seeds"]
     contenders = summary["comparison"]["contenders"]
@@ -266,10 +266,10 @@ def test_joint_search_writes_the_ablation_of_its_ingredients(zoo_root):
 
 def test_iia_fits_are_kept_in_the_search_cache(zoo_root, compose, monkeypatch):
     """A rerun (or a resumed search) reuses every fit of the same weights and calibration settings."""
-    from oms_lightning import fit_coefficients_job
-    from oms_lightning.evaluation import single_member_sampler
+    from oms_lightning import sampling
+    from oms_lightning.samplers import single_member_sampler
     from oms_lightning.schedule import schedule_key
-    from oms_lightning.search.pipeline import with_iia
+    from oms_lightning.search.dataset import with_iia
 
     cfg = compose("search", tiny_search_args(zoo_root)[:-2] + [
         "search.iia_calibration.n=8", "search.iia_calibration.held_out=4", "search.iia_calibration.sub_steps=2"])
@@ -277,8 +277,8 @@ def test_iia_fits_are_kept_in_the_search_cache(zoo_root, compose, monkeypatch):
     plain = [single_member_sampler("tiny", "dpm_solver++", None, "logsnr_uniform", 3, zoo.schedule),
              single_member_sampler("small", "ddim", None, "time_uniform", 2, zoo.schedule)]
     fits = []
-    real = fit_coefficients_job.fit_schedule
-    monkeypatch.setattr(fit_coefficients_job, "fit_schedule", lambda *a, **k: fits.append(a[1]) or real(*a, **k))
+    real = sampling.fit_schedule
+    monkeypatch.setattr(sampling, "fit_schedule", lambda *a, **k: fits.append(a[1]) or real(*a, **k))
     first = with_iia(cfg, zoo, plain)
     assert len(fits) == 2 and [f.plain() for f in first] == plain and all(f.correction for f in first)
     again = with_iia(cfg, zoo, plain + first)            # from the cache; corrected schedules are not refitted
@@ -301,7 +301,7 @@ def test_bad_iia_setting_and_calibration_seed_overlap_are_refused(zoo_root):
 @pytest.mark.parametrize("spec,seconds", [("900", 0.9), (450, 0.45), ("6xmedium", 6 * 0.128), ("2.5xtiny", 2.5 * 0.022),
                                           ("3 x small", 3 * 0.061), ("4×medium", 4 * 0.128)])
 def test_budgets_in_milliseconds_or_in_nfes_of_a_member(spec, seconds):
-    from oms_lightning.search.pipeline import budget_in_nfes, resolve_budget
+    from oms_lightning.search.settings import budget_in_nfes, resolve_budget
 
     latency = {"medium": 0.128, "small": 0.061, "tiny": 0.022}
     assert resolve_budget(spec, latency) == pytest.approx(seconds)
@@ -315,7 +315,7 @@ def test_budgets_in_milliseconds_or_in_nfes_of_a_member(spec, seconds):
                                           ("nan", "below the cheapest")])
 def test_bad_budget_spellings_are_one_clear_error(spec, message):
     from oms_lightning.errors import UserError
-    from oms_lightning.search.pipeline import resolve_budget
+    from oms_lightning.search.settings import resolve_budget
 
     with pytest.raises(UserError, match=message):
         resolve_budget(spec, {"medium": 0.128, "small": 0.061, "tiny": 0.022})

@@ -6,11 +6,11 @@ import pytest
 
 from oms_lightning.diffusion.noise_schedule import VPSchedule
 from oms_lightning.errors import UserError
-from oms_lightning.evaluation import single_member_baselines, single_member_sampler
+from oms_lightning.samplers import single_member_baselines, single_member_sampler
 from oms_lightning.schedule import schedule_key
 from oms_lightning.search.evolution import evolve
-from oms_lightning.search.space import (JITTER_MAX, SPACE_KINDS, Genome, SamplerSpace, encode_exactly, make_space, make_spaces,
-                                        sampler_anchors)
+from oms_lightning.search.space import JITTER_MAX, SPACE_KINDS, Genome, SamplerSpace, encode_exactly, make_space, make_spaces
+from oms_lightning.samplers import sampler_anchors
 
 NOISE = VPSchedule()
 MEMBERS = ("a", "b", "c")
@@ -141,7 +141,7 @@ AYS = {("a", "dpm_solver++"): ays_levels_for(5.0), ("b", "dpm_solver++"): ays_le
 
 
 def test_ays_schedules_join_the_baselines_and_the_time_grids_of_their_solver():
-    from oms_lightning.steps import ays_sigmas, times_from_sigmas
+    from oms_lightning.diffusion.ays_steps import ays_sigmas, times_from_sigmas
 
     s = single_member_sampler("a", "dpm_solver++", None, "ays", 5, NOISE, AYS)
     assert s.times == pytest.approx(times_from_sigmas(ays_sigmas(AYS[("a", "dpm_solver++")], 5), NOISE))
@@ -200,7 +200,7 @@ STAGED = ("a", "m", "m.s0", "m.s1")          # a plain member, a routed multi-de
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_spaces_only_make_assignments_inside_the_members_time_ranges(kind):
-    from oms_lightning.member_ranges import MemberRanges
+    from oms_lightning.zoo import MemberRanges
 
     ranges = MemberRanges((("m.s0", 0.0, 0.4), ("m.s1", 0.4, 1.0)))
     space = make_space(kind, STAGED, NOISE, 12, ranges=ranges)
@@ -226,7 +226,7 @@ def test_the_joint_space_with_time_frozen_is_the_members_only_search():
     """members_only_spaces (the joint search's first ablation): no time genes, no AYS grids, every schedule on its
     family's logSNR-uniform grid — what remains to search is the members (and the step count)."""
     from oms_lightning.diffusion.spacing import default_t_end, timesteps
-    from oms_lightning.search.pipeline import members_only_spaces
+    from oms_lightning.search.outcome import members_only_spaces
 
     joint = make_spaces("all", MEMBERS, NOISE, 12, AYS)
     frozen = members_only_spaces(joint)

@@ -5,7 +5,7 @@ import torch
 from oms_lightning.diffusion.ays import edm_sigmas, sigma_of_t
 from oms_lightning.diffusion.noise_schedule import VPSchedule
 from oms_lightning.errors import UserError
-from oms_lightning.steps import ays_levels, find_steps, save_steps, spacing_times, steps_path
+from oms_lightning.diffusion.ays_steps import ays_levels, find_steps, save_steps, spacing_times, steps_path
 
 NOISE = VPSchedule()
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import CONFIGS, ROOT, run_cli
-from oms_lightning.checkpoint import load_member
+from oms_lightning.zoo import load_member
 from oms_lightning.errors import UserError
 
 SMOKE = ["experiment=digits_smoke"]
@@ -57,7 +57,7 @@ def test_train_py_end_to_end_writes_member_and_grid(tmp_path):
 
 
 def test_resume_continues_at_saved_step_with_saved_ema(compose, tmp_path):
-    from oms_lightning.train_job import train
+    from oms_lightning.jobs.train import train
 
     first = train(train_cfg(compose, tmp_path))
     run_dir = tmp_path / "digits" / "tiny"
@@ -79,7 +79,7 @@ def test_resume_continues_at_saved_step_with_saved_ema(compose, tmp_path):
 
 
 def test_fresh_start_refuses_to_clobber_an_existing_run(compose, tmp_path):
-    from oms_lightning.train_job import train
+    from oms_lightning.jobs.train import train
 
     train(train_cfg(compose, tmp_path))
     with pytest.raises(UserError, match="ckpt_path=last"):
@@ -118,7 +118,7 @@ def test_paper_recipe_is_exact(compose):
     ("sampling.solver=nope", "invalid value sampling.solver='nope': unknown solver 'nope'; choose one of: ddim,"),
 ])
 def test_bad_values_are_refused_before_training(compose, tmp_path, override, message):
-    from oms_lightning.train_job import train
+    from oms_lightning.jobs.train import train
 
     if override == "trainer.accelerator=gpu" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
@@ -185,7 +185,7 @@ def test_bad_sampling_solver_fails_at_construction(compose, overrides, message):
 
 
 def test_unwritable_checkpoint_folder(compose, tmp_path):
-    from oms_lightning.train_job import train
+    from oms_lightning.jobs.train import train
 
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
@@ -198,7 +198,7 @@ def test_unwritable_checkpoint_folder(compose, tmp_path):
     ("foreign", "not a Lightning training checkpoint"),
 ])
 def test_corrupt_or_foreign_checkpoint_on_resume(compose, tmp_path, content, message):
-    from oms_lightning.train_job import train
+    from oms_lightning.jobs.train import train
 
     bad = tmp_path / "bad.ckpt"
     if content == "foreign":
@@ -210,7 +210,7 @@ def test_corrupt_or_foreign_checkpoint_on_resume(compose, tmp_path, content, mes
 
 
 def test_checkpoint_of_another_member_is_refused(compose, tmp_path):
-    from oms_lightning.train_job import train
+    from oms_lightning.jobs.train import train
 
     train(train_cfg(compose, tmp_path))
     other = tmp_path / "digits" / "tiny" / "last.ckpt"

@@ -6,9 +6,9 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import torch
 
-import oms_lightning.zoo as zoo_mod
+import oms_lightning.zoo.profiler as zoo_mod
 from conftest import BIG, DATA, SMALL, TINY, write_member
-from oms_lightning.checkpoint import save_member
+from oms_lightning.zoo import save_member
 from oms_lightning.diffusion.denoiser import EpsDenoiser
 from oms_lightning.diffusion.noise_schedule import VPSchedule
 from oms_lightning.errors import UserError

@@ -9,7 +9,7 @@ import math
 import torch
 from torch import Tensor
 
-from .ays import kl_optimal_sigmas
+from .ays_sigmas import kl_optimal_sigmas
 from .noise_schedule import VPSchedule
 
 SPACINGS = ("time_uniform", "time_quadratic", "logsnr_uniform", "karras", "kl_optimal")

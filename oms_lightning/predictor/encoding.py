@@ -31,7 +31,7 @@ from oms_lightning.diffusion.noise_schedule import VPSchedule
 from oms_lightning.diffusion.solvers import IIA_FEATURE_SETS, SOLVER_REGISTRY
 from oms_lightning.errors import UserError
 from oms_lightning.schedule import ModelSchedule
-from oms_lightning.schedule_slots import SLOTS_PER_STEP
+from oms_lightning.schedule.slots import SLOTS_PER_STEP
 
 LAMBDA_SCALE = 10.0
 MAX_ORDER = SLOTS_PER_STEP

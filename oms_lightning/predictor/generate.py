@@ -23,7 +23,7 @@ from oms_lightning.errors import UserError
 from oms_lightning.predictor.records import RecordStore, fid_settings, schedule_key, settings_fingerprint
 from oms_lightning.sampling import generate
 from oms_lightning.schedule import ModelSchedule
-from oms_lightning.schedule_file import schedule_to_dict
+from oms_lightning.schedule.file import schedule_to_dict
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def _to_device(zoo, evaluator, device):
 
 def _worker(fabric, zoo, schedule_dicts, store_path, evaluator, n, seed, batch_size, profile_dict,
             progress) -> list[dict]:
-    from oms_lightning.schedule_file import schedule_from_dict
+    from oms_lightning.schedule.file import schedule_from_dict
     from oms_lightning.zoo import LatencyProfile
 
     rank, world = fabric.global_rank, fabric.world_size

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from oms_lightning.diffusion.noise_schedule import VPSchedule
 from oms_lightning.errors import UserError
 from oms_lightning.schedule import ModelSchedule
-from oms_lightning.schedule_file import schedule_from_dict
+from oms_lightning.schedule.file import schedule_from_dict
 
 from .encoding import MAX_ORDER, EncodedSchedules, ScheduleEncoder
 from .network import SchedulePredictor

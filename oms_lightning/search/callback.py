@@ -1,7 +1,7 @@
 """SearchCallback: the evolution in every search space under every budget, scored by a trained predictor.
 
 Attached to a predictor's Trainer it runs when `fit` ends, with the best weights restored; `search(predictor)` runs
-it on any trained predictor. The pipeline (`search/pipeline.py`) does the latter after caching the predictor, so a
+it on any trained predictor. The search job (`jobs/search.py`) does the latter after caching the predictor, so a
 search killed during the evolution never trains the predictor again; re-ranking, evaluation and reporting follow
 there."""
 from __future__ import annotations
@@ -21,22 +21,22 @@ from oms_lightning.search.space import encode_exactly
 class SearchCallback(Callback):
     """Runs `evolve_frontier` per space at `on_fit_end` (best checkpoint restored first), or directly via `search`.
 
-    starts[budget] → schedules (e.g. the best single-member samplers within that budget) that start each space's
+    initial[budget] → schedules (e.g. the best single-member samplers within that budget) that start each space's
     population where they are points of it: the best half a population of them by predicted score. After a search,
     `results[budget]` lists one SearchResult per space, in the order of `spaces`.
     """
 
     def __init__(self, spaces: Sequence[Any], cost_fn: Callable[[ModelSchedule], float], budgets: Sequence[float],
                  seed: int = 0, evolution: dict | None = None,
-                 starts: Mapping[float, Sequence[ModelSchedule]] | None = None):
+                 initial: Mapping[float, Sequence[ModelSchedule]] | None = None):
         self.spaces, self.cost_fn, self.budgets = list(spaces), cost_fn, [float(b) for b in budgets]
-        self.seed, self.evolution, self.starts = seed, dict(evolution or {}), dict(starts or {})
+        self.seed, self.evolution, self.initial = seed, dict(evolution or {}), dict(initial or {})
         self.results: dict[float, list[SearchResult]] = {}
 
-    def initial(self, space, budget: float, cache: ScoreCache) -> list:
-        """The genotypes of `starts[budget]` that `space` holds exactly, best predicted first, at most half a
+    def initial_genotypes(self, space, budget: float, cache: ScoreCache) -> list:
+        """The genotypes of `initial[budget]` that `space` holds exactly, best predicted first, at most half a
         population: the evolution starts where the baselines end."""
-        pairs = [(s, g) for s in self.starts.get(budget, ()) if (g := encode_exactly(space, s)) is not None]
+        pairs = [(s, g) for s in self.initial.get(budget, ()) if (g := encode_exactly(space, s)) is not None]
         if not pairs:
             return []
         scores, _ = cache.score([s for s, _ in pairs])
@@ -55,7 +55,7 @@ class SearchCallback(Callback):
         self.results = {b: [] for b in self.budgets}
         generations = int(self.evolution.get("generations", 200))
         for space in self.spaces:
-            seeds = lambda b, sp=space: self.initial(sp, b, cache)  # noqa: E731
+            initial = lambda b, sp=space: self.initial_genotypes(sp, b, cache)  # noqa: E731
             name = getattr(space, "solver", type(space).__name__)
             with progress_bar(total=generations * len(self.budgets), desc=f"evolution ({name})", unit="gen") as bar:
                 def progress(gen, best, bar=bar):
@@ -63,7 +63,7 @@ class SearchCallback(Callback):
                     bar.set_postfix(score=f"{best.score:.3f}", nfe=best.schedule.nfe, refresh=False)
 
                 found = evolve_frontier(space, predictor.predict_scores, self.cost_fn, self.budgets, seed=self.seed,
-                                        cache=cache, seeds=seeds, progress=progress, **self.evolution)
+                                        cache=cache, initial=initial, progress=progress, **self.evolution)
             for b in self.budgets:
                 if found[b] is None:
                     write(f"[search] {name}: no schedule of this space fits {1000 * b:.1f} ms; skipped there")

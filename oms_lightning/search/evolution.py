@@ -262,7 +262,7 @@ def evolve(space, score_fn: ScoreFn, cost_fn: CostFn, budget: float, *, populati
         pending.clear()
         return out, new
 
-    # ---- initial population: extra seeds, repaired random starts, then mutants of the starts
+    # ---- initial population: the `initial` genotypes, repaired random starts, then mutants of the starts
     for g in initial:
         offer(g)
     start_genotypes = []
@@ -313,8 +313,8 @@ def _truncate(cands: list[Candidate], k: int) -> list[Candidate]:
 
 
 def evolve_frontier(space, score_fn: ScoreFn, cost_fn: CostFn, budgets: Sequence[float],
-                    seeds: Callable[[float], Sequence[Any]] | None = None, **kw) -> dict[float, SearchResult | None]:
-    """One evolution per budget (ascending), one shared score cache, each run seeded with `seeds(budget)` (e.g. the
+                    initial: Callable[[float], Sequence[Any]] | None = None, **kw) -> dict[float, SearchResult | None]:
+    """One evolution per budget (ascending), one shared score cache, each run starting from `initial(budget)` (e.g. the
     best single-member samplers within it) and the previous budget's final population → {budget: SearchResult} in
     the order given, best score non-increasing in the budget; None for a budget no schedule of the space fits (a
     space of 2-NFE Heun steps under a budget of one NFE: the other spaces of a search still have their say)."""
@@ -325,11 +325,10 @@ def evolve_frontier(space, score_fn: ScoreFn, cost_fn: CostFn, budgets: Sequence
     except (TypeError, ValueError):
         raise UserError(f"budgets must be numbers, got {budgets!r}") from None
     cache = kw.pop("cache", None) or ScoreCache(score_fn)
-    kw.pop("initial", None)
     results: dict[float, SearchResult] = {}
     previous: list[Any] = []
     for b in sorted(dict.fromkeys(asked)):
-        start = list(seeds(b)) if seeds is not None else []
+        start = list(initial(b)) if initial is not None else []
         try:
             r = evolve(space, score_fn, cost_fn, b, cache=cache, initial=start + previous, **kw)
         except NoScheduleFits:

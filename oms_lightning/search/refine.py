@@ -231,13 +231,13 @@ class Refinement:
         return self.archive[schedule_key(s)][1]
 
 
-def refine(starts: Sequence[ModelSchedule], reference: ModelSchedule, seeds: Sequence[ModelSchedule],
+def refine(starts: Sequence[ModelSchedule], reference: ModelSchedule, segments: Sequence[ModelSchedule],
            fid_at: FidAt, cost: CostFn, move: Callable[[ModelSchedule], list[ModelSchedule]], *,
            rungs: Sequence[int], evaluations: int, keep: float = 1 / 3, width: int = 3, per_round: int = 24,
            cheapest_share: float = 0.34, confirm: int = 0, confirm_top: int = 4, seed: int = 0,
            log: Callable[[str], None] | None = None) -> Refinement:
     """Local search by true FID. `starts` (measured at the full count, the reference among them) seed the archive;
-    `seeds` (unmeasured, e.g. segment schedules) enter the first race; then each round races up to `per_round`
+    `segments` (unmeasured segment schedules) enter the first race; then each round races up to `per_round`
     unseen neighbours (`move`) of the `width` best archive entries of the current objective — the leader's first,
     so its neighbourhood is exhausted before the runners-up get a look — until `evaluations` candidates have been
     raced. The `cheapest` objective (its share of the evaluations) only takes moves that
@@ -309,7 +309,7 @@ def refine(starts: Sequence[ModelSchedule], reference: ModelSchedule, seeds: Seq
         return [e[0] for e in feasible[:width]]
 
     budget_best = evaluations - int(round(cheapest_share * evaluations))
-    run_round("best", list(seeds), budget_best, size=budget_best)  # the seeds race all together, first
+    run_round("best", list(segments), budget_best, size=budget_best)  # the segment schedules race together, first
     for objective, limit in (("best", budget_best), ("cheapest", evaluations)):
         while spent < limit:
             pool = []

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from oms_lightning.diffusion.noise_schedule import VPSchedule
+from oms_lightning.samplers import single_member_sampler
 from oms_lightning.schedule import ModelSchedule, ScheduleError, schedule_key
 
 
@@ -44,8 +45,6 @@ def segment_schedule(runs: Sequence[tuple[str, int]], sampler: Sampler, noise: V
                      ays=None) -> ModelSchedule | None:
     """The sampler at NFE = Σ run lengths, NFE j of it run by the member of the run j falls in (runs noisy → clean).
     None when the sampler cannot make that NFE (Heun at an odd one) or a run is empty."""
-    from oms_lightning.evaluation import single_member_sampler  # evaluation builds on sampling, not on the search
-
     if not runs or any(n < 1 for _, n in runs):
         return None
     nfe = sum(n for _, n in runs)

@@ -16,8 +16,8 @@ A schedule may carry IIA coefficients (`Correction`: feature set, one row per st
 weights and times they were fitted for). `meta` is a free-form JSON object (cost, fid, data, zoo, ...) that takes
 no part in equality.
 
-This module is the data type alone: its JSON file form is `oms_lightning.schedule_file` (`save_schedule`,
-`load_schedule`), the OMS-DPM slot encoding `oms_lightning.schedule_slots` (`to_slots`, `from_slots`).
+This module is the data type alone: its JSON file form is `oms_lightning.schedule.file` (`save_schedule`,
+`load_schedule`), the OMS-DPM slot encoding `oms_lightning.schedule.slots` (`to_slots`, `from_slots`).
 """
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .diffusion.solvers import SolverError, SolverSpec, get_solver
-from .errors import UserError
+from oms_lightning.diffusion.solvers import SolverError, SolverSpec, get_solver
+from oms_lightning.errors import UserError
 
 _TIME_TOL = 1e-12
 

@@ -18,23 +18,23 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from oms_lightning.progress import progress as progress_bar
+from oms_lightning.progress import job_log, progress as progress_bar
 
 from oms_lightning.diffusion import ays
+from oms_lightning.diffusion.ays_steps import AYS, ays_levels, ays_sigmas, load_steps, save_steps, steps_path, times_from_sigmas
 from oms_lightning.diffusion.solvers import get_solver
 from oms_lightning.diffusion.spacing import SPACINGS, default_t_end, timesteps
 from oms_lightning.errors import UserError
 from oms_lightning.evaluation import Evaluation, check_fresh_seeds, compare
 from oms_lightning.io import atomic_path, atomic_write_text
 from oms_lightning.metrics import SampleMetrics, sample_metrics_for, search_evaluator_for
-from oms_lightning.sampling import generate, single_member_schedule
+from oms_lightning.samplers import single_member_schedule
+from oms_lightning.sampling import generate
 from oms_lightning.schedule import ModelSchedule
-from oms_lightning.steps import AYS, ays_levels, ays_sigmas, load_steps, save_steps, steps_path, times_from_sigmas
 from oms_lightning.zoo import Zoo, resolve_device
 
 
-def log(msg: str) -> None:
-    print(f"[optimize_steps] {msg}", flush=True)
+log = job_log("optimize_steps")
 
 
 # ----------------------------------------------------------------------------------------------- settings

@@ -13,35 +13,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from oms_lightning.errors import UserError
 from oms_lightning.images import save_grid, to_uint8
 from oms_lightning.io import atomic_path, atomic_write_text
-from oms_lightning.sampling import generate, single_member_schedule
+from oms_lightning.jobs.common import load_zoo_and_schedule
+from oms_lightning.sampling import generate
 from oms_lightning.schedule import ModelSchedule
-from oms_lightning.schedule_file import load_schedule, save_schedule, schedule_to_json
-from oms_lightning.steps import AYS, ays_levels, find_steps
-from oms_lightning.zoo import Zoo, latency_path, load_or_profile, resolve_device
-
-
-def member_name(cfg: DictConfig) -> str | None:
-    """`model=<preset>` selects configs/model/<preset>.yaml (absent by default): its name is the member's."""
-    model = cfg.get("model")
-    return None if model is None else str(model.name)
-
-
-def load_zoo_and_schedule(cfg: DictConfig, device) -> tuple[Zoo, ModelSchedule]:
-    """The schedule file (read once) or one member everywhere, and a zoo holding just the members it uses."""
-    if (member_name(cfg) is None) == (cfg.schedule is None):
-        raise UserError("give exactly one of model=<member> (one member for every step) or schedule=PATH.json")
-    loaded = load_schedule(cfg.schedule) if cfg.schedule is not None else None
-    names = [member_name(cfg)] if loaded is None else list(loaded.member_names)
-    zoo = Zoo.load(cfg.paths.checkpoints, str(cfg.data.name), names=names, device=device)
-    if loaded is None:
-        ays = (ays_levels(find_steps(cfg.paths.checkpoints, str(cfg.data.name), names[0], zoo.fingerprint(),
-                                     str(cfg.solver))) if cfg.spacing == AYS else None)
-        loaded = single_member_schedule(names[0], str(cfg.solver), cfg.steps, zoo.schedule, order=cfg.order,
-                                        spacing=str(cfg.spacing), t_end=cfg.t_end, ays=ays)
-    return zoo, loaded.validate(zoo.names, t_min=zoo.schedule.t_min)
+from oms_lightning.schedule.file import save_schedule, schedule_to_json
+from oms_lightning.zoo import latency_path, load_or_profile, resolve_device
 
 
 def sample(cfg: DictConfig) -> dict:

@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .io import atomic_write_text
-from .schedule import Correction, ModelSchedule, ScheduleError
+from oms_lightning.io import atomic_write_text
+from oms_lightning.schedule.model import Correction, ModelSchedule, ScheduleError
 
 FORMAT = "oms-lightning/model-schedule-v1"
 FORMAT_V2 = "oms-lightning/model-schedule-v2"   # v1 + optional IIA coefficients ("correction"); v1 files still load

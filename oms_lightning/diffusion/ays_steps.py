@@ -19,7 +19,7 @@ from oms_lightning.diffusion.noise_schedule import VPSchedule
 from oms_lightning.diffusion.solvers import get_solver
 from oms_lightning.diffusion.spacing import SPACINGS, timesteps, validate_times
 from oms_lightning.errors import UserError
-from oms_lightning.io import atomic_write_text
+from oms_lightning.io import atomic_write_text, read_tagged_json
 
 STEPS_FORMAT = "oms-lightning/steps-v1"
 AYS = "ays"
@@ -44,14 +44,7 @@ def load_steps(path: str | Path, member: str, fingerprint: str, solver: str) -> 
     that every level is a valid schedule. UserError saying what is wrong and the command that makes a good one."""
     path = Path(path)
     fix = "run `optimize_steps.py` again for this member (it rewrites the file)"
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"steps file {path} is unreadable or not JSON ({type(e).__name__}); {fix}") from None
-    if not isinstance(d, dict) or d.get("format") != STEPS_FORMAT:
-        found = d.get("format") if isinstance(d, dict) else None
-        raise UserError(f"{path} is not an oms-lightning steps file (format {found!r}, expected {STEPS_FORMAT!r}); "
-                        f"{fix}")
+    d = read_tagged_json(path, STEPS_FORMAT, "steps", fix)
     if d.get("member") != member or d.get("fingerprint") != fingerprint:
         raise UserError(f"{path} was optimised for member {d.get('member')!r} with weights {d.get('fingerprint')}, "
                         f"not {member!r} with weights {fingerprint}: a schedule optimised for other weights does "

@@ -14,7 +14,7 @@ from pathlib import Path
 from oms_lightning.diffusion.noise_schedule import VPSchedule
 from oms_lightning.diffusion.stages import StageError, validate_boundaries
 from oms_lightning.errors import UserError
-from oms_lightning.io import atomic_write_text
+from oms_lightning.io import atomic_write_text, read_tagged_json
 
 STAGES_FORMAT = "oms-lightning/stages-v1"
 STAGES_FILE = "stages.json"
@@ -68,14 +68,7 @@ def read_stages_file(path: Path, fix: str) -> dict:
     """The file's JSON object with the right format tag, or UserError."""
     if not path.is_file():
         raise UserError(f"no stage boundaries at {path}; {fix.replace(' (it rewrites the file)', '')} first")
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"stages file {path} is unreadable or not JSON ({type(e).__name__}); {fix}") from None
-    if not isinstance(d, dict) or d.get("format") != STAGES_FORMAT:
-        found = d.get("format") if isinstance(d, dict) else None
-        raise UserError(f"{path} is not an oms-lightning stages file (format {found!r}, expected "
-                        f"{STAGES_FORMAT!r}); {fix}")
+    d = read_tagged_json(path, STAGES_FORMAT, "stages", fix)
     return d
 
 

@@ -1,4 +1,5 @@
-"""`python train.py`: train one zoo member and write `checkpoints/<data>/<member>.ckpt` (EMA weights) + a grid.
+"""Train one zoo member (what `python train.py` and the search's missing members run) and write
+`checkpoints/<data>/<member>.ckpt` (EMA weights) + a grid.
 
 Layout for member M on data D (paths.run_dir):
     checkpoints/D/M.ckpt         the zoo member (EMA weights, plain containers; what sampling and search load)
@@ -21,15 +22,15 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
 from omegaconf import DictConfig, OmegaConf
 
-from oms_lightning.callbacks import EMA, AtomicCheckpointIO
-from oms_lightning.progress import PlainProgressBar, on_terminal
-from oms_lightning.checkpoint import check_training_checkpoint, load_member, save_member
 from oms_lightning.config import shorten_validation_interval, validate_train_config
 from oms_lightning.errors import UserError
 from oms_lightning.images import save_grid
-from oms_lightning.io import remove_orphans
+from oms_lightning.io import file_lock, remove_orphans
+from oms_lightning.progress import PlainProgressBar, job_log, on_terminal
 from oms_lightning.tracking import make_logger
-from oms_lightning.training import DiffusionModule, module_from_config
+from oms_lightning.training.callbacks import EMA, AtomicCheckpointIO
+from oms_lightning.training.module import DiffusionModule, module_from_config
+from oms_lightning.zoo import check_training_checkpoint, load_member, save_member, split_member_name, train_command
 
 
 def member_path(cfg: DictConfig) -> Path:
@@ -100,7 +101,7 @@ def expected_hparams(module: DiffusionModule) -> dict:
     return {"model_name": h.model_name, "net": h.net, "data": h.data, "noise": h.noise}
 
 
-def train(cfg: DictConfig) -> dict:
+def train_member(cfg: DictConfig) -> dict:
     """Train one member as configured; returns a summary (paths, steps, val loss, wall time)."""
     if shorten_validation_interval(cfg):
         print(f"trainer.max_steps={cfg.trainer.max_steps} is shorter than one validation interval: validating once, "
@@ -176,3 +177,44 @@ def finish(cfg: DictConfig, module: DiffusionModule, trainer: L.Trainer, wall: f
           f"  zoo member (EMA weights): {path}\n  sample grid:              {grid}\n"
           f"  training state (resume):  {Path(cfg.paths.run_dir) / 'last.ckpt'}  (ckpt_path=last)")
     return summary
+
+
+# ----------------------------------------------------------------------------------------------- a zoo's missing members
+log = job_log("search")   # the search trains a zoo's missing members through this code path
+
+
+def waiting_for(holder: str) -> None:
+    log(f"waiting for another search on the same cache ({holder}); its results will be reused")
+
+
+def missing_members(cfg: DictConfig) -> list[str]:
+    folder = Path(cfg.paths.checkpoints) / str(cfg.data.name)
+    files = sorted({split_member_name(m)[0] for m in cfg.zoo.members})   # `multistage.s0` lives in multistage.ckpt
+    return [m for m in files if not (folder / f"{m}.ckpt").is_file()]
+
+
+def ensure_zoo(cfg: DictConfig) -> None:
+    """Train missing members through train.py's own code path, or stop with the commands to run. Under a lock:
+    a second search waits for the first one's training instead of training the same member again."""
+    missing = missing_members(cfg)
+    if missing and not cfg.zoo.train_missing:
+        cmds = "\n".join(f"  {train_command(m, str(cfg.data.name))}" for m in missing)
+        raise UserError(f"zoo member(s) {', '.join(missing)} are not trained yet; train them with\n{cmds}\n"
+                        "or run search.py with zoo.train_missing=true")
+    if missing:
+        with file_lock(Path(cfg.paths.checkpoints) / str(cfg.data.name) / ".train.lock", waiting=waiting_for):
+            _train_missing(cfg, missing_members(cfg))  # again: another search may have trained them meanwhile
+
+
+def _train_missing(cfg: DictConfig, missing: list[str]) -> None:
+    from hydra import compose
+
+    for m in missing:
+        train_cfg = compose("train", overrides=[f"model={m}", f"data={cfg.data.name}",
+                                                f"paths.checkpoints={cfg.paths.checkpoints}", *cfg.zoo.train_overrides])
+        # a search killed while training this member left its training state: continue it, never start over
+        resume = (Path(train_cfg.paths.run_dir) / "last.ckpt").is_file()
+        if resume:
+            train_cfg.ckpt_path = "last"
+        log(f"{'resuming' if resume else 'training'} missing zoo member {m!r} ({', '.join(cfg.zoo.train_overrides)})")
+        train_member(train_cfg)

@@ -1,6 +1,6 @@
 """DiffusionModule: trains one ε-prediction U-Net of the zoo (DDPM objective, continuous-time VP).
 
-EMA is not implemented here: Lightning's weight-averaging callback (see `oms_lightning.callbacks.EMA`) swaps the
+EMA is not implemented here: Lightning's weight-averaging callback (see `oms_lightning.training.callbacks.EMA`) swaps the
 EMA weights in for validation and sampling, stores them as the checkpoint's `state_dict` and restores both copies
 on resume.
 """
@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from oms_lightning.diffusion.ays_steps import AYS
 from oms_lightning.diffusion.denoiser import EpsDenoiser
 from oms_lightning.diffusion.noise_schedule import VPSchedule
 from oms_lightning.diffusion.seeding import SampleNoise, per_sample_noise
@@ -20,7 +21,6 @@ from oms_lightning.diffusion.solvers import SolverError, get_solver
 from oms_lightning.diffusion.spacing import SPACINGS, timesteps
 from oms_lightning.errors import UserError
 from oms_lightning.nets import build_net
-from oms_lightning.steps import AYS
 
 # `sampling` of configs/train.yaml; a checkpoint's saved hparams may predate a key (e.g. order).
 DEFAULT_SAMPLING = {"solver": "dpm_solver++", "steps": 20, "order": None, "spacing": "logsnr_uniform", "grid_size": 64,
@@ -182,7 +182,7 @@ def stage_boundaries(cfg: Any, data_name: str, stages: int) -> list[float]:
 
     if cfg.model.get("boundaries") is not None:
         return list(validate_boundaries(list(cfg.model.boundaries), stages=stages, t_min=float(cfg.diffusion.t_min)))
-    from oms_lightning.stages_file import load_stages, stages_path
+    from oms_lightning.diffusion.stages_file import load_stages, stages_path
 
     noise = OmegaConf.to_container(cfg.diffusion, resolve=True)
     return list(load_stages(stages_path(cfg.paths.checkpoints, data_name), stages=stages, noise=noise))

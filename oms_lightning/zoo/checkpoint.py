@@ -14,12 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from oms_lightning.diffusion.noise_schedule import VPSchedule
 from oms_lightning.errors import UserError
 from oms_lightning.io import atomic_torch_save
-from torch import nn
-
 from oms_lightning.nets import build_net
 
 MEMBER_FORMAT = "oms-lightning/member-v1"

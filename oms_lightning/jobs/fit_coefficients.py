@@ -19,38 +19,35 @@ The paper's warning stands: a lower local error need not mean a better FID — t
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
-import warnings
 from pathlib import Path
 
 import torch
-from oms_lightning.progress import progress as progress_bar
 from omegaconf import DictConfig, OmegaConf
 
 from oms_lightning.diffusion import iia
-from oms_lightning.diffusion.seeding import per_sample_noise
 from oms_lightning.diffusion.solvers import SOLVER_REGISTRY, SolverSpec, get_solver
 from oms_lightning.errors import UserError
 from oms_lightning.evaluation import Evaluation, check_fresh_seeds, compare
 from oms_lightning.images import save_grid
 from oms_lightning.io import atomic_write_text
-from oms_lightning.member_ranges import split_member_name
+from oms_lightning.jobs.common import load_zoo_and_schedule, member_name
 from oms_lightning.metrics import sample_metrics_for
-from oms_lightning.sample_job import load_zoo_and_schedule, member_name
-from oms_lightning.sampling import generate
+from oms_lightning.progress import job_log
+from oms_lightning.sampling import (calibration_noise, fine_reference_for, generate, run_fit, schedule_times,
+                                    with_coefficients)
 from oms_lightning.schedule import ModelSchedule
-from oms_lightning.schedule_file import save_schedule
+from oms_lightning.schedule.file import save_schedule
 from oms_lightning.zoo import Zoo, resolve_device, time_schedules
+from oms_lightning.zoo import split_member_name
 
 OVERHEAD_GOAL = 1.03   # IIA costs no extra NFE: the corrected sampler should be within 3 % of the plain one's time
 GRID_SAMPLES = 64
 
 
-def log(msg: str) -> None:
-    print(f"[fit_coefficients] {msg}", flush=True)
+log = job_log("fit_coefficients")
 
 
 # ----------------------------------------------------------------------------------------------- settings
@@ -166,90 +163,12 @@ def load_plain_schedule(cfg: DictConfig, settings: dict, device) -> tuple[Zoo, M
     return zoo, plain
 
 
-def fine_reference_for(zoo: Zoo, plain: ModelSchedule, reference_member: str | None):
-    """What IIA's fine sub-steps evaluate: the reference member, else each step's own members, with a multi-decoder
-    stage member's routed net in its place (the sub-steps run between NFE times, possibly outside its stage)."""
-    if reference_member:
-        return zoo.denoiser(reference_member)
-    staged = any(split_member_name(m)[1] is not None for m in plain.member_names)
-    return zoo.routed_denoisers_for(plain) if staged else None
-
-
-def with_coefficients(plain: ModelSchedule, fit: iia.IIAFit, zoo: Zoo, settings: dict) -> ModelSchedule:
-    """The plain schedule carrying the fitted coefficients and its members' weights fingerprint. The plain meta
-    moves under "plain": numbers measured for the plain sampler (a search winner's FID, cost) are not the IIA's."""
-    corrected = plain.with_correction(fit.feature_set, fit.coefficients, zoo.fingerprint(plain.member_names))
-    return dataclasses.replace(corrected, meta={
-        "plain": plain.meta, "iia": {"feature_set": fit.feature_set, "sub_steps": fit.sub_steps,
-                                     "calibration": settings["calibration"],
-                                     "reference_member": settings["reference_member"]}})
-
-
-def fit_schedule(zoo: Zoo, plain: ModelSchedule, calibration: dict, sub_steps: int = 10,
-                 feature_set: str | None = None) -> ModelSchedule | None:
-    """`plain` carrying IIA coefficients (its solver's first feature set unless given) fitted on `calibration`
-    noise ({n, held_out, seed}), or None when its solver has no IIA features: what `search.iia=rerank` applies to
-    the search's top candidates."""
-    spec = get_solver(plain.solver)
-    if not spec.feature_sets or any(split_member_name(m)[0] not in zoo for m in plain.member_names):
-        return None   # (a stage member's fine reference needs its routed member in the zoo)
-    settings = {"feature_set": feature_set or spec.feature_sets[0], "sub_steps": int(sub_steps),
-                "calibration": dict(calibration), "reference_member": None}
-    x_fit, x_held = calibration_noise(zoo, settings["calibration"])
-    fit, _ = run_fit(zoo, plain.plain(), settings, x_fit, x_held, fine_reference_for(zoo, plain, None))
-    return with_coefficients(plain.plain(), fit, zoo, settings)
-
-
-def calibration_noise(zoo: Zoo, calibration: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Samples 0..n−1 of the calibration seed (the fit batch) and n..n+h−1 (the held-out batch): the same
-    per-sample noise `generate` draws, so sample i of this seed is one image whatever the batch."""
-    n, held, seed = calibration["n"], calibration["held_out"], calibration["seed"]
-
-    def noise(indices: range) -> torch.Tensor:
-        return per_sample_noise(zoo.image_shape, indices, seed, dtype=zoo.dtype, device=zoo.device)
-
-    return noise(range(n)), noise(range(n, n + held))
-
-
-def run_fit(zoo: Zoo, plain: ModelSchedule, settings: dict, x_fit, x_held, reference) -> tuple[iia.IIAFit, float]:
-    """iia.fit_coefficients on the calibration noise; one log line per fitted step."""
-    log(f"fitting IIA {settings['feature_set']} for {plain.compact()}: {len(plain)} steps, {settings['sub_steps']} "
-        f"fine sub-steps each, on {len(x_fit)} samples ({len(x_held)} held out, seed "
-        f"{settings['calibration']['seed']}), fine reference from "
-        + (f"member {settings['reference_member']}" if settings["reference_member"] else "each step's own members"))
-    started = time.perf_counter()
-    with warnings.catch_warnings(), progress_bar(total=len(plain), desc="IIA fit", unit="step", leave=False) as bar:
-        # a singular or ill-conditioned step falls back to a ridge; the per-step lines below say so (`fallback`)
-        warnings.simplefilter("ignore", iia.IIAFitWarning)
-        fit = iia.fit_coefficients(plain.solver, zoo.denoisers_for(plain), _times(plain), plain.orders,
-                                   zoo.schedule, x_fit, x_held, settings["feature_set"], settings["sub_steps"],
-                                   reference=reference, on_step=lambda i, step: bar.update())
-    seconds = time.perf_counter() - started
-    for i, step in enumerate(fit.steps):
-        log(step_line(i, step, fit.features))
-    log(f"fitted in {seconds:.1f} s")
-    return fit, seconds
-
-
-def _times(schedule: ModelSchedule) -> torch.Tensor:
-    return torch.tensor(schedule.times, dtype=torch.float64)
-
-
-def step_line(i: int, step: iia.StepFit, features: list[str]) -> str:
-    coefficients = ", ".join(f"{name} {c:+.4f}" for name, c in zip(features, step.coefficients))
-    held = (f"; held-out {step.held_before:.4g} → {step.held_after:.4g}" if step.held_before is not None else "")
-    condition = "-" if step.condition is None else f"{step.condition:.3g}"
-    fallback = " (singular: ridge fallback)" if step.fallback else ""
-    return (f"step {i}: {coefficients}; residual {step.fit_before:.4g} → {step.fit_after:.4g}{held}; "
-            f"condition {condition}, ridge {step.ridge:g}{fallback}")
-
-
 @torch.no_grad()
 def held_out_errors(zoo: Zoo, plain: ModelSchedule, fit: iia.IIAFit, x_held, fine_steps: int, reference) -> dict:
     """Mean ‖x_N − x_ref‖² of the plain and the IIA sampler from the held-out noise, x_ref a fine_steps
     integration of it (`iia.fine_solution`; computed once for both, where two `iia.sampler_error` calls would
     integrate it twice). The held-out batch also chose the ridges: a mild optimism for IIA."""
-    spec, denoisers, ts = get_solver(plain.solver), zoo.denoisers_for(plain), _times(plain)
+    spec, denoisers, ts = get_solver(plain.solver), zoo.denoisers_for(plain), schedule_times(plain)
     fine = iia.fine_solution(spec, denoisers, ts, plain.orders, zoo.schedule, x_held, fine_steps=fine_steps,
                              reference=reference)
     errors = {}

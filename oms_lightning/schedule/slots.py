@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-from .schedule import ModelSchedule, ScheduleError, _as_list, _as_time
+from oms_lightning.schedule.model import ModelSchedule, ScheduleError, _as_list, _as_time
 
 SLOTS_PER_STEP = 3
 

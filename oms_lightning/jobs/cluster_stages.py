@@ -2,7 +2,7 @@
 
 training images of D → `diffusion.stages.cluster_stages` (the paper's timestep clustering with the exact optimal
 denoiser of the training set, under the same VP schedule as training) → `checkpoints/<D>/stages.json`, read by
-`model=multistage` training through `oms_lightning.stages_file.load_stages` → `stages.png` in the run folder (and a
+`model=multistage` training through `oms_lightning.diffusion.stages_file.load_stages` → `stages.png` in the run folder (and a
 copy next to stages.json): both similarity curves, α, the boundaries and the paper's two baselines.
 """
 from __future__ import annotations
@@ -17,14 +17,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from oms_lightning.diffusion.noise_schedule import VPSchedule
 from oms_lightning.diffusion.stages import CLUSTER_STAGE_COUNTS, StageClustering, cluster_stages
+from oms_lightning.diffusion.stages_file import load_stages, save_stages, stages_path
 from oms_lightning.errors import UserError
 from oms_lightning.io import atomic_path
-from oms_lightning.stages_file import load_stages, save_stages, stages_path
+from oms_lightning.progress import job_log
 from oms_lightning.zoo import resolve_device
 
 
-def log(msg: str) -> None:
-    print(f"[cluster_stages] {msg}", flush=True)
+log = job_log("cluster_stages")
 
 
 # ----------------------------------------------------------------------------------------------- settings
