@@ -222,7 +222,7 @@ def section_latency(device: torch.device, size: dict, checkpoints: Path, tiny: b
         say(f"| {n} | {params[n]:.2f}M | {1000 * profile.latency[n]:.2f} | {100 * profile.spread.get(n, 0):.1f} % |")
     say(f"worst spread {100 * profile.worst_spread:.1f} % ({'noisy' if profile.noisy else 'quiet'})")
 
-    spaces = make_spaces("all", zoo.names, zoo.schedule, size["space_size"])
+    spaces = make_spaces("all", zoo.names, zoo.noise_schedule, size["space_size"])
     per_space = -(-size["schedules"] // len(spaces))
     schedules = []
     for i, space in enumerate(spaces):
@@ -323,7 +323,7 @@ def fid_probe(device: torch.device, size: dict, run: Path, tiny: bool) -> dict:
     synchronize(device)
     reference_s = time.perf_counter() - t0
     n = size["probe_n"]
-    samples = generate(zoo, single_member_schedule(cheapest, "dpm_solver++", 10, zoo.schedule), n,
+    samples = generate(zoo, single_member_schedule(cheapest, "dpm_solver++", 10, zoo.noise_schedule), n,
                        batch_size=min(n, 256))
     t0 = time.perf_counter()
     value = evaluator.fid(samples, seed=0).value

@@ -79,7 +79,8 @@ if __name__ == "__main__":
     p.add_argument("--members", nargs="+", help="zoo members (a multi-decoder net's stage members by name)",
                    default=["tiny", "small", "medium", "large", "multistage", "multistage.s0", "multistage.s1",
                             "multistage.s2"])
-    p.add_argument("--budgets", type=float, nargs="+", default=[300, 600, 1200], help="ms per profiled batch")
+    p.add_argument("--budgets", nargs="+", default=["300", "600", "1200"],
+                   help="ms per profiled batch, or NFEs of a member (6xmedium)")
     p.add_argument("--seeds", type=int, nargs="+", default=[100, 101, 102])
     p.add_argument("--n", type=int, default=1000, help="samples per evaluation seed")
     p.add_argument("--device", default="auto")

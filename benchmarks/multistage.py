@@ -139,11 +139,11 @@ def quality_tables(args, zoo: Zoo, evaluation: Evaluation) -> list[str]:
     """FID per member and NFE, then the verdicts of multistage (both boundary rules) against small."""
     out = []
     for nfe in args.nfes:
-        samplers = {m: single_member_sampler(m, SOLVER, None, SPACING, nfe, zoo.schedule)
+        samplers = {m: single_member_sampler(m, SOLVER, None, SPACING, nfe, zoo.noise_schedule)
                     for m in zoo.names if "." not in m}
         scores = {m: evaluation.score(s) for m, s in samplers.items()}
         cost = {v: sampler_mflops(flops_per_image(zoo.net(v), zoo.image_shape), stage_ranges(zoo.net(v)),
-                                  samplers[v], zoo.schedule) for v in VARIANTS}
+                                  samplers[v], zoo.noise_schedule) for v in VARIANTS}
         out += [f"\n#### DPM-Solver++ 2M, {SPACING}, {nfe} NFE: FID (mean over evaluation seeds "
                 f"{args.eval_seeds} × {args.n}); sampling MFLOPs per image: "
                 + ", ".join(f"{v} {c:.0f}" for v, c in cost.items()),

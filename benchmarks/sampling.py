@@ -57,11 +57,11 @@ def timed_run(zoo: Zoo, schedule, x: torch.Tensor) -> tuple[float, float]:
     denoisers = []
     for name in schedule.members_per_nfe:
         d = zoo.denoiser(name)
-        denoisers.append(type(d)(timed[name], zoo.schedule))
+        denoisers.append(type(d)(timed[name], zoo.noise_schedule))
     synchronize(zoo.device)
     start = time.perf_counter()
     with torch.inference_mode():
-        solve(schedule, denoisers, x, zoo.schedule)
+        solve(schedule, denoisers, x, zoo.noise_schedule)
     synchronize(zoo.device)
     return time.perf_counter() - start, sum(t.seconds for t in timed.values())
 
@@ -73,7 +73,7 @@ def wall_time(zoo: Zoo, schedule, x: torch.Tensor, repeats: int) -> float:
         synchronize(zoo.device)
         start = time.perf_counter()
         with torch.inference_mode():
-            solve(schedule, denoisers, x, zoo.schedule)
+            solve(schedule, denoisers, x, zoo.noise_schedule)
         synchronize(zoo.device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
@@ -94,7 +94,7 @@ def main(args) -> None:
             per_step = get_solver(solver).uniform_nfe_per_step(order)
             if nfe % per_step:
                 continue
-            s = single_member_schedule(member, solver, nfe // per_step, zoo.schedule, order=order)
+            s = single_member_schedule(member, solver, nfe // per_step, zoo.noise_schedule, order=order)
             timed_run(zoo, s, x)  # warm-up
             runs = [timed_run(zoo, s, x) for _ in range(args.repeats)]
             wall = statistics.median(r[0] for r in runs)
@@ -108,7 +108,7 @@ def main(args) -> None:
     print("\n## cost model\nprofiled latency per batch (interleaved rounds; spread = (p90-p10)/median across "
           "rounds): " + ", ".join(f"{n} {1000 * v:.2f} ms (spread {100 * profile.spread.get(n, 0):.1f} %)"
                                   for n, v in profile.latency.items()))
-    space = SlotSpace(zoo.names, args.max_steps, zoo.schedule)
+    space = SlotSpace(zoo.names, args.max_steps, zoo.noise_schedule)
     rng = np.random.default_rng(args.seed)
     errors = []
     print("| schedule | NFE | predicted ms | measured ms | error |\n|---|---:|---:|---:|---:|")
@@ -122,7 +122,7 @@ def main(args) -> None:
     print(f"\ncost-model error over {len(errors)} random schedules: mean {100 * np.mean(errors):.1f}%, "
           f"median {100 * np.median(errors):.1f}%, max {100 * np.max(errors):.1f}%")
     start = time.perf_counter()
-    generate(zoo, single_member_schedule(member, "dpm_solver++", 10, zoo.schedule), args.batch * 2,
+    generate(zoo, single_member_schedule(member, "dpm_solver++", 10, zoo.noise_schedule), args.batch * 2,
              batch_size=args.batch)
     print(f"generate(): {2 * args.batch / (time.perf_counter() - start):.0f} images/s with DPM-Solver++ 10 NFE")
 

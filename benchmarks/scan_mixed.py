@@ -76,9 +76,9 @@ def scan_budget(cfg, zoo, profile, m, budget, ays, args):
     rungs = [*(int(n) for n in cfg.search.refine.rungs if int(n) < m.selection.n), m.selection.n]
     baseline, _, singles = choose_baseline(cfg, zoo, profile, budget, m.selection, ays)
     latency = {n: profile.latency[n] for n in zoo.names}
-    pairs, probed = rank_pairs(singles, m.selection, latency, budget, zoo.schedule, args.probe, args.pairs, rungs[0])
+    pairs, probed = rank_pairs(singles, m.selection, latency, budget, zoo.noise_schedule, args.probe, args.pairs, rungs[0])
     runs = two_segment_runs(latency, budget) + three_segment_runs(latency, budget, grid=args.grid)
-    schedules = in_range(zoo, segment_schedules(runs, pairs, zoo.schedule))
+    schedules = in_range(zoo, segment_schedules(runs, pairs, zoo.noise_schedule))
     print(f"# budget {1000 * budget:.0f} ms: {len(schedules)} segment schedules on {[p.label for p in pairs]}",
           file=sys.stderr, flush=True)
     ranked = race(schedules, m.selection.fid_at, rungs, keep=1 / 3, rank=lambda s, f, n: (f,))
@@ -145,8 +145,12 @@ def main(args) -> None:
              "scan: evaluations, s |", "|" + "---|" * 14]
     from oms_lightning.search.settings import resolve_budget
 
-    budgets = sorted(resolve_budget(b, profile.latency) for b in args.budgets)   # the search's order: ascending
-    for budget, summary in zip(budgets, summaries):
+    asked = sorted(((resolve_budget(b, profile.latency), b) for b in args.budgets))   # the search's order: ascending
+    by_spec = {s.get("budget_nfe", {}).get("spec"): s for s in summaries}
+    # a budget named like the search's (`12xmedium`) takes that budget's row, so a scan may cover some of them only
+    pairs = ([(budget, by_spec[spec]) for budget, spec in asked] if all(spec in by_spec for _, spec in asked)
+             else list(zip([budget for budget, _ in asked], summaries)))
+    for budget, summary in pairs:
         name = "schedule.json" if len(summaries) == 1 else f"schedule_{summary['budget']:.0f}ms.json"
         searched = load_schedule(search_dir / name)
         scan = scan_budget(cfg, zoo, profile, m, budget, ays, args)

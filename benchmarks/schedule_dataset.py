@@ -27,7 +27,7 @@ def main(args) -> None:
     zoo = Zoo.load(args.checkpoints, "digits", names=args.members, device=args.device)
     evaluator = fid_evaluator_for(OmegaConf.load(ROOT / "configs" / "data" / "digits.yaml"), args.checkpoints,
                                   args.device)   # the wiring every job uses
-    schedules = random_schedules(SlotSpace(zoo.names, args.max_steps, zoo.schedule), args.schedules, seed=args.seed,
+    schedules = random_schedules(SlotSpace(zoo.names, args.max_steps, zoo.noise_schedule), args.schedules, seed=args.seed,
                                  null_prob=args.null_prob)
     sampling = fid = 0.0
     nfes = []

@@ -146,7 +146,7 @@ def job_log(job: str) -> Callable[[str], None]:
     return log
 
 
-STAGE_SECONDS: dict[str, float] = {}   # where a run's time went, stage by stage (the search's summary.json: stage_seconds)
+STAGE_SECONDS: dict[str, float] = {}   # where a run's time went, by stage (the search's summary.json: stage_seconds)
 
 
 @contextlib.contextmanager

@@ -136,7 +136,7 @@ def cost_at_equal_quality(evaluation: Evaluation, family: ModelSchedule, target:
     assuming quality improves with NFE inside a regime (a non-monotone dip there could be missed); the cheapest
     hit of all regimes wins. None if no regime reaches the target."""
     m = family.meta
-    noise = evaluation.zoo.schedule
+    noise = evaluation.zoo.noise_schedule
 
     def at(nfe: int) -> ModelSchedule:
         s = single_member_sampler(m["member"], m["solver"], m["order"], m["spacing"], nfe, noise, ays)

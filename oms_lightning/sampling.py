@@ -58,7 +58,7 @@ def generate(zoo, model_schedule: ModelSchedule, n: int, seed: int = 0, batch_si
     """
     if n < 1:
         raise UserError(f"number of samples must be positive, got {n}")
-    model_schedule.validate(zoo.names, t_min=zoo.schedule.t_min)
+    model_schedule.validate(zoo.names, t_min=zoo.noise_schedule.t_min)
     check_correction_weights(zoo, model_schedule)
     denoisers = zoo.denoisers_for(model_schedule)
     stochastic = get_solver(model_schedule.solver).stochastic
@@ -70,7 +70,7 @@ def generate(zoo, model_schedule: ModelSchedule, n: int, seed: int = 0, batch_si
         x = per_sample_noise(zoo.image_shape, indices, seed, dtype=zoo.dtype, device=zoo.device)
         # a stochastic solver's noise too is drawn per sample: image i never depends on the batch it is in
         sample_noise = SampleNoise(indices, seed) if stochastic else None
-        out.append(solve(model_schedule, denoisers, x, zoo.schedule, sample_noise).clamp(-1, 1).float().cpu())
+        out.append(solve(model_schedule, denoisers, x, zoo.noise_schedule, sample_noise).clamp(-1, 1).float().cpu())
     return torch.cat(out)
 
 
@@ -135,7 +135,7 @@ def run_fit(zoo: Zoo, plain: ModelSchedule, settings: dict, x_fit, x_held, refer
         # a singular or ill-conditioned step falls back to a ridge; the per-step lines below say so (`fallback`)
         warnings.simplefilter("ignore", iia.IIAFitWarning)
         fit = iia.fit_coefficients(plain.solver, zoo.denoisers_for(plain), schedule_times(plain), plain.orders,
-                                   zoo.schedule, x_fit, x_held, settings["feature_set"], settings["sub_steps"],
+                                   zoo.noise_schedule, x_fit, x_held, settings["feature_set"], settings["sub_steps"],
                                    reference=reference, on_step=lambda i, step: bar.update())
     seconds = time.perf_counter() - started
     for i, step in enumerate(fit.steps):

@@ -22,7 +22,7 @@ class FakeEvaluation(Evaluation):
     """Scores from a table (schedule key or NFE → per-seed FIDs); counts how many schedules were scored."""
 
     def __init__(self, table, seeds=(0, 1, 2)):
-        super().__init__(zoo=type("Z", (), {"schedule": NOISE})(), metrics=None, seeds=list(seeds), n=10)
+        super().__init__(zoo=type("Z", (), {"noise_schedule": NOISE})(), metrics=None, seeds=list(seeds), n=10)
         self.table, self.calls = table, 0
 
     def score(self, schedule):

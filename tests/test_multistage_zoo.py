@@ -7,13 +7,12 @@ import pytest
 import torch
 
 from conftest import TINY, write_member
-from oms_lightning.zoo import load_member, save_member
+from oms_lightning.zoo import LatencyProfile, load_member, profile_latency, save_member, Zoo
 from oms_lightning.diffusion.noise_schedule import VPSchedule
 from oms_lightning.errors import UserError
 from oms_lightning.nets import MultiDecoderUNet, UNet, build_net
 from oms_lightning.sampling import generate
 from oms_lightning.schedule import ModelSchedule, ScheduleError
-from oms_lightning.zoo import LatencyProfile, Zoo, profile_latency
 
 DATA = {"name": "digits", "image_size": 8, "channels": 1}
 MULTI = {"network": "multidecoder", "channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1,

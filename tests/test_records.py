@@ -46,8 +46,8 @@ SCRIPT = textwrap.dedent('''
         profile = LatencyProfile({n: 0.001 * (i + 1) for i, n in enumerate(zoo.names)}, 16, "test cpu", "float32",
                                  zoo.fingerprint())
         rng = np.random.default_rng(0)
-        slots = make_space("dpm_solver", zoo.names, zoo.schedule, 3)
-        grid = make_space("ddim", zoo.names, zoo.schedule, 8)
+        slots = make_space("dpm_solver", zoo.names, zoo.noise_schedule, 3)
+        grid = make_space("ddim", zoo.names, zoo.noise_schedule, 8)
         schedules = [slots.sample(rng, 0.6) for _ in range(3)] + [grid.sample(rng, 0.6) for _ in range(2)]
         return zoo, evaluator, profile, schedules
 

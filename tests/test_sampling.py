@@ -34,20 +34,20 @@ def zoo(tmp_path):
 @pytest.mark.parametrize("solver,order", [("ddim", 1), ("dpm_solver", 2), ("dpm_solver", 3), ("dpm_solver++", 1),
                                           ("dpm_solver++3m", 1), ("heun", None)])
 def test_single_member_schedule_is_the_plain_sampler_bit_for_bit(zoo, solver, order):
-    s = single_member_schedule("b", solver, 4, zoo.schedule, order=order)
+    s = single_member_schedule("b", solver, 4, zoo.noise_schedule, order=order)
     x = per_sample_noise(zoo.image_shape, range(5), seed=3)
     ts = torch.tensor(s.times, dtype=torch.float64)
     d = zoo.denoiser("b")
-    plain = {"ddim": lambda: solvers.ddim(d, x, ts, zoo.schedule),
-             "dpm_solver": lambda: solvers.dpm_solver(d, x, ts, [order] * 4, zoo.schedule),
-             "dpm_solver++": lambda: solvers.dpm_solver_pp(d, x, ts, zoo.schedule, order=2),
-             "dpm_solver++3m": lambda: solvers.dpm_solver_pp(d, x, ts, zoo.schedule, order=3),
-             "heun": lambda: solvers.heun(d, x, ts, zoo.schedule)}[solver]()
+    plain = {"ddim": lambda: solvers.ddim(d, x, ts, zoo.noise_schedule),
+             "dpm_solver": lambda: solvers.dpm_solver(d, x, ts, [order] * 4, zoo.noise_schedule),
+             "dpm_solver++": lambda: solvers.dpm_solver_pp(d, x, ts, zoo.noise_schedule, order=2),
+             "dpm_solver++3m": lambda: solvers.dpm_solver_pp(d, x, ts, zoo.noise_schedule, order=3),
+             "heun": lambda: solvers.heun(d, x, ts, zoo.noise_schedule)}[solver]()
     assert torch.equal(generate(zoo, s, 5, seed=3), plain.clamp(-1, 1))
 
 
 def test_mixed_schedule_uses_each_member_where_asked(zoo):
-    times = single_member_schedule("a", "dpm_solver", 3, zoo.schedule, order=2).times
+    times = single_member_schedule("a", "dpm_solver", 3, zoo.noise_schedule, order=2).times
     mixed = ModelSchedule.from_times_and_members(times, [["a", "b"], ["b"], ["a", "a", "b"]])
     only_a = ModelSchedule.from_times_and_members(times, [["a", "a"], ["a"], ["a", "a", "a"]])
     assert not torch.equal(generate(zoo, mixed, 2), generate(zoo, only_a, 2))
@@ -56,7 +56,7 @@ def test_mixed_schedule_uses_each_member_where_asked(zoo):
 
 
 def test_sample_i_does_not_depend_on_batch_size_or_offset(zoo):
-    s = single_member_schedule("a", "dpm_solver++", 3, zoo.schedule)
+    s = single_member_schedule("a", "dpm_solver++", 3, zoo.noise_schedule)
     whole = generate(zoo, s, 7, seed=1, batch_size=7)
     torch.testing.assert_close(generate(zoo, s, 7, seed=1, batch_size=3), whole, atol=1e-4, rtol=0)  # float32 reassociation only
     torch.testing.assert_close(generate(zoo, s, 3, seed=1, first_index=4), whole[4:], atol=1e-4, rtol=0)  # float32 reassociation only
@@ -64,7 +64,7 @@ def test_sample_i_does_not_depend_on_batch_size_or_offset(zoo):
 
 
 def test_unknown_member_in_schedule_is_refused(zoo):
-    s = single_member_schedule("zzz", "ddim", 2, zoo.schedule)
+    s = single_member_schedule("zzz", "ddim", 2, zoo.noise_schedule)
     with pytest.raises(UserError, match="zzz"):
         generate(zoo, s, 2)
 
@@ -74,7 +74,7 @@ def test_unknown_member_in_schedule_is_refused(zoo):
     ({"solver": "dpm_solver_pp"}, r"did you mean 'dpm_solver\+\+'"),
     ({"solver": "dpm_solver", "order": 4}, "dpm_solver allows 1–3 NFEs per step")])
 def test_bad_sampler_settings(zoo, kwargs, message):
-    args = {"member": "a", "solver": "ddim", "steps": 3, "noise": zoo.schedule, **kwargs}
+    args = {"member": "a", "solver": "ddim", "steps": 3, "noise": zoo.noise_schedule, **kwargs}
     with pytest.raises(UserError, match=message):
         single_member_schedule(**args)
 
@@ -82,25 +82,25 @@ def test_bad_sampler_settings(zoo, kwargs, message):
 @pytest.mark.parametrize("name", sorted(solvers.SOLVER_REGISTRY))
 def test_single_member_schedule_takes_nfes_per_step_from_the_registry(zoo, name):
     spec = solvers.get_solver(name)
-    plain = single_member_schedule("a", name, 3, zoo.schedule)
+    plain = single_member_schedule("a", name, 3, zoo.noise_schedule)
     assert plain.solver == name and plain.orders == [spec.default_nfe_per_step] * 3
     # only a variable-order solver takes an `order`; the others refuse one they cannot make (issue 11)
     if spec.variable_order:
-        assert single_member_schedule("a", name, 3, zoo.schedule, order=3).orders == [3] * 3
+        assert single_member_schedule("a", name, 3, zoo.noise_schedule, order=3).orders == [3] * 3
     else:
         with pytest.raises(solvers.SolverError, match=re.escape(f"{name} takes")):
-            single_member_schedule("a", name, 3, zoo.schedule, order=spec.default_nfe_per_step + 1)
+            single_member_schedule("a", name, 3, zoo.noise_schedule, order=spec.default_nfe_per_step + 1)
 
 
 def test_solve_is_the_registry_run(zoo):
     """solve() hands the schedule's times and orders to the registry entry, NFE j to denoisers[j]."""
-    times = single_member_schedule("a", "dpm_solver", 3, zoo.schedule, order=2).times
+    times = single_member_schedule("a", "dpm_solver", 3, zoo.noise_schedule, order=2).times
     s = ModelSchedule.from_times_and_members(times, [["a", "b"], ["b"], ["a", "a", "b"]])
     ds = zoo.denoisers_for(s)
     x = per_sample_noise(zoo.image_shape, range(2), seed=0)
     with torch.inference_mode():
-        want = solvers.get_solver("dpm_solver").run(ds, x, times, zoo.schedule, [2, 1, 3])
-        assert torch.equal(solve(s, ds, x, zoo.schedule), want)
+        want = solvers.get_solver("dpm_solver").run(ds, x, times, zoo.noise_schedule, [2, 1, 3])
+        assert torch.equal(solve(s, ds, x, zoo.noise_schedule), want)
 
 
 # ---------------------------------------------------------------------- sample.py
@@ -115,9 +115,9 @@ def test_every_output_of_a_run_goes_to_hydras_run_folder(tmp_path):
     """One convention for every job (issue 24): `hydra.run.dir=...` moves all of a run's files, Hydra's own included."""
     write_member(tmp_path, "tiny", TINY)
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "sample.py", f"paths.checkpoints={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}",
-                        "batch_size=8", "model=tiny", "steps=2", "n=4"], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run([sys.executable, "sample.py", f"paths.checkpoints={tmp_path}",
+                        f"hydra.run.dir={tmp_path / 'run'}", "batch_size=8", "model=tiny", "steps=2", "n=4"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert {"summary.json", "grid.png", "images.npz", ".hydra"} <= {p.name for p in (tmp_path / "run").iterdir()}
     for job, key in (("optimize_steps", "run_dir"), ("fit_coefficients", "run_dir"), ("cluster_stages", "run_dir"),

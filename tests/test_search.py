@@ -274,8 +274,8 @@ def test_iia_fits_are_kept_in_the_search_cache(zoo_root, compose, monkeypatch):
     cfg = compose("search", tiny_search_args(zoo_root)[:-2] + [
         "search.iia_calibration.n=8", "search.iia_calibration.held_out=4", "search.iia_calibration.sub_steps=2"])
     zoo = Zoo.load(zoo_root, "digits", ["small", "tiny"])
-    plain = [single_member_sampler("tiny", "dpm_solver++", None, "logsnr_uniform", 3, zoo.schedule),
-             single_member_sampler("small", "ddim", None, "time_uniform", 2, zoo.schedule)]
+    plain = [single_member_sampler("tiny", "dpm_solver++", None, "logsnr_uniform", 3, zoo.noise_schedule),
+             single_member_sampler("small", "ddim", None, "time_uniform", 2, zoo.noise_schedule)]
     fits = []
     real = sampling.fit_schedule
     monkeypatch.setattr(sampling, "fit_schedule", lambda *a, **k: fits.append(a[1]) or real(*a, **k))

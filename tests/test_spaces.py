@@ -6,11 +6,11 @@ import pytest
 
 from oms_lightning.diffusion.noise_schedule import VPSchedule
 from oms_lightning.errors import UserError
-from oms_lightning.samplers import single_member_baselines, single_member_sampler
+from oms_lightning.samplers import sampler_anchors, single_member_baselines, single_member_sampler
 from oms_lightning.schedule import schedule_key
 from oms_lightning.search.evolution import evolve
-from oms_lightning.search.space import JITTER_MAX, SPACE_KINDS, Genome, SamplerSpace, encode_exactly, make_space, make_spaces
-from oms_lightning.samplers import sampler_anchors
+from oms_lightning.search.space import (JITTER_MAX, SPACE_KINDS, Genome, SamplerSpace, encode_exactly, make_space,
+                                        make_spaces)
 
 NOISE = VPSchedule()
 MEMBERS = ("a", "b", "c")

@@ -168,8 +168,8 @@ def test_default_sample_grid_is_dpm_solver_pp_2m(compose):
     assert m.sampling["solver"] == "dpm_solver++"
     m.net.eval()
     with torch.no_grad():
-        want = dpm_solver_pp(EpsDenoiser(m.net, m.schedule), per_sample_noise((1, 8, 8), range(4), 0),
-                             timesteps("logsnr_uniform", 3, m.schedule), m.schedule, order=2)
+        want = dpm_solver_pp(EpsDenoiser(m.net, m.noise_schedule), per_sample_noise((1, 8, 8), range(4), 0),
+                             timesteps("logsnr_uniform", 3, m.noise_schedule), m.noise_schedule, order=2)
     assert torch.equal(m.sample(4), want.clamp(-1, 1))
 
 

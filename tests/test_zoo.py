@@ -34,7 +34,7 @@ def test_names_sorted_regardless_of_argument_order(root):
     zoo = Zoo.load(root, "digits", ["c", "a", "b"])
     assert zoo.names == ("a", "b", "c") and len(zoo) == 3
     assert "b" in zoo and "z" not in zoo
-    assert zoo.image_shape == (1, 8, 8) and zoo.data == DATA and zoo.schedule == VPSchedule()
+    assert zoo.image_shape == (1, 8, 8) and zoo.data == DATA and zoo.noise_schedule == VPSchedule()
     assert Zoo.load(root, "digits", ["b", "a"]).names == ("a", "b")
 
 

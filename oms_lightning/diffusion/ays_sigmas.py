@@ -29,38 +29,38 @@ class AYSError(UserError, ValueError):
 
 
 # ============================================================================================ σ-space views
-def sigma_of_t(schedule: VPSchedule, t) -> Tensor:
+def sigma_of_t(noise_schedule: VPSchedule, t) -> Tensor:
     """σ = σ_t/α_t = exp(−λ_t) (float64)."""
-    return schedule.edm_sigma(torch.as_tensor(t, dtype=torch.float64))
+    return noise_schedule.edm_sigma(torch.as_tensor(t, dtype=torch.float64))
 
 
-def t_of_sigma(schedule: VPSchedule, sigma, check: bool = True) -> Tensor:
+def t_of_sigma(noise_schedule: VPSchedule, sigma, check: bool = True) -> Tensor:
     """VP time of a σ-space noise level (float64); with `check`, σ outside the schedule's [σ(t_min), σ(1)] raises."""
     sigma = torch.as_tensor(sigma, dtype=torch.float64)
     if (sigma <= 0).any() or not torch.isfinite(sigma).all():
         raise AYSError(f"noise levels must be finite and > 0, got {sigma.tolist()}")
-    t = schedule.t_of_edm_sigma(sigma)
+    t = noise_schedule.t_of_edm_sigma(sigma)
     if check:
-        lo, hi = sigma_of_t(schedule, schedule.t_min).item(), sigma_of_t(schedule, 1.0).item()
+        lo, hi = sigma_of_t(noise_schedule, noise_schedule.t_min).item(), sigma_of_t(noise_schedule, 1.0).item()
         slack = 1e-9 * hi
         if sigma.min().item() < lo * (1 - 1e-9) or sigma.max().item() > hi + slack:
             raise AYSError(f"noise levels {sigma.min().item():.6g}..{sigma.max().item():.6g} lie outside the "
-                           f"schedule's range [{lo:.6g}, {hi:.6g}] (t in [t_min={schedule.t_min}, 1]); "
+                           f"schedule's range [{lo:.6g}, {hi:.6g}] (t in [t_min={noise_schedule.t_min}, 1]); "
                            f"choose sigma_min/sigma_max inside it")
-        t = t.clamp(schedule.t_min, 1.0)          # round-trip ulps only
+        t = t.clamp(noise_schedule.t_min, 1.0)          # round-trip ulps only
     return t
 
 
-def sigma_denoiser(vp_denoiser, schedule: VPSchedule) -> SigmaDenoiser:
+def sigma_denoiser(vp_denoiser, noise_schedule: VPSchedule) -> SigmaDenoiser:
     """The σ-space denoiser of a VP data-prediction denoiser D_vp(x_t, t) (e.g. an EpsDenoiser around an ε-net).
 
     x_t = α_t x̃ at t = t(σ), so D(x̃, σ) = D_vp(α_t x̃, t); for an ε-net this is x̃ − σ ε̂(α_t x̃, t) because
     D_vp = (x_t − σ_t ε̂)/α_t and σ = σ_t/α_t.
     """
     def denoise(x: Tensor, sigma: Tensor) -> Tensor:
-        t = schedule.t_of_edm_sigma(torch.as_tensor(sigma, dtype=torch.float64, device=x.device))
-        t = t.clamp(schedule.t_min, 1.0)
-        alpha = schedule.alpha(t).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        t = noise_schedule.t_of_edm_sigma(torch.as_tensor(sigma, dtype=torch.float64, device=x.device))
+        t = t.clamp(noise_schedule.t_min, 1.0)
+        alpha = noise_schedule.alpha(t).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
         return vp_denoiser(alpha * x, t)
     return denoise
 

@@ -40,8 +40,8 @@ def per_sample(v: Tensor, x: Tensor) -> Tensor:
 class EpsDenoiser:
     """Wrap an ε-prediction network net(x, t) (t: (B,) float32 in (0, 1]) as a data-prediction denoiser."""
 
-    def __init__(self, net, schedule: VPSchedule):
-        self.net, self.schedule = net, schedule
+    def __init__(self, net, noise_schedule: VPSchedule):
+        self.net, self.noise_schedule = net, noise_schedule
 
     def eps(self, x: Tensor, t) -> Tensor:
         t = batch_times(t, x)
@@ -49,7 +49,7 @@ class EpsDenoiser:
 
     def __call__(self, x: Tensor, t) -> Tensor:
         t = batch_times(t, x)
-        alpha, sigma = self.schedule.alpha(t), self.schedule.sigma(t)   # float64
+        alpha, sigma = self.noise_schedule.alpha(t), self.noise_schedule.sigma(t)   # float64
         return x0_from_eps(x, self.net(x, t.to(torch.float32)), per_sample(alpha, x), per_sample(sigma, x))
 
 

@@ -16,17 +16,17 @@ from .noise_schedule import VPSchedule
 class GaussianDenoiser:
     """D(x, t) = E[x0 | x_t] for x0 ~ N(mean, diag(std²)); mean/std broadcast to one sample's shape."""
 
-    def __init__(self, mean, std, schedule: VPSchedule):
+    def __init__(self, mean, std, noise_schedule: VPSchedule):
         self.mean = torch.as_tensor(mean, dtype=torch.float64)
         self.std = torch.as_tensor(std, dtype=torch.float64)
-        self.schedule = schedule
+        self.noise_schedule = noise_schedule
 
     def _coeffs(self, x: Tensor, t):
         """(α, σ) as float64 tensors broadcastable to x: scalar t or per-sample (B,) t."""
         t = torch.as_tensor(t, dtype=torch.float64, device=x.device)
         if t.ndim == 1:
             t = t.reshape(-1, *([1] * (x.ndim - 1)))
-        return self.schedule.alpha(t), self.schedule.sigma(t)
+        return self.noise_schedule.alpha(t), self.noise_schedule.sigma(t)
 
     def _stats(self, x: Tensor):
         return self.mean.to(x.device), self.std.to(x.device)

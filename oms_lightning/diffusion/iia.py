@@ -62,17 +62,17 @@ def mean_sq_error(x: Tensor, ref: Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------------------------- references
-def fine_times(schedule: VPSchedule, t: float, t_next: float, M: int) -> Tensor:
+def fine_times(noise_schedule: VPSchedule, t: float, t_next: float, M: int) -> Tensor:
     """M + 1 times from t to t_next, uniform in λ (half-logSNR), the two ends exact (float64)."""
     if isinstance(M, bool) or not isinstance(M, int) or M < 1:
         raise IIAError(f"the number of fine sub-steps M must be a positive integer, got {M!r}")
-    lam = schedule.lambda_(torch.tensor([t, t_next], dtype=torch.float64))
-    ts = schedule.t_of_lambda(torch.linspace(lam[0].item(), lam[1].item(), M + 1, dtype=torch.float64))
+    lam = noise_schedule.lambda_(torch.tensor([t, t_next], dtype=torch.float64))
+    ts = noise_schedule.t_of_lambda(torch.linspace(lam[0].item(), lam[1].item(), M + 1, dtype=torch.float64))
     ts[0], ts[-1] = t, t_next
     return ts
 
 
-def fine_reference(solver, denoisers, z: Tensor, t: float, t_next: float, schedule: VPSchedule, *,
+def fine_reference(solver, denoisers, z: Tensor, t: float, t_next: float, noise_schedule: VPSchedule, *,
                    order: int | None = None, M: int = 10) -> Tensor:
     """The same solver run from z at t to t_next with M λ-uniform sub-steps: IIA's target for one coarse step.
 
@@ -89,23 +89,23 @@ def fine_reference(solver, denoisers, z: Tensor, t: float, t_next: float, schedu
             raise IIAError(f"a {spec.name} step of {nfe} NFE(s) needs {nfe} denoiser(s), one per NFE, or one "
                            f"callable; got {len(denoisers)}")
         denoisers = denoisers * M
-    sub_ts = fine_times(schedule, t, t_next, M)
+    sub_ts = fine_times(noise_schedule, t, t_next, M)
     try:
-        sub_ts = snap_times(sub_ts, schedule)
+        sub_ts = snap_times(sub_ts, noise_schedule)
     except ValueError as e:
         raise IIAError(f"{M} fine sub-steps between t={t} and t={t_next} collide in float32 ({e}); use fewer")
-    return spec.run(denoisers, z, sub_ts, schedule, [nfe] * M)
+    return spec.run(denoisers, z, sub_ts, noise_schedule, [nfe] * M)
 
 
 @torch.no_grad()
-def fine_solution(solver, denoisers, ts, orders, schedule: VPSchedule, x: Tensor, *, fine_steps: int = 200,
+def fine_solution(solver, denoisers, ts, orders, noise_schedule: VPSchedule, x: Tensor, *, fine_steps: int = 200,
                   reference=None) -> Tensor:
     """A fine reference of a whole sampler from x: every coarse step replaced by its fine_reference from the
     previous fine result, ⌈fine_steps / steps⌉ sub-steps each (≈ fine_steps in all)."""
-    run = _spec(solver).stepper(denoisers, ts, schedule, orders)
+    run = _spec(solver).stepper(denoisers, ts, noise_schedule, orders)
     M = math.ceil(fine_steps / run.n_steps)
     for i in range(run.n_steps):
-        x = fine_reference(solver, step_reference(run, reference, i), x, run.ts[i], run.ts[i + 1], schedule,
+        x = fine_reference(solver, step_reference(run, reference, i), x, run.ts[i], run.ts[i + 1], noise_schedule,
                            order=run.nfes[i], M=M)
     return x
 
@@ -122,12 +122,13 @@ def step_reference(run: Stepper, reference, i: int):
 
 
 @torch.no_grad()
-def sampler_error(solver, denoisers, ts, orders, schedule: VPSchedule, x: Tensor, *, coefficients=None,
+def sampler_error(solver, denoisers, ts, orders, noise_schedule: VPSchedule, x: Tensor, *, coefficients=None,
                   feature_set: str | None = None, fine_steps: int = 200, reference=None) -> float:
     """Held-out error of a plain (coefficients None) or IIA-corrected sampler: mean ‖x_N − x_ref‖² of its final
     state against `fine_solution` from the same noise x (pass noise not used in the fit)."""
-    out = _spec(solver).run(denoisers, x, ts, schedule, orders, coefficients=coefficients, feature_set=feature_set)
-    return mean_sq_error(out, fine_solution(solver, denoisers, ts, orders, schedule, x, fine_steps=fine_steps,
+    out = _spec(solver).run(denoisers, x, ts, noise_schedule, orders, coefficients=coefficients,
+                            feature_set=feature_set)
+    return mean_sq_error(out, fine_solution(solver, denoisers, ts, orders, noise_schedule, x, fine_steps=fine_steps,
                                             reference=reference))
 
 
@@ -257,9 +258,9 @@ class IIAFit:
         """One list per step, one coefficient per feature: what SolverSpec.run(coefficients=...) takes."""
         return [s.coefficients for s in self.steps]
 
-    def run(self, denoisers, x: Tensor, schedule: VPSchedule) -> Tensor:
+    def run(self, denoisers, x: Tensor, noise_schedule: VPSchedule) -> Tensor:
         """The corrected sampler from x (the denoisers must be those the coefficients were fitted for)."""
-        return get_solver(self.solver).run(denoisers, x, torch.tensor(self.times, dtype=torch.float64), schedule,
+        return get_solver(self.solver).run(denoisers, x, torch.tensor(self.times, dtype=torch.float64), noise_schedule,
                                            self.orders, coefficients=self.coefficients, feature_set=self.feature_set)
 
     def to_dict(self) -> dict:
@@ -270,19 +271,21 @@ class IIAFit:
         return cls(**{**d, "steps": [StepFit.from_dict(s) for s in d["steps"]]})
 
 
-def _advance_with_reference(spec: SolverSpec, run: Stepper, state: Tensor, reference, schedule: VPSchedule, M: int):
+def _advance_with_reference(spec: SolverSpec, run: Stepper, state: Tensor, reference, noise_schedule: VPSchedule,
+                            M: int):
     """Take run's next step from state: (update, features) in the stepper's state space, and the fit data
     (update, features, fine reference) in x space."""
     i = run.i
     z = run.to_x(state, i)
-    target = fine_reference(spec, step_reference(run, reference, i), z, run.ts[i], run.ts[i + 1], schedule, order=run.nfes[i], M=M)
+    target = fine_reference(spec, step_reference(run, reference, i), z, run.ts[i], run.ts[i + 1], noise_schedule,
+                            order=run.nfes[i], M=M)
     update, features = run.step(state)
     fit_data = (run.to_x(update, i + 1), [run.to_x(f, i + 1) for f in features], target)
     return update, features, fit_data
 
 
 @torch.no_grad()
-def fit_coefficients(solver, denoisers, ts, orders, schedule: VPSchedule, x_fit: Tensor, x_held: Tensor,
+def fit_coefficients(solver, denoisers, ts, orders, noise_schedule: VPSchedule, x_fit: Tensor, x_held: Tensor,
                      feature_set: str, M: int = 10, *, reference=None,
                      ridges: Sequence[float] = DEFAULT_RIDGES,
                      on_step: Callable[[int, "StepFit"], None] | None = None) -> IIAFit:
@@ -301,14 +304,15 @@ def fit_coefficients(solver, denoisers, ts, orders, schedule: VPSchedule, x_fit:
                        f"{tuple(x_held.shape[1:])}")
     if x_fit.shape == x_held.shape and torch.equal(x_fit, x_held):
         raise IIAError("the held-out batch must be separate noise, not the fit batch")
-    fit_run = spec.stepper(denoisers, ts, schedule, orders, feature_set=feature_set)
-    held_run = spec.stepper(denoisers, ts, schedule, orders, feature_set=feature_set)
+    fit_run = spec.stepper(denoisers, ts, noise_schedule, orders, feature_set=feature_set)
+    held_run = spec.stepper(denoisers, ts, noise_schedule, orders, feature_set=feature_set)
     fit_state, held_state = fit_run.to_state(x_fit), held_run.to_state(x_held)
     steps = []
     for i in range(fit_run.n_steps):
-        fit_update, fit_features, fit_data = _advance_with_reference(spec, fit_run, fit_state, reference, schedule, M)
+        fit_update, fit_features, fit_data = _advance_with_reference(spec, fit_run, fit_state, reference,
+                                                                     noise_schedule, M)
         held_update, held_features, held_data = _advance_with_reference(spec, held_run, held_state, reference,
-                                                                        schedule, M)
+                                                                        noise_schedule, M)
         result = fit_step(*fit_data, held_out=held_data, ridges=ridges, step=i)
         fit_state = corrected(fit_update, fit_features, result.coefficients)
         held_state = corrected(held_update, held_features, result.coefficients)

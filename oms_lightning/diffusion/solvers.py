@@ -54,42 +54,42 @@ def integrate(stepper: Stepper, x: Tensor, coefficients: Sequence[Sequence[float
     return stepper.to_x(state, stepper.n_steps)
 
 
-def _over(make_stepper: Callable, denoisers, ts: Tensor, schedule: VPSchedule, nfes: list[int],
+def _over(make_stepper: Callable, denoisers, ts: Tensor, noise_schedule: VPSchedule, nfes: list[int],
           **options) -> Stepper:
     """A stepper over snapped times ts, NFE j using the j-th of the denoisers (or the one callable)."""
-    return make_stepper(per_nfe(denoisers, sum(nfes)), ts.tolist(), schedule, nfes, **options)
+    return make_stepper(per_nfe(denoisers, sum(nfes)), ts.tolist(), noise_schedule, nfes, **options)
 
 
 # ----------------------------------------------------------------------------------------------- the solvers
-def ddim(denoisers, x: Tensor, ts, schedule: VPSchedule, eta: float = 0.0, noise=None) -> Tensor:
+def ddim(denoisers, x: Tensor, ts, noise_schedule: VPSchedule, eta: float = 0.0, noise=None) -> Tensor:
     """DDIM (Song et al. 2021, eq. 12 and 16); eta = 0 is deterministic (= DPM-Solver-1), NFE = steps.
 
     x_{t'} = α' x̂0 + sqrt(σ'² − c²) ε̂ + c z,  c = η · σ'/σ · sqrt(1 − α²/α'²). eta > 0 needs `noise` (a
     SampleNoise or a randn_like callable) for the fresh z of every step.
     """
-    ts = snap_times(ts, schedule)
+    ts = snap_times(ts, noise_schedule)
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     if eta > 0 and noise is None:
         _randn_like(noise, x)                                # raises: says what noise must be
-    return integrate(_over(DDIMStepper, denoisers, ts, schedule, [1] * (len(ts) - 1), eta=eta, noise=noise), x)
+    return integrate(_over(DDIMStepper, denoisers, ts, noise_schedule, [1] * (len(ts) - 1), eta=eta, noise=noise), x)
 
 
-def dpm_solver(denoisers, x: Tensor, ts, orders: Sequence[int], schedule: VPSchedule) -> Tensor:
+def dpm_solver(denoisers, x: Tensor, ts, orders: Sequence[int], noise_schedule: VPSchedule) -> Tensor:
     """Singlestep DPM-Solver (Lu et al. 2022) in ε form; step i has order orders[i] ∈ {1, 2, 3}.
 
     NFE = sum(orders); NFE j uses denoisers[j] (OMS-DPM's search space). Inner points are λ-uniform in the step.
     """
-    ts = snap_times(ts, schedule)
+    ts = snap_times(ts, noise_schedule)
     orders = [int(o) for o in orders]
     if len(orders) != len(ts) - 1:
         raise ValueError(f"need one order per step: {len(ts) - 1} steps but {len(orders)} orders")
     if any(o not in DPM_INNER_R for o in orders):
         raise ValueError(f"orders must be 1, 2 or 3, got {orders}")
-    return integrate(_over(DPMSolverStepper, denoisers, ts, schedule, orders), x)
+    return integrate(_over(DPMSolverStepper, denoisers, ts, noise_schedule, orders), x)
 
 
-def dpm_solver_pp(denoisers, x: Tensor, ts, schedule: VPSchedule, order: int = 2,
+def dpm_solver_pp(denoisers, x: Tensor, ts, noise_schedule: VPSchedule, order: int = 2,
                   lower_order_final: bool = True) -> Tensor:
     """Multistep DPM-Solver++ 2M / 3M (Lu et al. 2022b, Algorithm 2 and its 3rd-order extension), x0 form.
 
@@ -101,33 +101,33 @@ def dpm_solver_pp(denoisers, x: Tensor, ts, schedule: VPSchedule, order: int = 2
     """
     if order not in (1, 2, 3):
         raise ValueError(f"order must be 1, 2 or 3, got {order}")
-    ts = snap_times(ts, schedule)
-    stepper = _over(DPMSolverPPStepper, denoisers, ts, schedule, [1] * (len(ts) - 1), order=order,
+    ts = snap_times(ts, noise_schedule)
+    stepper = _over(DPMSolverPPStepper, denoisers, ts, noise_schedule, [1] * (len(ts) - 1), order=order,
                     lower_order_final=lower_order_final)
     return integrate(stepper, x)
 
 
-def heun(denoisers, x: Tensor, ts, schedule: VPSchedule) -> Tensor:
+def heun(denoisers, x: Tensor, ts, noise_schedule: VPSchedule) -> Tensor:
     """EDM's deterministic Heun sampler (Karras et al. 2022, Algorithm 1) in σ̃ = σ/α space.
 
     x̃ = x/α solves dx̃/dσ̃ = (x̃ − D(α x̃, t))/σ̃. Our last time is t_end > 0 (σ̃ > 0), so every step is a
     full Heun step: NFE = 2·steps (NFE 2i is the Euler predictor of step i, 2i+1 its corrector).
     """
-    ts = snap_times(ts, schedule)
-    return integrate(_over(HeunStepper, denoisers, ts, schedule, [2] * (len(ts) - 1)), x)
+    ts = snap_times(ts, noise_schedule)
+    return integrate(_over(HeunStepper, denoisers, ts, noise_schedule, [2] * (len(ts) - 1)), x)
 
 
 # ----------------------------------------------------------------------------------------------- registry
-def _starts(schedule: VPSchedule, s: float, t: float, nfes: int) -> list[float]:
+def _starts(noise_schedule: VPSchedule, s: float, t: float, nfes: int) -> list[float]:
     """One NFE at the step start: DDIM and the multistep solvers (whose history holds the earlier outputs)."""
     return [s]
 
 
-def _dpm_times(schedule: VPSchedule, s: float, t: float, nfes: int) -> list[float]:
-    return [s] + dpm_inner_times(schedule, s, t, nfes)
+def _dpm_times(noise_schedule: VPSchedule, s: float, t: float, nfes: int) -> list[float]:
+    return [s] + dpm_inner_times(noise_schedule, s, t, nfes)
 
 
-def _heun_times(schedule: VPSchedule, s: float, t: float, nfes: int) -> list[float]:
+def _heun_times(noise_schedule: VPSchedule, s: float, t: float, nfes: int) -> list[float]:
     """Euler predictor at the step start, trapezoidal corrector at the step end (Karras et al. 2022, Alg. 1)."""
     return [s, t]
 
@@ -195,7 +195,7 @@ class SolverSpec:
                               " (leave it unset)")
         return self.step_nfes(1, [order])[0]
 
-    def run(self, denoisers, x: Tensor, ts, schedule: VPSchedule, orders: Sequence[int] | None = None,
+    def run(self, denoisers, x: Tensor, ts, noise_schedule: VPSchedule, orders: Sequence[int] | None = None,
             noise=None, *, coefficients: Sequence[Sequence[float]] | None = None,
             feature_set: str | None = None) -> Tensor:
         """Integrate x from ts[0] to ts[-1]; NFE j uses denoisers[j] (or the one callable); orders as step_nfes.
@@ -207,8 +207,8 @@ class SolverSpec:
         for bit."""
         if coefficients is None:
             self.feature_names(feature_set)                  # checked, though a plain run computes no features
-            return integrate(self.stepper(denoisers, ts, schedule, orders, noise), x)
-        stepper = self.stepper(denoisers, ts, schedule, orders, noise, feature_set=feature_set)
+            return integrate(self.stepper(denoisers, ts, noise_schedule, orders, noise), x)
+        stepper = self.stepper(denoisers, ts, noise_schedule, orders, noise, feature_set=feature_set)
         return integrate(stepper, x, self.check_coefficients(coefficients, stepper.n_steps, feature_set))
 
     def feature_names(self, feature_set: str | None) -> tuple[str, ...]:
@@ -225,16 +225,16 @@ class SolverSpec:
         raise SolverError(f"{self.name} has no IIA feature set {feature_set!r}; it supports: "
                           f"{', '.join(self.feature_sets)}")
 
-    def stepper(self, denoisers, ts, schedule: VPSchedule, orders: Sequence[int] | None = None, noise=None, *,
+    def stepper(self, denoisers, ts, noise_schedule: VPSchedule, orders: Sequence[int] | None = None, noise=None, *,
                 feature_set: str | None = None) -> Stepper:
         """This solver over ts as a fresh Stepper (see `run` for the arguments), exposing `feature_set`'s IIA
         features."""
         features = self.feature_names(feature_set)
-        ts = snap_times(ts, schedule)
+        ts = snap_times(ts, noise_schedule)
         nfes = self.step_nfes(len(ts) - 1, orders)
         if self.stochastic and noise is None:
             raise SolverError(f"{self.name} is stochastic and needs `noise` (a SampleNoise) to run")
-        return _over(self.make_stepper, denoisers, ts, schedule, nfes, features=features, noise=noise)
+        return _over(self.make_stepper, denoisers, ts, noise_schedule, nfes, features=features, noise=noise)
 
     def check_coefficients(self, coefficients, n_steps: int, feature_set: str | None) -> list[tuple[float, ...]]:
         """IIA coefficients as one tuple of floats per step; SolverError naming the step for a wrong count, a
@@ -263,22 +263,22 @@ class SolverSpec:
                 raise SolverError(f"IIA coefficient {k} ({names[k]}) of step {i} must be a finite number, got {c!r}")
         return tuple(float(c) for c in values)
 
-    def nfe_times(self, ts, orders: Sequence[int] | None, schedule: VPSchedule) -> list[float]:
+    def nfe_times(self, ts, orders: Sequence[int] | None, noise_schedule: VPSchedule) -> list[float]:
         """The time each NFE evaluates at, in NFE order: exactly the (float32-snapped) t the denoiser receives."""
         try:  # a hashable key for the memo; anything else takes the unmemoised path, whose checks say what is wrong
             grid = tuple(float(u) for u in (ts.tolist() if isinstance(ts, Tensor) else ts))
         except (TypeError, ValueError):
-            return list(_nfe_times.__wrapped__(self, ts, orders, schedule))
-        return list(_nfe_times(self, grid, tuple(self.step_nfes(len(grid) - 1, orders)), schedule))
+            return list(_nfe_times.__wrapped__(self, ts, orders, noise_schedule))
+        return list(_nfe_times(self, grid, tuple(self.step_nfes(len(grid) - 1, orders)), noise_schedule))
 
 
 # Memoised: a search asks for the same few grids' NFE times thousands of times (member range checks, routed
 # multi-decoder costs), and each singlestep inner time costs several scalar tensor ops.
 @functools.lru_cache(maxsize=1 << 16)
-def _nfe_times(spec: SolverSpec, ts, orders, schedule: VPSchedule) -> tuple[float, ...]:
-    ts = snap_times(ts, schedule).tolist()
+def _nfe_times(spec: SolverSpec, ts, orders, noise_schedule: VPSchedule) -> tuple[float, ...]:
+    ts = snap_times(ts, noise_schedule).tolist()
     nfes = spec.step_nfes(len(ts) - 1, orders)
-    return tuple(u for i, k in enumerate(nfes) for u in spec.step_times(schedule, ts[i], ts[i + 1], k))
+    return tuple(u for i, k in enumerate(nfes) for u in spec.step_times(noise_schedule, ts[i], ts[i + 1], k))
 
 
 # feature_sets: the IIA feature sets of each solver (Zhang et al. 2024 fit IIA-DDIM, IIA-EDM and IIA-DPM-Solver++),

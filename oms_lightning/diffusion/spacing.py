@@ -21,7 +21,7 @@ def default_t_end(n_steps: int) -> float:
     return 1e-4 if n_steps >= 15 else 1e-3
 
 
-def timesteps(kind: str, n_steps: int, schedule: VPSchedule, t_start: float = 1.0, t_end: float | None = None,
+def timesteps(kind: str, n_steps: int, noise_schedule: VPSchedule, t_start: float = 1.0, t_end: float | None = None,
               rho: float = 7.0) -> Tensor:
     """n_steps + 1 times, strictly decreasing from t_start to t_end (float64)."""
     if kind not in SPACINGS:
@@ -41,24 +41,24 @@ def timesteps(kind: str, n_steps: int, schedule: VPSchedule, t_start: float = 1.
         ts = (t_s.sqrt() + (t_e.sqrt() - t_s.sqrt()) * u) ** 2
     elif kind == "logsnr_uniform":
         # DPM-Solver (Lu et al. 2022): uniform in half-logSNR λ
-        lam_s, lam_e = schedule.lambda_(t_s), schedule.lambda_(t_e)
-        ts = schedule.t_of_lambda(lam_s + (lam_e - lam_s) * u)
+        lam_s, lam_e = noise_schedule.lambda_(t_s), noise_schedule.lambda_(t_e)
+        ts = noise_schedule.t_of_lambda(lam_s + (lam_e - lam_s) * u)
     elif kind == "karras":
         # EDM ρ-spacing (Karras et al. 2022, eq. 5) in σ̃ = σ/α = exp(−λ)
-        s_max, s_min = schedule.edm_sigma(t_s), schedule.edm_sigma(t_e)
+        s_max, s_min = noise_schedule.edm_sigma(t_s), noise_schedule.edm_sigma(t_e)
         sig = (s_max ** (1 / rho) + u * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
-        ts = schedule.t_of_edm_sigma(sig)
+        ts = noise_schedule.t_of_edm_sigma(sig)
     else:
         # AYS's closed-form schedule for Gaussian data of std c: arctan(σ̃/c) uniform (see ays.kl_optimal_sigmas)
-        s_max, s_min = schedule.edm_sigma(t_s).item(), schedule.edm_sigma(t_e).item()
+        s_max, s_min = noise_schedule.edm_sigma(t_s).item(), noise_schedule.edm_sigma(t_e).item()
         sig = kl_optimal_sigmas(s_min, s_max, n_steps, KL_OPTIMAL_C)
-        ts = schedule.t_of_edm_sigma(sig)
+        ts = noise_schedule.t_of_edm_sigma(sig)
     ts[0], ts[-1] = t_s, t_e          # pin the endpoints exactly (round-trips through λ lose ulps)
-    validate_times(ts, schedule)
+    validate_times(ts, noise_schedule)
     return ts
 
 
-def validate_times(ts, schedule: VPSchedule) -> Tensor:
+def validate_times(ts, noise_schedule: VPSchedule) -> Tensor:
     """Check ts is a 1-D, finite, strictly decreasing tensor within [schedule.t_min, 1]; returns it as float64."""
     ts = torch.as_tensor(ts, dtype=torch.float64)
     if ts.ndim != 1 or ts.numel() < 2:
@@ -70,6 +70,6 @@ def validate_times(ts, schedule: VPSchedule) -> Tensor:
         raise ValueError(f"times must be strictly decreasing (noisy → clean); ts[{bad}]={ts[bad].item()} "
                          f"<= ts[{bad + 1}]={ts[bad + 1].item()}")
     lo, hi = ts.min().item(), ts.max().item()
-    if lo < schedule.t_min or hi > 1.0:
-        raise ValueError(f"times must lie in [t_min={schedule.t_min}, 1], got range [{lo}, {hi}]")
+    if lo < noise_schedule.t_min or hi > 1.0:
+        raise ValueError(f"times must lie in [t_min={noise_schedule.t_min}, 1], got range [{lo}, {hi}]")
     return ts

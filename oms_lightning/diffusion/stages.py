@@ -94,13 +94,13 @@ def time_uniform_boundaries(stages: int) -> tuple[float, ...]:
     return tuple(k / stages for k in range(1, stages))
 
 
-def logsnr_uniform_boundaries(stages: int, schedule: VPSchedule) -> tuple[float, ...]:
+def logsnr_uniform_boundaries(stages: int, noise_schedule: VPSchedule) -> tuple[float, ...]:
     """Stages of equal length in half-logSNR λ between t_min and 1 (the paper's 'SNR-based' baseline)."""
     _check_stage_count(stages)
-    lam_lo, lam_hi = schedule.lambda_(torch.tensor(1.0, dtype=torch.float64)), \
-        schedule.lambda_(torch.tensor(schedule.t_min, dtype=torch.float64))
+    lam_lo, lam_hi = noise_schedule.lambda_(torch.tensor(1.0, dtype=torch.float64)), \
+        noise_schedule.lambda_(torch.tensor(noise_schedule.t_min, dtype=torch.float64))
     lams = lam_hi + (lam_lo - lam_hi) * torch.arange(1, stages, dtype=torch.float64) / stages
-    return tuple(schedule.t_of_lambda(lams).tolist())
+    return tuple(noise_schedule.t_of_lambda(lams).tolist())
 
 
 def _check_stage_count(stages: int) -> None:
@@ -109,7 +109,7 @@ def _check_stage_count(stages: int) -> None:
 
 
 # ========================================================================================= optimal denoiser
-def optimal_denoiser(x_t: Tensor, t, data: Tensor, schedule: VPSchedule, chunk_size: int = 1024) -> Tensor:
+def optimal_denoiser(x_t: Tensor, t, data: Tensor, noise_schedule: VPSchedule, chunk_size: int = 1024) -> Tensor:
     """D*(x_t, t) = Σ_i softmax_i(−‖x_t − α_t x_i‖²/(2σ_t²)) x_i over the training images `data` (float64).
 
     x_t: (B, …) noisy images; t: scalar or (B,) times in (0, 1]; data: (N, …). The softmax is accumulated over chunks
@@ -118,7 +118,7 @@ def optimal_denoiser(x_t: Tensor, t, data: Tensor, schedule: VPSchedule, chunk_s
     batch = x_t.shape[0]
     x = x_t.reshape(batch, -1).to(torch.float64)
     t = torch.as_tensor(t, dtype=torch.float64, device=x.device).expand(batch)
-    alpha, sigma = schedule.alpha(t)[:, None], schedule.sigma(t)[:, None]
+    alpha, sigma = noise_schedule.alpha(t)[:, None], noise_schedule.sigma(t)[:, None]
     x_sq = (x * x).sum(1, keepdim=True)
     running_max = torch.full((batch, 1), -math.inf, dtype=torch.float64, device=x.device)
     weight_sum = torch.zeros(batch, 1, dtype=torch.float64, device=x.device)
@@ -148,8 +148,8 @@ def pixel_agreement(a: Tensor, b: Tensor, eta: float) -> Tensor:
     return ((a - b).abs() <= eta).flatten(1).to(torch.float64).mean(1)
 
 
-def similarity_curves(data: Tensor, schedule: VPSchedule, times: Tensor, images: Tensor, noise: Tensor, eta: float,
-                      chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
+def similarity_curves(data: Tensor, noise_schedule: VPSchedule, times: Tensor, images: Tensor, noise: Tensor,
+                      eta: float, chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
     """Average pixel agreement of D*(·, τ) with D*(·, times[0]) and with D*(·, times[-1]), for each grid time τ.
 
     Every time uses the same clean `images` and the same `noise` (x_τ = α_τ x0 + σ_τ ε), as the paper prescribes.
@@ -161,7 +161,8 @@ def similarity_curves(data: Tensor, schedule: VPSchedule, times: Tensor, images:
 
     def denoise_at(t: Tensor) -> Tensor:
         t = t.to(data.device)
-        return optimal_denoiser(schedule.alpha(t) * x0 + schedule.sigma(t) * eps, t, data, schedule, chunk_size)
+        x_t = noise_schedule.alpha(t) * x0 + noise_schedule.sigma(t) * eps
+        return optimal_denoiser(x_t, t, data, noise_schedule, chunk_size)
 
     clean_ref, noisy_ref = denoise_at(times[0]), denoise_at(times[-1])
     to_clean, to_noisy = torch.empty_like(times), torch.empty_like(times)
@@ -253,8 +254,8 @@ class StageClustering:
                 "settings": dict(self.settings), "baselines": {k: list(v) for k, v in self.baselines.items()}}
 
 
-def cluster_stages(data: Tensor, schedule: VPSchedule | None = None, stages: int = 3, alpha: float = DEFAULT_ALPHA,
-                   eta: float | None = None, data_range: tuple[float, float] = (-1.0, 1.0), n_images: int = 256,
+def cluster_stages(data: Tensor, noise_schedule: VPSchedule | None = None, stages: int = 3,
+                   alpha: float = DEFAULT_ALPHA, eta: float | None = None, data_range: tuple[float, float] = (-1.0, 1.0), n_images: int = 256,
                    n_times: int = 201, seed: int = 0, chunk_size: int = 1024) -> StageClustering:
     """Stage boundaries of a training set by the paper's timestep clustering (module docstring).
 
@@ -262,7 +263,7 @@ def cluster_stages(data: Tensor, schedule: VPSchedule | None = None, stages: int
     compared are drawn from it (seeded), so the clean-end denoiser reproduces them. eta defaults to the paper's
     2/255 of the pixel range, in data units (`pixel_tolerance`). The grid is `clustering_grid(n_times, t_min)`.
     """
-    schedule = schedule or VPSchedule()
+    noise_schedule = noise_schedule or VPSchedule()
     if stages not in CLUSTER_STAGE_COUNTS:
         raise StageError(f"timestep clustering defines boundaries for {list(CLUSTER_STAGE_COUNTS)} stages, not "
                          f"{stages!r}; use time_uniform_boundaries or logsnr_uniform_boundaries for other counts")
@@ -277,17 +278,17 @@ def cluster_stages(data: Tensor, schedule: VPSchedule | None = None, stages: int
     pick = torch.randperm(data.shape[0], generator=generator)[:n_images]
     images = data[pick.to(data.device)]
     noise = torch.randn(images.shape, generator=generator, dtype=torch.float64)
-    times = clustering_grid(int(n_times), schedule.t_min)
-    to_clean, to_noisy = similarity_curves(data, schedule, times, images, noise, eta, chunk_size)
+    times = clustering_grid(int(n_times), noise_schedule.t_min)
+    to_clean, to_noisy = similarity_curves(data, noise_schedule, times, images, noise, eta, chunk_size)
 
     if stages == 3:
         boundaries = alpha_rule_boundaries(times, to_clean, to_noisy, alpha)
     else:
         boundaries = (crossing_boundary(times, to_clean, to_noisy),)
-    boundaries = validate_boundaries(boundaries, stages, schedule.t_min)
+    boundaries = validate_boundaries(boundaries, stages, noise_schedule.t_min)
     settings = {"stages": stages, "alpha": float(alpha) if stages == 3 else None, "eta": eta,
                 "data_range": list(data_range), "n_images": int(images.shape[0]), "n_times": int(n_times),
-                "seed": seed, "schedule": schedule.to_dict(), "rule": "alpha" if stages == 3 else "crossing"}
+                "seed": seed, "schedule": noise_schedule.to_dict(), "rule": "alpha" if stages == 3 else "crossing"}
     baselines = {"time_uniform": time_uniform_boundaries(stages),
-                 "logsnr_uniform": logsnr_uniform_boundaries(stages, schedule)}
+                 "logsnr_uniform": logsnr_uniform_boundaries(stages, noise_schedule)}
     return StageClustering(boundaries, times, to_clean, to_noisy, settings, baselines)

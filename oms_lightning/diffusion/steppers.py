@@ -40,31 +40,31 @@ def per_nfe(denoisers, nfe: int) -> list:
     return denoisers
 
 
-def snap_times(ts, schedule: VPSchedule) -> Tensor:
+def snap_times(ts, noise_schedule: VPSchedule) -> Tensor:
     """Validate, then round to float32-representable values (what the network receives), as float64.
 
     Times are host-side scalars (coefficients are python floats), so a grid handed over on a GPU is brought to
     the CPU first."""
     # a python list must not become float32 before validation: 1e-4 would round below t_min = 1e-4
     ts = ts if isinstance(ts, Tensor) else torch.tensor(ts, dtype=torch.float64)
-    t32 = validate_times(ts.cpu(), schedule).to(torch.float32)
-    low = t32.double() < schedule.t_min                    # e.g. t_min = 1e-4 rounds just below itself
+    t32 = validate_times(ts.cpu(), noise_schedule).to(torch.float32)
+    low = t32.double() < noise_schedule.t_min                    # e.g. t_min = 1e-4 rounds just below itself
     t32[low] = torch.nextafter(t32[low], torch.tensor(1.0))
-    return validate_times(t32.to(torch.float64), schedule)
+    return validate_times(t32.to(torch.float64), noise_schedule)
 
 
 def _snap(t: float) -> float:
     return float(torch.tensor(t, dtype=torch.float32))
 
 
-def _coeffs(schedule: VPSchedule, t: float) -> tuple[float, float, float]:
+def _coeffs(noise_schedule: VPSchedule, t: float) -> tuple[float, float, float]:
     """(α_t, σ_t, λ_t) as python floats, evaluated in float64."""
     tt = torch.tensor(t, dtype=torch.float64)
-    return schedule.alpha(tt).item(), schedule.sigma(tt).item(), schedule.lambda_(tt).item()
+    return noise_schedule.alpha(tt).item(), noise_schedule.sigma(tt).item(), noise_schedule.lambda_(tt).item()
 
 
-def _t_of_lambda(schedule: VPSchedule, lam: float) -> float:
-    return _snap(schedule.t_of_lambda(torch.tensor(lam, dtype=torch.float64)).item())
+def _t_of_lambda(noise_schedule: VPSchedule, lam: float) -> float:
+    return _snap(noise_schedule.t_of_lambda(torch.tensor(lam, dtype=torch.float64)).item())
 
 
 # Singlestep DPM-Solver's intermediate points as fractions r of the step in λ (Lu et al. 2022, Algorithms 1-2):
@@ -72,19 +72,19 @@ def _t_of_lambda(schedule: VPSchedule, lam: float) -> float:
 DPM_INNER_R: dict[int, tuple[float, ...]] = {1: (), 2: (0.5,), 3: (1 / 3, 2 / 3)}
 
 
-def dpm_inner_times(schedule: VPSchedule, s: float, t: float, order: int) -> list[float]:
+def dpm_inner_times(noise_schedule: VPSchedule, s: float, t: float, order: int) -> list[float]:
     """The snapped times at λ_s + r·h of a singlestep DPM-Solver step s → t (r from DPM_INNER_R[order]).
 
     DPMSolverStepper evaluates exactly these times, and `SolverSpec.nfe_times` reports them."""
-    return list(_dpm_inner_times(schedule, float(s), float(t), order))
+    return list(_dpm_inner_times(noise_schedule, float(s), float(t), order))
 
 
 @functools.lru_cache(maxsize=1 << 16)  # memoised like _nfe_times: the search's grids share their steps
-def _dpm_inner_times(schedule: VPSchedule, s: float, t: float, order: int) -> tuple[float, ...]:
-    _, _, l_s = _coeffs(schedule, s)
-    _, _, l_t = _coeffs(schedule, t)
+def _dpm_inner_times(noise_schedule: VPSchedule, s: float, t: float, order: int) -> tuple[float, ...]:
+    _, _, l_s = _coeffs(noise_schedule, s)
+    _, _, l_t = _coeffs(noise_schedule, t)
     h = l_t - l_s
-    return tuple(_t_of_lambda(schedule, l_s + r * h) for r in DPM_INNER_R[order])
+    return tuple(_t_of_lambda(noise_schedule, l_s + r * h) for r in DPM_INNER_R[order])
 
 
 def _call(denoiser, x: Tensor, t: float) -> Tensor:
@@ -92,9 +92,9 @@ def _call(denoiser, x: Tensor, t: float) -> Tensor:
     return denoiser(x, torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device))
 
 
-def _eps(denoiser, x: Tensor, t: float, schedule: VPSchedule) -> Tensor:
+def _eps(denoiser, x: Tensor, t: float, noise_schedule: VPSchedule) -> Tensor:
     """ε̂ from the data prediction: ε = (x − α_t D)/σ_t."""
-    a, s, _ = _coeffs(schedule, t)
+    a, s, _ = _coeffs(noise_schedule, t)
     return eps_from_x0(x, _call(denoiser, x, t), a, s)
 
 
@@ -159,8 +159,8 @@ class _StartOutputs:
     def features(self, stepper: "Stepper", x: Tensor, x0: Tensor, s: float, t: float) -> list[Tensor]:
         if not stepper.features:
             return []
-        a_s, sig_s, l_s = _coeffs(stepper.schedule, s)
-        a_t, sig_t, l_t = _coeffs(stepper.schedule, t)
+        a_s, sig_s, l_s = _coeffs(stepper.noise_schedule, s)
+        a_t, sig_t, l_t = _coeffs(stepper.noise_schedule, t)
         h = l_t - l_s
         # the x0 coefficient of x_t = σ_t/σ_s x + α_t(1 − e^{−h}) x0 and the ε one of x_t = α_t/α_s x − σ_t(e^h − 1) ε
         x0_scale, eps_scale = a_t * -math.expm1(-h), -sig_t * math.expm1(h)
@@ -185,9 +185,9 @@ class Stepper:
     ignore it). Every family takes these arguments in this order, so the registry can build any of them alike.
     """
 
-    def __init__(self, ds: Sequence, ts: Sequence[float], schedule: VPSchedule, nfes: Sequence[int],
+    def __init__(self, ds: Sequence, ts: Sequence[float], noise_schedule: VPSchedule, nfes: Sequence[int],
                  features: Sequence[str] = (), noise=None):
-        self.ds, self.ts, self.schedule, self.nfes = list(ds), list(ts), schedule, list(nfes)
+        self.ds, self.ts, self.noise_schedule, self.nfes = list(ds), list(ts), noise_schedule, list(nfes)
         self.features, self.noise = tuple(features), noise
         self.first_nfe = [sum(self.nfes[:i]) for i in range(len(self.nfes))]
         self.i = 0                                           # the next step to take
@@ -232,8 +232,8 @@ class DDIMStepper(Stepper):
 
     def _step(self, i, ds, x):
         t, t_next = self.ts[i], self.ts[i + 1]
-        a, s, _ = _coeffs(self.schedule, t)
-        a_n, s_n, _ = _coeffs(self.schedule, t_next)
+        a, s, _ = _coeffs(self.noise_schedule, t)
+        a_n, s_n, _ = _coeffs(self.noise_schedule, t_next)
         x0 = _call(ds[0], x, t)                              # x̂0 = D(x_t, t): eq. 12's "predicted x0"
         eps = eps_from_x0(x, x0, a, s)                       # ε̂ = (x_t − α x̂0)/σ
         # eq. 16 in our notation (DDIM's α is our α²): c = σ_t(η) = η · σ'/σ · sqrt(1 − α²/α'²)
@@ -256,43 +256,43 @@ class DPMSolverStepper(Stepper):
 
     def _order_1(self, ds, x, s, t):
         """DPM-Solver-1 (Lu et al. 2022, eq. 3.7) = DDIM: x_t = α_t/α_s x − σ_t (e^h − 1) ε_s."""
-        a_s, _, l_s = _coeffs(self.schedule, s)
-        a_t, s_t, l_t = _coeffs(self.schedule, t)
-        eps_s = _eps(ds[0], x, s, self.schedule)
+        a_s, _, l_s = _coeffs(self.noise_schedule, s)
+        a_t, s_t, l_t = _coeffs(self.noise_schedule, t)
+        eps_s = _eps(ds[0], x, s, self.noise_schedule)
         return a_t / a_s * x - s_t * math.expm1(l_t - l_s) * eps_s
 
     def _order_2(self, ds, x, s, t):
         """DPM-Solver-2 (Lu et al. 2022, Algorithm 1), intermediate point λ_s + r1·h (r1 = 1/2)."""
-        a_s, _, l_s = _coeffs(self.schedule, s)
-        a_t, s_t, l_t = _coeffs(self.schedule, t)
+        a_s, _, l_s = _coeffs(self.noise_schedule, s)
+        a_t, s_t, l_t = _coeffs(self.noise_schedule, t)
         h = l_t - l_s
-        (s1,) = dpm_inner_times(self.schedule, s, t, 2)
-        a_1, s_1, l_1 = _coeffs(self.schedule, s1)
+        (s1,) = dpm_inner_times(self.noise_schedule, s, t, 2)
+        a_1, s_1, l_1 = _coeffs(self.noise_schedule, s1)
         r1 = (l_1 - l_s) / h                                 # the r1 of the snapped time
-        eps_s = _eps(ds[0], x, s, self.schedule)
+        eps_s = _eps(ds[0], x, s, self.noise_schedule)
         # Alg. 1: u1 = α_s1/α_s x − σ_s1 (e^{r1 h} − 1) ε_s, a DPM-Solver-1 step to s1
         u1 = a_1 / a_s * x - s_1 * math.expm1(r1 * h) * eps_s
-        eps_1 = _eps(ds[1], u1, s1, self.schedule)
+        eps_1 = _eps(ds[1], u1, s1, self.noise_schedule)
         # Alg. 1: x_t = α_t/α_s x − σ_t (e^h − 1) ε_s − σ_t/(2 r1) (e^h − 1)(ε_s1 − ε_s)
         return a_t / a_s * x - s_t * math.expm1(h) * eps_s - s_t / (2 * r1) * math.expm1(h) * (eps_1 - eps_s)
 
     def _order_3(self, ds, x, s, t):
         """DPM-Solver-3 (Lu et al. 2022, Algorithm 2), intermediate points λ_s + r1·h and λ_s + r2·h (1/3, 2/3)."""
-        a_s, _, l_s = _coeffs(self.schedule, s)
-        a_t, s_t, l_t = _coeffs(self.schedule, t)
+        a_s, _, l_s = _coeffs(self.noise_schedule, s)
+        a_t, s_t, l_t = _coeffs(self.noise_schedule, t)
         h = l_t - l_s
-        s1, s2 = dpm_inner_times(self.schedule, s, t, 3)
-        a_1, s_1, l_1 = _coeffs(self.schedule, s1)
-        a_2, s_2, l_2 = _coeffs(self.schedule, s2)
+        s1, s2 = dpm_inner_times(self.noise_schedule, s, t, 3)
+        a_1, s_1, l_1 = _coeffs(self.noise_schedule, s1)
+        a_2, s_2, l_2 = _coeffs(self.noise_schedule, s2)
         r1, r2 = (l_1 - l_s) / h, (l_2 - l_s) / h           # the r's of the snapped times
-        eps_s = _eps(ds[0], x, s, self.schedule)
+        eps_s = _eps(ds[0], x, s, self.noise_schedule)
         # Alg. 2: u1 = α_s1/α_s x − σ_s1 (e^{r1 h} − 1) ε_s, and D1 = ε(u1, s1) − ε_s
         u1 = a_1 / a_s * x - s_1 * math.expm1(r1 * h) * eps_s
-        d1 = _eps(ds[1], u1, s1, self.schedule) - eps_s
+        d1 = _eps(ds[1], u1, s1, self.noise_schedule) - eps_s
         # Alg. 2: u2 = α_s2/α_s x − σ_s2 (e^{r2 h} − 1) ε_s − σ_s2 r2/r1 ((e^{r2 h} − 1)/(r2 h) − 1) D1
         u2 = (a_2 / a_s * x - s_2 * math.expm1(r2 * h) * eps_s
               - s_2 * r2 / r1 * (math.expm1(r2 * h) / (r2 * h) - 1) * d1)
-        d2 = _eps(ds[2], u2, s2, self.schedule) - eps_s
+        d2 = _eps(ds[2], u2, s2, self.noise_schedule) - eps_s
         # Alg. 2: x_t = α_t/α_s x − σ_t (e^h − 1) ε_s − σ_t/r2 ((e^h − 1)/h − 1) D2,  D2 = ε(u2, s2) − ε_s
         return a_t / a_s * x - s_t * math.expm1(h) * eps_s - s_t / r2 * (math.expm1(h) / h - 1) * d2
 
@@ -321,8 +321,8 @@ class DPMSolverPPStepper(Stepper):
     def _step(self, i, ds, x):
         n = self.n_steps
         s, t = self.ts[i], self.ts[i + 1]
-        _, sig_s, l_s = _coeffs(self.schedule, s)
-        a_t, sig_t, l_t = _coeffs(self.schedule, t)
+        _, sig_s, l_s = _coeffs(self.noise_schedule, s)
+        a_t, sig_t, l_t = _coeffs(self.noise_schedule, t)
         hist = self.hist = (self.hist + [(l_s, _call(ds[0], x, s))])[-3:]
         # the order this step can take: no more outputs than are stored, fewer at the end of a short run
         k = min(self.order, i + 1, n - i) if self.lower_order_final and n < 15 else min(self.order, i + 1)
@@ -355,7 +355,7 @@ class HeunStepper(Stepper):
         self.prev_x0 = None
 
     def _alpha(self, i: int) -> float:
-        return _coeffs(self.schedule, self.ts[i])[0]
+        return _coeffs(self.noise_schedule, self.ts[i])[0]
 
     def to_state(self, x):
         return x / self._alpha(0)
@@ -365,8 +365,8 @@ class HeunStepper(Stepper):
 
     def _step(self, i, ds, xt):
         t, t_next = self.ts[i], self.ts[i + 1]
-        a, _, l_ = _coeffs(self.schedule, t)
-        a_n, _, l_n = _coeffs(self.schedule, t_next)
+        a, _, l_ = _coeffs(self.noise_schedule, t)
+        a_n, _, l_n = _coeffs(self.noise_schedule, t_next)
         sig, sig_n = math.exp(-l_), math.exp(-l_n)
         x0 = _call(ds[0], a * xt, t)
         d = (xt - x0) / sig                                  # Alg. 1 line 4: d = (x̃ − D(x̃; σ̃))/σ̃

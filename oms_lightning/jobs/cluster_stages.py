@@ -2,8 +2,8 @@
 
 training images of D → `diffusion.stages.cluster_stages` (the paper's timestep clustering with the exact optimal
 denoiser of the training set, under the same VP schedule as training) → `checkpoints/<D>/stages.json`, read by
-`model=multistage` training through `oms_lightning.diffusion.stages_file.load_stages` → `stages.png` in the run folder (and a
-copy next to stages.json): both similarity curves, α, the boundaries and the paper's two baselines.
+`model=multistage` training through `oms_lightning.diffusion.stages_file.load_stages` → `stages.png` in the run
+folder (and a copy next to stages.json): both similarity curves, α, the boundaries and the paper's two baselines.
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def check_settings(cfg: DictConfig) -> dict:
             "chunk_size": int(cfg.chunk_size)}
 
 
-def noise_schedule(cfg: DictConfig) -> VPSchedule:
+def noise_schedule_from(cfg: DictConfig) -> VPSchedule:
     """The VP schedule from `diffusion:`, the same keys as train.yaml's (training refuses stages from another)."""
     try:
         return VPSchedule.from_dict(OmegaConf.to_container(cfg.diffusion, resolve=True))
@@ -66,7 +66,7 @@ def _is_number(value) -> bool:
 # ----------------------------------------------------------------------------------------------- the job
 def cluster_stages_job(cfg: DictConfig) -> dict:
     settings = check_settings(cfg)
-    schedule = noise_schedule(cfg)
+    noise_schedule = noise_schedule_from(cfg)
     device = resolve_device(str(cfg.device))
     data_name = str(cfg.data.name)
     path = stages_path(cfg.paths.checkpoints, data_name)
@@ -75,14 +75,14 @@ def cluster_stages_job(cfg: DictConfig) -> dict:
 
     data = instantiate(cfg.data.module).real_images("train").to(device)
     log(f"{data_name}: {settings['stages']} stages from {min(settings['n_images'], len(data))} of {len(data)} "
-        f"training images, {settings['n_times']} times, {schedule}, on {device}")
+        f"training images, {settings['n_times']} times, {noise_schedule}, on {device}")
     started = time.perf_counter()
-    result = cluster_stages(data, schedule, stages=settings["stages"], alpha=settings["alpha"], eta=settings["eta"],
-                            n_images=settings["n_images"], n_times=settings["n_times"], seed=settings["seed"],
+    result = cluster_stages(data, noise_schedule, stages=settings["stages"], alpha=settings["alpha"],
+                            eta=settings["eta"], n_images=settings["n_images"], n_times=settings["n_times"], seed=settings["seed"],
                             chunk_size=settings["chunk_size"])
     seconds = time.perf_counter() - started
 
-    payload = stages_payload(result, data_name, schedule, len(data), seconds)
+    payload = stages_payload(result, data_name, noise_schedule, len(data), seconds)
     note_replaced(path, payload["boundaries"])
     save_stages(path, payload)
     plot_path = run_dir / "stages.png"
@@ -92,12 +92,12 @@ def cluster_stages_job(cfg: DictConfig) -> dict:
     return {**payload, "stages_file": str(path), "plot": str(plot_path)}
 
 
-def stages_payload(result: StageClustering, data_name: str, schedule: VPSchedule, train_images: int,
+def stages_payload(result: StageClustering, data_name: str, noise_schedule: VPSchedule, train_images: int,
                    seconds: float) -> dict:
     """stages.json's content (without the format tag, which `save_stages` adds)."""
     settings = {k: v for k, v in result.settings.items() if k not in ("schedule", "stages")}  # both at top level
     return {"data": data_name, "stages": result.settings["stages"], "boundaries": list(result.boundaries),
-            "noise": schedule.to_dict(),
+            "noise": noise_schedule.to_dict(),
             "settings": {**settings, "train_images": train_images},
             "alternatives": {k: list(v) for k, v in result.baselines.items()},
             "curves": {"times": result.times.tolist(), "to_clean": result.to_clean.tolist(),

@@ -32,6 +32,6 @@ def load_zoo_and_schedule(cfg: DictConfig, device) -> tuple[Zoo, ModelSchedule]:
     if loaded is None:
         ays = (ays_levels(find_steps(cfg.paths.checkpoints, str(cfg.data.name), names[0], zoo.fingerprint(),
                                      str(cfg.solver))) if cfg.spacing == AYS else None)
-        loaded = single_member_schedule(names[0], str(cfg.solver), cfg.steps, zoo.schedule, order=cfg.order,
+        loaded = single_member_schedule(names[0], str(cfg.solver), cfg.steps, zoo.noise_schedule, order=cfg.order,
                                         spacing=str(cfg.spacing), t_end=cfg.t_end, ays=ays)
-    return zoo, loaded.validate(zoo.names, t_min=zoo.schedule.t_min)
+    return zoo, loaded.validate(zoo.names, t_min=zoo.noise_schedule.t_min)

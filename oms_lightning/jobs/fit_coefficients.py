@@ -40,8 +40,7 @@ from oms_lightning.sampling import (calibration_noise, fine_reference_for, gener
                                     with_coefficients)
 from oms_lightning.schedule import ModelSchedule
 from oms_lightning.schedule.file import save_schedule
-from oms_lightning.zoo import Zoo, resolve_device, time_schedules
-from oms_lightning.zoo import split_member_name
+from oms_lightning.zoo import resolve_device, split_member_name, time_schedules, Zoo
 
 OVERHEAD_GOAL = 1.03   # IIA costs no extra NFE: the corrected sampler should be within 3 % of the plain one's time
 GRID_SAMPLES = 64
@@ -169,11 +168,11 @@ def held_out_errors(zoo: Zoo, plain: ModelSchedule, fit: iia.IIAFit, x_held, fin
     integration of it (`iia.fine_solution`; computed once for both, where two `iia.sampler_error` calls would
     integrate it twice). The held-out batch also chose the ridges: a mild optimism for IIA."""
     spec, denoisers, ts = get_solver(plain.solver), zoo.denoisers_for(plain), schedule_times(plain)
-    fine = iia.fine_solution(spec, denoisers, ts, plain.orders, zoo.schedule, x_held, fine_steps=fine_steps,
+    fine = iia.fine_solution(spec, denoisers, ts, plain.orders, zoo.noise_schedule, x_held, fine_steps=fine_steps,
                              reference=reference)
     errors = {}
     for name, coefficients in (("plain", None), ("iia", fit.coefficients)):
-        out = spec.run(denoisers, x_held, ts, zoo.schedule, plain.orders, coefficients=coefficients,
+        out = spec.run(denoisers, x_held, ts, zoo.noise_schedule, plain.orders, coefficients=coefficients,
                        feature_set=fit.feature_set)
         errors[name] = iia.mean_sq_error(out, fine)
     ratio = errors["iia"] / errors["plain"] if errors["plain"] > 0 else None

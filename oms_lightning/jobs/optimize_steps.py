@@ -21,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from oms_lightning.progress import job_log, progress as progress_bar
 
 from oms_lightning.diffusion import ays
-from oms_lightning.diffusion.ays_steps import AYS, ays_levels, ays_sigmas, load_steps, save_steps, steps_path, times_from_sigmas
+from oms_lightning.diffusion.ays_steps import (AYS, ays_levels, ays_sigmas, load_steps, save_steps, steps_path,
+                                              times_from_sigmas)
 from oms_lightning.diffusion.solvers import get_solver
 from oms_lightning.diffusion.spacing import SPACINGS, default_t_end, timesteps
 from oms_lightning.errors import UserError
@@ -117,7 +118,7 @@ def optimize_steps(cfg: DictConfig) -> dict:
 def schedule_maker(member: str, settings: dict, zoo: Zoo):
     """σ-space schedule → the member's sampler with this solver on the schedule's VP times."""
     def schedule_of(sigmas) -> ModelSchedule:
-        times = times_from_sigmas(sigmas, zoo.schedule)
+        times = times_from_sigmas(sigmas, zoo.noise_schedule)
         return ModelSchedule.single(member, times, solver=settings["solver"], orders=settings["nfe_per_step"],
                                     meta={"spacing": AYS})
     return schedule_of
@@ -139,7 +140,7 @@ def run_optimizer(cfg: DictConfig, settings: dict, zoo: Zoo, metrics: SampleMetr
                   path: Path, fingerprint: str) -> dict:
     """ays.optimize with the member's denoiser, its training data and FID as the quality; state after every sweep."""
     o = cfg.optimize_steps
-    noise = zoo.schedule
+    noise = zoo.noise_schedule
     sigma_min = ays.sigma_of_t(noise, settings["t_end"]).item()
     sigma_max = ays.sigma_of_t(noise, 1.0).item()
     data = metrics.train.to(zoo.device, zoo.dtype)
@@ -234,7 +235,7 @@ def steps_payload(result: ays.OptimizeResult, settings: dict, fingerprint: str, 
                   batch_size: int) -> dict:
     """The steps file: every level's chosen σ and t, its sweeps, and the KLUB of the standard spacings at the same
     step count (same Monte-Carlo draw as the sweeps' records, so the numbers compare)."""
-    noise = zoo.schedule
+    noise = zoo.noise_schedule
     denoiser = ays.sigma_denoiser(zoo.denoiser(settings["member"]), noise)
     levels = []
     for lv in result.levels:
@@ -248,7 +249,7 @@ def steps_payload(result: ays.OptimizeResult, settings: dict, fingerprint: str, 
 
 def standard_klubs(denoiser, data, steps: int, ends, settings: dict, batch_size: int, zoo: Zoo) -> dict[str, float]:
     """KLUB of every standard spacing with these ends, on the record draw (the one every sweep's KLUB uses)."""
-    return {sp: ays.klub(denoiser, data, standard_sigmas(sp, steps, ends, zoo.schedule), settings["c"],
+    return {sp: ays.klub(denoiser, data, standard_sigmas(sp, steps, ends, zoo.noise_schedule), settings["c"],
                          settings["n_mc"], ays.record_seed(settings["seed"]), batch_size, zoo.device).total
             for sp in SPACINGS}
 
@@ -264,7 +265,7 @@ def initial_sigmas(denoiser, data, sigma_min: float, sigma_max: float, settings:
     scores = standard_klubs(denoiser, data, settings["steps"], ends, settings, batch_size, zoo)
     best = min(scores, key=scores.get)
     log("starting schedule: " + ", ".join(f"{sp} KLUB {v:.4g}" for sp, v in scores.items()) + f" -> {best}")
-    return standard_sigmas(best, settings["steps"], ends, zoo.schedule), best
+    return standard_sigmas(best, settings["steps"], ends, zoo.noise_schedule), best
 
 
 def standard_sigmas(spacing: str, steps: int, ends, noise) -> torch.Tensor:
@@ -287,7 +288,7 @@ def evaluate(cfg: DictConfig, settings: dict, zoo: Zoo, metrics: SampleMetrics, 
         t_end = ays_schedule.times[-1]
         rows = {}
         for sp in SPACINGS:
-            standard = single_member_schedule(settings["member"], settings["solver"], int(steps), zoo.schedule,
+            standard = single_member_schedule(settings["member"], settings["solver"], int(steps), zoo.noise_schedule,
                                               order=settings["order"], spacing=sp, t_end=t_end)
             c = compare(evaluation, {AYS: ays_schedule, sp: standard}, reference=sp, noise_floor=noise_floor)
             rows[sp] = {"ays": c["contenders"][AYS], sp: c["contenders"][sp],
@@ -346,7 +347,7 @@ def plot(payload: dict, zoo: Zoo, out: Path) -> None:
     first = payload["levels"][0]
     ends = torch.tensor(first["sigmas"], dtype=torch.float64)
     for sp in SPACINGS:
-        s = standard_sigmas(sp, first["steps"], ends, zoo.schedule)
+        s = standard_sigmas(sp, first["steps"], ends, zoo.noise_schedule)
         ax_s.plot(torch.linspace(0, 1, len(s)), s.log(), ".:", label=sp, alpha=0.7)
     for lv in payload["levels"]:
         s = torch.tensor(lv["sigmas"])

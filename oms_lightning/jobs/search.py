@@ -66,7 +66,7 @@ def evolve(cfg: DictConfig, zoo: Zoo, profile, spaces: list, budget: float, pred
     """The evolution stage: every space under the budget, scored by the predictor, starting from the best
     single-member samplers; with `search.ablation`, the same with time fixed. Returns (results, members-only
     results or None)."""
-    initial = {budget: in_range(zoo, single_member_baselines(zoo.names, zoo.schedule, profile.latency, budget,
+    initial = {budget: in_range(zoo, single_member_baselines(zoo.names, zoo.noise_schedule, profile.latency, budget,
                                                              nfes="largest", ays=ays))}
     evolution = {**OmegaConf.to_container(cfg.search.evolution, resolve=True), "null_prob": cfg.search.dataset.null_prob}
     results = SearchCallback(spaces, profile.cost, [budget], seed=cfg.seed, evolution=evolution,
@@ -100,7 +100,7 @@ def run(cfg: DictConfig) -> list[dict]:
 
     m = measures(cfg, zoo, profile, device, seeds)
     ays = load_ays(cfg, zoo)
-    spaces = make_spaces(str(cfg.search.space.kind), zoo.names, zoo.schedule, int(cfg.search.space.size), ays,
+    spaces = make_spaces(str(cfg.search.space.kind), zoo.names, zoo.noise_schedule, int(cfg.search.space.size), ays,
                          zoo.ranges())
     with stage("schedule→FID dataset"):
         records, store = build_dataset(cfg, zoo, spaces, m.evaluator, profile, cache)

@@ -13,8 +13,7 @@ from oms_lightning.evaluation import PRIMARY, Evaluation, compare, non_inferiori
 from oms_lightning.metrics import METRICS, FIDEvaluator, sample_metrics_for, search_evaluator_for
 from oms_lightning.predictor.module import rank_metrics_near
 from oms_lightning.predictor.records import fid_settings
-from oms_lightning.progress import job_log
-from oms_lightning.progress import stage
+from oms_lightning.progress import job_log, stage
 from oms_lightning.samplers import cost_at_equal_quality, same_steps_single_member
 from oms_lightning.schedule import ModelSchedule, schedule_key
 from oms_lightning.search.dataset import store_for, with_iia

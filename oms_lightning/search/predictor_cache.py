@@ -48,7 +48,7 @@ def train_or_load_predictor(cfg, zoo, records, cache: Path, logger, max_steps: i
                 return module.eval(), metrics
         log(f"training the predictor on {len(records)} records ({p.epochs} epochs)")
         module, metrics = fit_predictor(
-            records, list(zoo.names), zoo.schedule.to_dict(), max_steps,
+            records, list(zoo.names), zoo.noise_schedule.to_dict(), max_steps,
             trainer_kwargs={"max_epochs": p.epochs, "logger": logger or False,
                             "default_root_dir": str(cache / f"predictor-{key}"), "accelerator": "cpu",
                             "log_every_n_steps": 1},

@@ -1,6 +1,7 @@
 """Search results: summary rows, the printed table, schedule.json, frontier.png, the winner's grid, W&B logging
 (`oms_lightning.jobs.report` draws FID against budget over many runs). Reported FIDs are fresh-seed means with
-95 % intervals (`oms_lightning.evaluation`); the selection-seed numbers that chose the winner and the baseline are kept beside them, labelled as such.
+95 % intervals (`oms_lightning.evaluation`); the selection-seed numbers that chose the winner and the baseline are
+kept beside them, labelled as such.
 """
 from __future__ import annotations
 

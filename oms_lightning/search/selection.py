@@ -15,8 +15,7 @@ from oms_lightning.search.dataset import in_range, measure, store_for
 from oms_lightning.search.refine import Refinement, neighbours, refine
 from oms_lightning.search.segments import (Sampler, probe_runs, rank_samplers, segment_schedules, spread,
                                            two_segment_runs)
-from oms_lightning.zoo import FULL
-from oms_lightning.zoo import Zoo
+from oms_lightning.zoo import FULL, Zoo
 
 log = job_log("search")
 
@@ -57,7 +56,7 @@ def choose_baseline(cfg: DictConfig, zoo: Zoo, profile, budget: float, rerank: S
     member's best of those at every other NFE that fits (the member's FID-vs-cost curve: quality is not monotone
     in NFE, so a smaller NFE may win). Returns (the chosen schedule, every candidate's record, the candidates best
     first)."""
-    candidates = in_range(zoo, single_member_baselines(zoo.names, zoo.schedule, profile.latency, budget,
+    candidates = in_range(zoo, single_member_baselines(zoo.names, zoo.noise_schedule, profile.latency, budget,
                                                        nfes=cfg.search.evaluation.baseline_nfes, ays=ays))
     log(f"budget {1000 * budget:.0f} ms: choosing the baseline among {len(candidates)} single-member samplers "
         f"(selection seed {cfg.search.rerank.seed}, cached)")
@@ -83,7 +82,7 @@ def member_curves(zoo: Zoo, profile, budget: float, candidates: list[ModelSchedu
     for member, s in best.items():
         m = s.meta
         for nfe in fitting_nfes(profile.latency[member], budget, "all"):
-            c = single_member_sampler(member, m["solver"], m["order"], m["spacing"], nfe, zoo.schedule, ays)
+            c = single_member_sampler(member, m["solver"], m["order"], m["spacing"], nfe, zoo.noise_schedule, ays)
             if c is not None and schedule_key(c) not in known:
                 known.add(schedule_key(c))
                 out.append(c)
@@ -120,12 +119,12 @@ def segment_candidates(cfg: DictConfig, singles: list[ModelSchedule], latency: d
     if not runs or not samplers or len(members) < 2:
         return [], 0
     probes = probe_runs(members, budget, singles[0].meta.get("member", ""), int(rf.probes))
-    ranked = rank_samplers(samplers, probes, zoo.schedule, selection.fid_at, n) if int(rf.probes) else []
+    ranked = rank_samplers(samplers, probes, zoo.noise_schedule, selection.fid_at, n) if int(rf.probes) else []
     chosen = list(dict.fromkeys([s for s, _ in ranked[: int(rf.seed_samplers)]] + samplers[:1]))
     quota = [int(rf.segments) // len(chosen) + (i < int(rf.segments) % len(chosen)) for i in range(len(chosen))]
     segments = [s for sampler, q in zip(chosen, quota)   # each pair's family evenly over its splits, best pair first
-                for s in spread(in_range(zoo, segment_schedules(runs, [sampler], zoo.schedule)), q)]
-    probed = len(segment_schedules(probes, samplers, zoo.schedule)) if ranked else 0
+                for s in spread(in_range(zoo, segment_schedules(runs, [sampler], zoo.noise_schedule)), q)]
+    probed = len(segment_schedules(probes, samplers, zoo.noise_schedule)) if ranked else 0
     return segments, probed
 
 
@@ -143,7 +142,8 @@ def refine_budget(cfg: DictConfig, zoo: Zoo, profile, budget: float, measured: l
         f"rungs {rungs} samples, {len(segments)} segment schedules to start, {probed} probes of mixing)")
 
     def move(s: ModelSchedule) -> list[ModelSchedule]:
-        return neighbours(s, zoo.names, zoo.schedule, profile.cost, budget, valid=lambda n: not zoo.out_of_range(n))
+        return neighbours(s, zoo.names, zoo.noise_schedule, profile.cost, budget,
+                          valid=lambda n: not zoo.out_of_range(n))
 
     result = refine(measured, baseline, segments, selection.fid_at, profile.cost, move, rungs=rungs,
                     evaluations=max(0, int(rf.evaluations) - probed), keep=float(rf.keep), width=int(rf.width),

@@ -179,7 +179,7 @@ def finish(cfg: DictConfig, module: DiffusionModule, trainer: L.Trainer, wall: f
     return summary
 
 
-# ----------------------------------------------------------------------------------------------- a zoo's missing members
+# ------------------------------------------------------------------------------------------ a zoo's missing members
 log = job_log("search")   # the search trains a zoo's missing members through this code path
 
 

@@ -1,8 +1,8 @@
 """DiffusionModule: trains one ε-prediction U-Net of the zoo (DDPM objective, continuous-time VP).
 
-EMA is not implemented here: Lightning's weight-averaging callback (see `oms_lightning.training.callbacks.EMA`) swaps the
-EMA weights in for validation and sampling, stores them as the checkpoint's `state_dict` and restores both copies
-on resume.
+EMA is not implemented here: Lightning's weight-averaging callback (`oms_lightning.training.callbacks.EMA`) swaps
+the EMA weights in for validation and sampling, stores them as the checkpoint's `state_dict` and restores both
+copies on resume.
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ class DiffusionModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.net = build_net(net, data["image_size"], data["channels"])
-        self.schedule = VPSchedule.from_dict(noise)
+        self.noise_schedule = VPSchedule.from_dict(noise)
         self.sampling = {**DEFAULT_SAMPLING, **(sampling or {})}
         self.sample_nfe_per_step = check_sampling(self.sampling)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -83,10 +83,10 @@ class DiffusionModule(L.LightningModule):
 
     def per_sample_loss(self, x0: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """(‖ε̂ − ε‖² / dim per sample, the t drawn for each sample)."""
-        t_min = self.schedule.t_min
+        t_min = self.noise_schedule.t_min
         t = t_min + (1 - t_min) * torch.rand(x0.shape[0], generator=generator, device=x0.device)
         eps = torch.randn(x0.shape, generator=generator, device=x0.device)
-        alpha, sigma = (self.schedule.alpha(t).view(-1, 1, 1, 1), self.schedule.sigma(t).view(-1, 1, 1, 1))
+        alpha, sigma = (self.noise_schedule.alpha(t).view(-1, 1, 1, 1), self.noise_schedule.sigma(t).view(-1, 1, 1, 1))
         x_t = (alpha * x0 + sigma * eps).contiguous(memory_format=self.memory_format)
         return F.mse_loss(self.net(x_t, t).float(), eps, reduction="none").flatten(1).mean(1), t
 
@@ -131,11 +131,11 @@ class DiffusionModule(L.LightningModule):
         solver = get_solver(self.sampling["solver"])
         seed = self.sampling["seed"] if seed is None else seed
         x = per_sample_noise(self.image_shape, range(n), seed, dtype=torch.float32, device=self.device)
-        ts = timesteps(self.sampling["spacing"], steps, self.schedule)
+        ts = timesteps(self.sampling["spacing"], steps, self.noise_schedule)
         was_training = self.net.training
         self.net.eval()
         try:
-            x0 = solver.run(EpsDenoiser(self.net, self.schedule), x, ts, self.schedule,
+            x0 = solver.run(EpsDenoiser(self.net, self.noise_schedule), x, ts, self.noise_schedule,
                             [self.sample_nfe_per_step] * steps, noise=SampleNoise(range(n), seed))
         finally:
             self.net.train(was_training)

@@ -30,7 +30,7 @@ class Member:
 
     name: str
     net: nn.Module
-    schedule: VPSchedule
+    noise_schedule: VPSchedule
     data: dict
     meta: dict
     t_range: tuple[float, float] = (0.0, 1.0)   # times it may run at (a multi-decoder stage: its own stage only)

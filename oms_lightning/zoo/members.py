@@ -56,7 +56,7 @@ def _state_digest(member: Member) -> str:
     (step, val loss) is left out, since metadata alone must never invalidate the caches keyed by the zoo.
     """
     h = hashlib.sha256()
-    header = {"name": member.name, "data": member.data, "noise": member.schedule.to_dict()}
+    header = {"name": member.name, "data": member.data, "noise": member.noise_schedule.to_dict()}
     h.update(json.dumps(header, sort_keys=True, default=str).encode())
     for key, tensor in member.net.state_dict().items():
         t = tensor.detach().cpu().contiguous()
@@ -111,11 +111,11 @@ class Zoo:
         self._digests = dict(digests)
         self.data_name, self.root, self.device, self.dtype = data_name, root, device, dtype
         first = self._members[self.names[0]]
-        self.schedule: VPSchedule = first.schedule
+        self.noise_schedule: VPSchedule = first.noise_schedule
         self.data: dict = dict(first.data)
         self.image_shape: tuple[int, int, int] = (int(self.data["channels"]), int(self.data["image_size"]),
                                                   int(self.data["image_size"]))
-        self._denoisers = {n: EpsDenoiser(m.net, self.schedule) for n, m in self._members.items()}
+        self._denoisers = {n: EpsDenoiser(m.net, self.noise_schedule) for n, m in self._members.items()}
 
     @classmethod
     def load(cls, root: str | os.PathLike, data_name: str, names: Sequence[str] | None = None,
@@ -176,7 +176,7 @@ class Zoo:
         names = sorted(members)
         ref_name = names[0]
         ref = members[ref_name]
-        ref_noise = ref.schedule.to_dict()
+        ref_noise = ref.noise_schedule.to_dict()
         for n in names[1:]:
             m = members[n]
             for key in DATA_FIELDS:
@@ -184,7 +184,7 @@ class Zoo:
                     raise UserError(f"zoo member {n!r} in {folder} has data.{key}={m.data.get(key)!r} but member "
                                     f"{ref_name!r} has {ref.data.get(key)!r}; members must share one data set. "
                                     f"Retrain {n!r} with the same data settings or leave it out of the zoo")
-            noise = m.schedule.to_dict()
+            noise = m.noise_schedule.to_dict()
             if noise != ref_noise:
                 for key in sorted(set(noise) | set(ref_noise)):
                     if noise.get(key) != ref_noise.get(key):
@@ -246,7 +246,7 @@ class Zoo:
 
     def out_of_range(self, model_schedule: ModelSchedule) -> list[tuple[int, int, str, float]]:
         """(step, NFE of the step, member, t) of every NFE whose member may not run at its time."""
-        return self.ranges().out_of_range(model_schedule, self.schedule)
+        return self.ranges().out_of_range(model_schedule, self.noise_schedule)
 
     def check_time_ranges(self, model_schedule: ModelSchedule) -> None:
         bad = self.out_of_range(model_schedule)

@@ -96,7 +96,7 @@ def profile_latency(zoo: Zoo, batch_size: int, warmup: int = 3, repeats: int = 1
               for name, net in routed.items()}
     return LatencyProfile({n: seconds[n] for n in zoo.names}, batch_size, device_description(dev),
                           dtype_name(zoo.dtype), zoo.fingerprint(), spread=spread, routed=stages,
-                          noise=zoo.schedule.to_dict() if stages else None)
+                          noise=zoo.noise_schedule.to_dict() if stages else None)
 
 
 def _stage_key(name: str, stage: int) -> str:
