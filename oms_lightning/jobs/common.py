@@ -1,7 +1,7 @@
-"""What the jobs build the same way: the device and the zoo with the schedule it samples (sample.py, and
-fit_coefficients.py for its plain schedule). Not a job: jobs import it. The other shared pieces live in the library:
-the evaluator wiring `metrics.sample_metrics_for`, log lines `progress.job_log`, zoo training
-`training.train_member`."""
+"""What two jobs build the same way: the zoo with the schedule it samples, from `model=` + spacing or a schedule
+file (sample.py, and fit_coefficients.py for its plain schedule). Not a job: jobs import it. The other shared
+pieces live in the library: the device `zoo.resolve_device`, the evaluator wiring `metrics.sample_metrics_for`, log
+lines `progress.job_log`, zoo training `training.train_member`."""
 from __future__ import annotations
 
 from omegaconf import DictConfig
@@ -11,9 +11,7 @@ from oms_lightning.errors import UserError
 from oms_lightning.samplers import single_member_schedule
 from oms_lightning.schedule import ModelSchedule
 from oms_lightning.schedule.file import load_schedule
-from oms_lightning.zoo import Zoo, resolve_device
-
-__all__ = ["load_zoo_and_schedule", "member_name", "resolve_device"]
+from oms_lightning.zoo import Zoo
 
 
 def member_name(cfg: DictConfig) -> str | None:

@@ -17,7 +17,7 @@ refinement measures instead of predicting:
   and `cheapest` (lowest cost whose FID is not above the reference's, the strongest single-member sampler's). The
   evaluation budget (`evaluations`, candidates entering a race) is split between them.
 
-Pure of I/O: `fid_at(schedules, n)` measures (the pipeline backs it by record stores, so nothing is measured
+Pure of I/O: `fid_at(schedules, n)` measures (the search backs it by record stores, so nothing is measured
 twice and every true FID is kept), `cost` prices.
 """
 from __future__ import annotations

@@ -105,13 +105,12 @@ def best_on_selection_seed(schedules: list[ModelSchedule], rerank) -> ModelSched
 
 
 def segment_candidates(cfg: DictConfig, singles: list[ModelSchedule], latency: dict, budget: float, zoo: Zoo,
-                  selection: Selection, n: int) -> tuple[list[ModelSchedule], int]:
+                       selection: Selection, n: int) -> tuple[list[ModelSchedule], int]:
     """Two-segment schedules (OMS-DPM's "one member first, another after", which the predictor ranks worst) as the
     refinement's starting points: every solver/spacing pair of the baseline pool is probed on `refine.probes`
     of them at n samples (`segments.probe_runs`; pairs rank differently once members mix), and `refine.segments`
     schedules are spread evenly over the two-segment families of the `refine.seed_samplers` pairs that mixed best
-    and of the best single sampler's pair. Returns (segment schedules, the
-    number of probe schedules measured)."""
+    and of the best single sampler's pair. Returns (segment schedules, the number of probe schedules measured)."""
     rf = cfg.search.refine
     members = {m: latency[m] for m in zoo.names if zoo.time_range(m) == FULL and m in latency}
     runs = two_segment_runs(members, budget)
