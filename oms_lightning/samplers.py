@@ -182,13 +182,16 @@ def _bisect_nfe(evaluation: Evaluation, at, target: float, lo: int, hi: int, ste
 def space_anchors(space, nfes: Sequence[int], orders: Sequence[int] = (1, 2, 3)) -> list[ModelSchedule]:
     """Every member alone at every NFE in `nfes` the space can express (singlestep: with a constant order 1–3;
     grid spaces: one NFE per step). They anchor the predictor and are the single-model baselines."""
-    if hasattr(space, "spacings"):   # a SamplerSpace (any registry solver, time grids as genes)
+    from oms_lightning.search.space import SamplerSpace, SlotSpace   # late: the spaces are a layer above this module
+
+    if isinstance(space, SamplerSpace):
         return sampler_anchors(space, nfes)
     out = []
     for member in space.members:
         for nfe in nfes:
-            if hasattr(space, "max_steps") and not hasattr(space, "grid_size"):   # OMS-DPM's slot space
-                out += [space.single(member, nfe // o, o) for o in orders if nfe % o == 0 and nfe // o <= space.max_steps]
+            if isinstance(space, SlotSpace):
+                out += [space.single(member, nfe // o, o) for o in orders
+                        if nfe % o == 0 and nfe // o <= space.max_steps]
             elif nfe <= space.grid_size:
                 out.append(space.single(member, nfe))
     return out
