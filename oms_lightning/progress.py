@@ -156,3 +156,8 @@ def stage(name: str):
         yield
     finally:
         STAGE_SECONDS[name] = STAGE_SECONDS.get(name, 0.0) + time.perf_counter() - started
+
+
+def waiting_for(holder: str) -> None:
+    """What a search prints while a file lock of its cache is held by another run (`io.file_lock(waiting=...)`)."""
+    job_log("search")(f"waiting for another search on the same cache ({holder}); its results will be reused")

@@ -19,10 +19,10 @@ from oms_lightning.diffusion.ays_steps import AYSTable, ays_table, optimize_comm
 from oms_lightning.diffusion.solvers import ODE_SOLVERS
 from oms_lightning.errors import UserError
 from oms_lightning.io import atomic_write_text, file_lock
-from oms_lightning.progress import STAGE_SECONDS, job_log, stage
+from oms_lightning.progress import STAGE_SECONDS, job_log, stage, waiting_for
 from oms_lightning.samplers import single_member_baselines
 from oms_lightning.search.callback import SearchCallback
-from oms_lightning.search.dataset import build_dataset, in_range, measured_records, waiting_for
+from oms_lightning.search.dataset import build_dataset, in_range, measured_records
 from oms_lightning.search.outcome import evaluate_budget, measures, members_only_spaces
 from oms_lightning.search.predictor_cache import train_or_load_predictor
 from oms_lightning.search.report import print_details, print_table, report_outcomes

@@ -16,7 +16,7 @@ from oms_lightning.errors import UserError
 from oms_lightning.io import file_lock
 from oms_lightning.predictor.generate import generate_distributed, generate_records
 from oms_lightning.predictor.records import RecordStore, fid_settings, settings_fingerprint
-from oms_lightning.progress import job_log
+from oms_lightning.progress import job_log, waiting_for
 from oms_lightning.samplers import space_anchors
 from oms_lightning.schedule import ModelSchedule, schedule_key
 from oms_lightning.schedule.file import schedule_from_dict, schedule_to_dict
@@ -28,9 +28,6 @@ if TYPE_CHECKING:
 
 log = job_log("search")
 
-
-def waiting_for(holder: str) -> None:
-    log(f"waiting for another search on the same cache ({holder}); its results will be reused")
 
 
 def in_range(zoo: Zoo, schedules: list[ModelSchedule]) -> list[ModelSchedule]:

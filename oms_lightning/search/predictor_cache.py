@@ -11,8 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from oms_lightning.io import atomic_write_text, file_lock
 from oms_lightning.predictor.encoding import DEFAULT_FEATURES, DEFAULT_SOLVERS
 from oms_lightning.predictor.module import PredictorModule, fit_predictor
-from oms_lightning.progress import job_log
-from oms_lightning.search.dataset import waiting_for
+from oms_lightning.progress import job_log, waiting_for
 from oms_lightning.zoo import Zoo
 
 log = job_log("search")

@@ -26,7 +26,7 @@ from oms_lightning.config import shorten_validation_interval, validate_train_con
 from oms_lightning.errors import UserError
 from oms_lightning.images import save_grid
 from oms_lightning.io import file_lock, remove_orphans
-from oms_lightning.progress import PlainProgressBar, job_log, on_terminal
+from oms_lightning.progress import PlainProgressBar, job_log, on_terminal, waiting_for
 from oms_lightning.tracking import make_logger
 from oms_lightning.training.callbacks import EMA, AtomicCheckpointIO
 from oms_lightning.training.module import DiffusionModule, module_from_config
@@ -182,9 +182,6 @@ def finish(cfg: DictConfig, module: DiffusionModule, trainer: L.Trainer, wall: f
 # ------------------------------------------------------------------------------------------ a zoo's missing members
 log = job_log("search")   # the search trains a zoo's missing members through this code path
 
-
-def waiting_for(holder: str) -> None:
-    log(f"waiting for another search on the same cache ({holder}); its results will be reused")
 
 
 def missing_members(cfg: DictConfig) -> list[str]:
