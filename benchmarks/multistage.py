@@ -44,6 +44,7 @@ from oms_lightning.zoo import Zoo  # noqa: E402
 
 SOLVER, SPACING = "dpm_solver++", "logsnr_uniform"
 VARIANTS = ("small", "multistage", "multistage_uniform")
+PAIRS = (("multistage", "small"), ("multistage_uniform", "small"), ("multistage", "multistage_uniform"))
 TRAINED = re.compile(r"trained \S+ on \S+: (\d+) steps in (\d+) s")
 
 
@@ -57,8 +58,8 @@ def train_commands(args, boundaries: dict[str, list[float]]) -> dict[str, list[s
               f"data={args.data}", f"trainer.max_steps={args.steps}", *args.train_overrides]
     variants = {"small": ["model=small"], "multistage": ["model=multistage"],
                 "multistage_uniform": ["model=multistage", f"model.boundaries=[{','.join(map(repr, boundaries['time_uniform']))}]"]}
-    return {name(v, s): [*extra, f"model.name={name(v, s)}", f"seed={s}", *common]
-            for v, extra in variants.items() for s in seeds_of(args, v)}
+    return {name(v, s): [*variants[v], f"model.name={name(v, s)}", f"seed={s}", *common]
+            for v in args.variants for s in seeds_of(args, v)}
 
 
 def seeds_of(args, variant: str) -> list[int]:
@@ -143,16 +144,18 @@ def quality_tables(args, zoo: Zoo, evaluation: Evaluation) -> list[str]:
                     for m in zoo.names if "." not in m}
         scores = {m: evaluation.score(s) for m, s in samplers.items()}
         cost = {v: sampler_mflops(flops_per_image(zoo.net(v), zoo.image_shape), stage_ranges(zoo.net(v)),
-                                  samplers[v], zoo.noise_schedule) for v in VARIANTS}
+                                  samplers[v], zoo.noise_schedule) for v in args.variants}
         out += [f"\n#### DPM-Solver++ 2M, {SPACING}, {nfe} NFE: FID (mean over evaluation seeds "
                 f"{args.eval_seeds} × {args.n}); sampling MFLOPs per image: "
                 + ", ".join(f"{v} {c:.0f}" for v, c in cost.items()),
-                "| training seed | " + " | ".join(VARIANTS) + " |", "|---:|" + "---:|" * len(VARIANTS)]
+                "| training seed | " + " | ".join(args.variants) + " |", "|---:|" + "---:|" * len(args.variants)]
         out += [f"| {s} | " + " | ".join(f"{np.mean(scores[name(v, s)]['fid']):.3f}" if s in seeds_of(args, v) else "—"
-                                         for v in VARIANTS) + " |" for s in args.seeds]
+                                         for v in args.variants) + " |" for s in args.seeds]
         out += ["", "| contender − reference | per training seed (paired over evaluation seeds) | "
                     "across training seeds (paired by seed) |", "|---|---|---|"]
-        for a, b in (("multistage", "small"), ("multistage_uniform", "small"), ("multistage", "multistage_uniform")):
+        for a, b in PAIRS:
+            if a not in args.variants or b not in args.variants:
+                continue
             seeds = [s for s in seeds_of(args, a) if s in seeds_of(args, b)]
             per_seed = [fmt(summarise_contender(scores[name(a, s)], scores[name(b, s)])["fid"]) for s in seeds]
             across = (fmt(summarise_contender(*({m: [np.mean(scores[name(v, s)][m]) for s in seeds] for m in METRICS}
@@ -166,7 +169,7 @@ def quality_tables(args, zoo: Zoo, evaluation: Evaluation) -> list[str]:
 def cost_table(args, zoo: Zoo, seconds: dict[str, float | None]) -> list[str]:
     rows = ["| member | parameters | forward MFLOPs per image per stage | training average | training s per seed |",
             "|---|---:|---|---:|---|"]
-    for v in VARIANTS:
+    for v in args.variants:
         m = zoo.member(v)
         f = flops_per_image(m.net, zoo.image_shape)
         secs = ", ".join("—" if seconds.get(name(v, s)) is None else f"{seconds[name(v, s)]:.0f}"
@@ -206,7 +209,10 @@ def main(args) -> None:
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoints", default=str(ROOT / "checkpoints"))
-    p.add_argument("--data", default="digits", choices=["digits"], help="the embedded data (FID needs its extractor)")
+    p.add_argument("--data", default="digits", choices=["digits", "fashion_mnist"],
+                   help="digits (embedded) or fashion_mnist (the files present; FID features of its cached classifier)")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                   help="which networks to train and compare (default: all three)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
     p.add_argument("--uniform-seeds", type=int, nargs="+", help="training seeds of multistage_uniform (default: --seeds)")
     p.add_argument("--steps", type=int, default=2000, help="training steps of every member")

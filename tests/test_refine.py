@@ -14,8 +14,9 @@ from oms_lightning.samplers import single_member_sampler
 from oms_lightning.schedule import schedule_key
 from oms_lightning.search.refine import (member_moves, neighbours, nfe_moves, race, refine, solver_moves,
                                         time_moves)
-from oms_lightning.search.segments import (Sampler, merge_runs, probe_runs, rank_samplers, runs_of, segment_schedule,
-                                           segment_schedules, three_segment_runs, two_segment_runs)
+from oms_lightning.search.segments import (Sampler, family, merge_runs, probe_runs, rank_samplers, runs_of,
+                                           segment_schedule, segment_schedules, spread_by_family, three_segment_runs,
+                                           two_segment_runs)
 
 NOISE = VPSchedule()
 LATENCY = {"medium": 0.128, "small": 0.061, "tiny": 0.022}
@@ -250,6 +251,24 @@ def test_probe_runs_put_the_cheapest_member_first_and_fill_the_budget():
     assert probe_runs(LATENCY, 0.4, "tiny", 1)[0][1][0] == "medium"         # the cheapest twice is no mixing
 
 
+def test_spread_by_family_serves_every_member_order_before_any_gets_more():
+    """tiny → x has many split points, medium → x few: an even spread of the list would starve the costly orders."""
+    everything = segment_schedules(two_segment_runs(LATENCY, 0.8), [Sampler("dpm_solver++", None, "karras")], NOISE)
+    sizes = {}
+    for s in everything:
+        sizes[family(s)] = sizes.get(family(s), 0) + 1
+    assert len(sizes) == 6 and max(sizes.values()) > 4 * min(sizes.values())
+    picked = spread_by_family(everything, 12)
+    counts = {f: sum(family(s) == f for s in picked) for f in sizes}
+    assert len(picked) == 12 and set(counts.values()) == {2}
+    assert len({schedule_key(s) for s in picked}) == 12
+    few = min(sizes, key=sizes.get)           # a family smaller than its share gives the rest to the others
+    picked = spread_by_family(everything, 6 * sizes[few] + 6)
+    assert sum(family(s) == few for s in picked) == sizes[few] and len(picked) == 6 * sizes[few] + 6
+    assert len(spread_by_family(everything, 10 ** 6)) == len(everything)
+    assert spread_by_family(everything, 0) == []
+
+
 def test_samplers_are_ranked_by_their_best_mixed_probe():
     samplers = [Sampler("dpm_solver++", None, "karras"), Sampler("ddim", None, "karras"),
                 Sampler("heun", None, "time_quadratic")]
@@ -276,3 +295,19 @@ def test_confirmation_decides_among_close_candidates_with_more_samples():
     best, cheapest = confirmed(archive, ref, lambda ss, n: [truth[schedule_key(s)] for s in ss], cost, 4096, 3, rounds)
     assert best == good and cheapest == cheap_ok
     assert rounds[-1]["objective"] == "confirm" and rounds[-1]["n"] == 4096
+
+
+@pytest.mark.parametrize("key,value", [("probe_pairs", 0), ("probes", -1), ("segments", 2.5), ("keep", 0),
+                                       ("cheapest_share", 1.5), ("rungs", [512, 256]), ("evaluations", True)])
+def test_a_bad_refinement_setting_is_refused_with_its_key(key, value):
+    from omegaconf import OmegaConf
+
+    from oms_lightning.search.settings import check_refine_settings
+
+    from pathlib import Path
+
+    rf = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "search" / "cpu_fast.yaml").refine
+    check_refine_settings(rf, 512)                      # the shipped preset passes
+    rf[key] = value
+    with pytest.raises(UserError, match=f"search.refine.{key}="):
+        check_refine_settings(rf, 512)

@@ -138,6 +138,27 @@ def spread(items: Sequence, count: int) -> list:
     return [items[int((i + 0.5) * len(items) / count)] for i in range(count)]
 
 
+def family(schedule: ModelSchedule) -> tuple[str, ...]:
+    """A segment schedule's members run by run, noisy → clean: ("tiny", "small") for tiny×k → small×rest."""
+    return tuple(m for m, _ in runs_of(schedule))
+
+
+def spread_by_family(schedules: Sequence[ModelSchedule], count: int) -> list[ModelSchedule]:
+    """`count` schedules shared evenly over their families (the member order), each family's share spread over its
+    split points. An even spread of the whole list would give most of the count to the families with many split
+    points (a cheap member first has dozens), and one or none to a costlier pair such as small → medium."""
+    families: dict[tuple[str, ...], list[ModelSchedule]] = {}
+    for s in schedules:
+        families.setdefault(family(s), []).append(s)
+    share, left = {f: 0 for f in families}, count
+    while left > 0 and any(share[f] < len(v) for f, v in families.items()):
+        for f in sorted(families, key=lambda f: share[f]):      # water-filling: the least served family first
+            if left > 0 and share[f] < len(families[f]):
+                share[f] += 1
+                left -= 1
+    return [s for f, v in families.items() for s in spread(v, share[f])]
+
+
 def probe_runs(latency: Mapping[str, float], budget: float, second: str, count: int) -> list[list[tuple[str, int]]]:
     """`count` two-segment runs in OMS-DPM's pattern: the cheapest member for the first i/(count+1) of the budget
     (i = 1 … count), then `second` (e.g. the baseline's member; the costliest when that is the cheapest) for the

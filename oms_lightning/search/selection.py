@@ -13,7 +13,7 @@ from oms_lightning.samplers import fitting_nfes, single_member_baselines, single
 from oms_lightning.schedule import ModelSchedule, schedule_key
 from oms_lightning.search.dataset import in_range, measure, store_for
 from oms_lightning.search.refine import Refinement, neighbours, refine
-from oms_lightning.search.segments import (Sampler, probe_runs, rank_samplers, segment_schedules, spread,
+from oms_lightning.search.segments import (Sampler, probe_runs, rank_samplers, segment_schedules, spread_by_family,
                                            two_segment_runs)
 from oms_lightning.zoo import FULL, Zoo
 
@@ -107,10 +107,11 @@ def best_on_selection_seed(schedules: list[ModelSchedule], rerank) -> ModelSched
 def segment_candidates(cfg: DictConfig, singles: list[ModelSchedule], latency: dict, budget: float, zoo: Zoo,
                        selection: Selection, n: int) -> tuple[list[ModelSchedule], int]:
     """Two-segment schedules (OMS-DPM's "one member first, another after", which the predictor ranks worst) as the
-    refinement's starting points: every solver/spacing pair of the baseline pool is probed on `refine.probes`
-    of them at n samples (`segments.probe_runs`; pairs rank differently once members mix), and `refine.segments`
-    schedules are spread evenly over the two-segment families of the `refine.seed_samplers` pairs that mixed best
-    and of the best single sampler's pair. Returns (segment schedules, the number of probe schedules measured)."""
+    refinement's starting points: the `refine.probe_pairs` best solver/spacing pairs of the baseline pool are
+    probed on `refine.probes` of them at n samples (`segments.probe_runs`; pairs rank differently once members mix),
+    and `refine.segments` schedules are shared over the `refine.seed_samplers` pairs that mixed best and the best
+    single sampler's pair, each pair's share spread over its families (`segments.spread_by_family`). Returns
+    (segment schedules, the number of probe schedules measured)."""
     rf = cfg.search.refine
     members = {m: latency[m] for m in zoo.names if zoo.time_range(m) == FULL and m in latency}
     runs = two_segment_runs(members, budget)
@@ -118,12 +119,13 @@ def segment_candidates(cfg: DictConfig, singles: list[ModelSchedule], latency: d
     if not runs or not samplers or len(members) < 2:
         return [], 0
     probes = probe_runs(members, budget, singles[0].meta.get("member", ""), int(rf.probes))
-    ranked = rank_samplers(samplers, probes, zoo.noise_schedule, selection.fid_at, n) if int(rf.probes) else []
+    probed_pairs = samplers[: int(rf.probe_pairs)]      # the pool is best first: the tail rarely mixes best either
+    ranked = rank_samplers(probed_pairs, probes, zoo.noise_schedule, selection.fid_at, n) if int(rf.probes) else []
     chosen = list(dict.fromkeys([s for s, _ in ranked[: int(rf.seed_samplers)]] + samplers[:1]))
     quota = [int(rf.segments) // len(chosen) + (i < int(rf.segments) % len(chosen)) for i in range(len(chosen))]
     segments = [s for sampler, q in zip(chosen, quota)   # each pair's family evenly over its splits, best pair first
-                for s in spread(in_range(zoo, segment_schedules(runs, [sampler], zoo.noise_schedule)), q)]
-    probed = len(segment_schedules(probes, samplers, zoo.noise_schedule)) if ranked else 0
+                for s in spread_by_family(in_range(zoo, segment_schedules(runs, [sampler], zoo.noise_schedule)), q)]
+    probed = len(segment_schedules(probes, probed_pairs, zoo.noise_schedule)) if ranked else 0
     return segments, probed
 
 

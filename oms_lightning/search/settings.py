@@ -99,7 +99,7 @@ def check_refine_settings(rf: DictConfig, n_select: int) -> None:
             raise UserError(f"invalid value search.refine.{key}={v!r}: expected an integer >= {least}")
 
     for key, least in (("evaluations", 0), ("width", 1), ("per_round", 1), ("segments", 0), ("seed_samplers", 1),
-                       ("probes", 0), ("confirm", 0), ("confirm_top", 1)):
+                       ("probes", 0), ("probe_pairs", 1), ("confirm", 0), ("confirm_top", 1)):
         integer(key, least)
     rungs = list(rf.rungs)
     if any(isinstance(n, bool) or not isinstance(n, int) or n < 2 for n in rungs) or rungs != sorted(set(rungs)):
