@@ -12,8 +12,8 @@ from oms_lightning.errors import UserError
 from oms_lightning.evaluation import non_inferiority
 from oms_lightning.samplers import single_member_sampler
 from oms_lightning.schedule import schedule_key
-from oms_lightning.search.refine import (member_moves, neighbours, nfe_moves, race, refine, solver_moves,
-                                        time_moves)
+from oms_lightning.search.refine import (member_moves, neighbours, nfe_moves, race, refine, segment_moves,
+                                        solver_moves, time_moves)
 from oms_lightning.search.segments import (Sampler, family, merge_runs, probe_runs, rank_samplers, runs_of,
                                            segment_schedule, segment_schedules, spread_by_family, three_segment_runs,
                                            two_segment_runs)
@@ -311,3 +311,43 @@ def test_a_bad_refinement_setting_is_refused_with_its_key(key, value):
     rf[key] = value
     with pytest.raises(UserError, match=f"search.refine.{key}="):
         check_refine_settings(rf, 512)
+
+
+def test_segment_moves_walk_the_scans_family_and_refill_the_budget():
+    karras = Sampler("dpm_solver++", None, "karras")
+    start = segment_schedule([("small", 9), ("medium", 2)], karras, NOISE)
+    target = segment_schedule([("small", 7), ("medium", 3)], karras, NOISE)
+    budget = max(cost(start), cost(target))
+    moved = segment_moves(start, NOISE, cost, budget)
+    assert schedule_key(target) in {schedule_key(m) for m in moved}      # one move, not three
+    for m in moved:
+        runs = runs_of(m)
+        assert [r[0] for r in runs] == ["small", "medium"] and abs(runs[0][1] - 9) in (1, 2)
+        assert cost(m) <= budget * (1 + 1e-9) and cost(m) + LATENCY["medium"] > budget   # the last run is full
+        assert m.times == single_member_sampler("small", "dpm_solver++", None, "karras", len(m.members_per_nfe),
+                                                NOISE).times
+    custom = time_moves(start, NOISE)[0]                                  # a moved time: no standard grid to refill
+    assert segment_moves(custom, NOISE, cost, budget) == []
+    assert segment_moves(sampler_schedule(solver="dpm_solver", order=2, nfe=6), NOISE, cost, budget) == []
+
+
+def test_incumbents_keep_distinct_structures_so_a_runner_up_is_refined():
+    """The leader's many time variants score best, but the optimum is one boundary move away from the runner-up
+    (another member sequence): refinement must look there within a few rounds."""
+    karras = Sampler("dpm_solver++", None, "karras")
+    leader = sampler_schedule(member="medium", nfe=6)
+    runner_up = segment_schedule([("small", 9), ("medium", 2)], karras, NOISE)
+    target = segment_schedule([("small", 7), ("medium", 3)], karras, NOISE)
+    budget = max(cost(leader), cost(runner_up), cost(target))
+
+    def fid(s):
+        if schedule_key(s) == schedule_key(target):
+            return 1.0
+        if s.members_per_nfe == leader.members_per_nfe:
+            return 3.0 - 0.01 * (s.meta.get("spacing") == "custom")      # time variants: a little better each
+        return 3.5 if schedule_key(s) == schedule_key(runner_up) else 5.0
+
+    r = refine([leader, runner_up], leader, [], lambda ss, n: [fid(s) for s in ss], cost,
+               lambda s: neighbours(s, MEMBERS, NOISE, cost, budget), rungs=[64, 256], evaluations=60, per_round=20,
+               width=2, cheapest_share=0.0, seed=0)
+    assert schedule_key(r.best) == schedule_key(target)

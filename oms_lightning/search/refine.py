@@ -7,8 +7,9 @@ refinement measures instead of predicting:
 * **Moves** (`neighbours`): the member of one NFE (which also moves a segment boundary by one NFE), the member of a
   whole run, one NFE fewer (merge two steps, or the same spacing at one step fewer) or more (split a step in λ, or
   the same spacing at one step more), one interior time moved in λ, the whole grid on another standard spacing, and
-  another multistep order (DDIM ↔ DPM-Solver++ 2M ↔ 3M, same times). Every neighbour is a valid schedule within the
-  budget whose every NFE runs a member inside its time range.
+  another multistep order (DDIM ↔ DPM-Solver++ 2M ↔ 3M, same times), and the scan's family nearby (one run ± 1 or
+  2 NFEs, the last refilled to the budget, on the sampler's grid at the new NFE). Every neighbour is a valid
+  schedule within the budget whose every NFE runs a member inside its time range.
 * **Racing** (`race`): candidates are scored by true FID on the selection seed with common random numbers (sample
   i from noise (seed, i) for every candidate, so their differences are paired) at growing sample counts — successive
   halving: after each rung the best `keep` fraction goes on, so most are dropped after a cheap look and the
@@ -22,6 +23,7 @@ twice and every true FID is kept), `cost` prices.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import time
@@ -34,6 +36,7 @@ from oms_lightning.diffusion.noise_schedule import VPSchedule
 from oms_lightning.diffusion.solvers import ODE_SOLVERS, get_solver
 from oms_lightning.diffusion.spacing import SPACINGS, timesteps
 from oms_lightning.schedule import ModelSchedule, ScheduleError, schedule_key
+from oms_lightning.search.segments import Sampler, runs_of, segment_schedule
 
 FidAt = Callable[[list[ModelSchedule], int], list[float]]
 CostFn = Callable[[ModelSchedule], float]
@@ -152,13 +155,39 @@ def solver_moves(s: ModelSchedule) -> list[ModelSchedule]:
             and fixed[0] == fixed[1]]
 
 
+def segment_moves(s: ModelSchedule, noise: VPSchedule, cost: CostFn, budget: float) -> list[ModelSchedule]:
+    """The exhaustive scan's family of `s`, near it: one run (not the last) one or two NFEs longer or shorter and
+    the last run refilled with as many NFEs as the budget allows, on the schedule's own solver and standard spacing
+    at the new NFE (`segments.segment_schedule`). From `small×9 → medium×2` this reaches `small×7 → medium×3`
+    in one move, which the other moves need two or three for. Fixed-NFE-per-step solvers on standard grids only."""
+    spacing = s.meta.get("spacing")
+    lo, hi = get_solver(s.solver).nfe_per_step
+    if spacing not in SPACINGS or lo != hi:
+        return []
+    sampler, runs, out = Sampler(s.solver, None, spacing), runs_of(s), []
+    for i in range(len(runs) - 1):
+        for d in (-2, -1, 1, 2):
+            if runs[i][1] + d < 1:
+                continue
+            head = [*runs[:i], (runs[i][0], runs[i][1] + d), *runs[i + 1:-1]]
+            filled = None
+            for n in range(1, 4 * len(s.members_per_nfe) + 8):   # cost grows with n: stop at the first one over
+                candidate = segment_schedule([*head, (runs[-1][0], n)], sampler, noise)
+                if candidate is not None and cost(candidate) > budget * (1 + 1e-9):
+                    break
+                filled = candidate or filled
+            if filled is not None:
+                out.append(filled)
+    return out
+
+
 def neighbours(s: ModelSchedule, members: Sequence[str], noise: VPSchedule, cost: CostFn, budget: float,
                valid: Callable[[ModelSchedule], bool] = lambda _: True) -> list[ModelSchedule]:
     """Every move of `s` that gives a valid schedule within the budget, unique, `s` itself excluded."""
     plain = s.plain()
     found: dict[str, ModelSchedule] = {}
     for n in (member_moves(plain, members) + nfe_moves(plain, noise) + time_moves(plain, noise)
-              + solver_moves(plain)):
+              + solver_moves(plain) + segment_moves(plain, noise, cost, budget)):
         if n is None or cost(n) > budget * (1 + 1e-9) or not valid(n):
             continue
         found.setdefault(schedule_key(n), n)
@@ -238,9 +267,9 @@ def refine(starts: Sequence[ModelSchedule], reference: ModelSchedule, segments: 
            log: Callable[[str], None] | None = None) -> Refinement:
     """Local search by true FID. `starts` (measured at the full count, the reference among them) seed the archive;
     `segments` (unmeasured segment schedules) enter the first race; then each round races up to `per_round`
-    unseen neighbours (`move`) of the `width` best archive entries of the current objective — the leader's first,
-    so its neighbourhood is exhausted before the runners-up get a look — until `evaluations` candidates have been
-    raced. The `cheapest` objective (its share of the evaluations) only takes moves that
+    unseen neighbours (`move`) of the `width` best archive entries of distinct member sequences for the current
+    objective — their neighbourhoods interleaved, the leader's first at each turn — until `evaluations` candidates
+    have been raced. The `cheapest` objective (its share of the evaluations) only takes moves that
     lower an incumbent's cost and ranks by cost among schedules whose FID is at most the reference's at the same
     sample count."""
     started = time.perf_counter()
@@ -301,24 +330,35 @@ def refine(starts: Sequence[ModelSchedule], reference: ModelSchedule, segments: 
         return min(entries, key=lambda e: (0, e[1], e[2]) if e[2] <= ref else (1, e[2], e[1]))[0]
 
     def incumbents(objective: str) -> list[ModelSchedule]:
+        """The `width` best entries with distinct member sequences: the time and solver variants of the leader
+        (its own neighbours) would otherwise crowd out every other structure after a round or two."""
         ref = archive[schedule_key(reference)][2]
         entries = list(archive.values())
         if objective == "best":
-            return [e[0] for e in sorted(entries, key=lambda e: e[2])[:width]]
-        feasible = sorted((e for e in entries if e[2] <= ref), key=lambda e: (e[1], e[2]))
-        return [e[0] for e in feasible[:width]]
+            ordered = sorted(entries, key=lambda e: e[2])
+        else:
+            ordered = sorted((e for e in entries if e[2] <= ref), key=lambda e: (e[1], e[2]))
+        distinct = {}
+        for e in ordered:
+            distinct.setdefault(tuple(e[0].members_per_nfe), e[0])
+            if len(distinct) == width:
+                break
+        return list(distinct.values())
 
     budget_best = evaluations - int(round(cheapest_share * evaluations))
     run_round("best", list(segments), budget_best, size=budget_best)  # the segment schedules race together, first
     for objective, limit in (("best", budget_best), ("cheapest", evaluations)):
         while spent < limit:
-            pool = []
-            for inc in incumbents(objective):   # the leader's whole neighbourhood before the runner-up's
+            lists = []
+            for inc in incumbents(objective):
                 moves = move(inc)
                 if objective == "cheapest":
                     moves = [m for m in moves if cost(m) < cost(inc)]
                 rng.shuffle(moves)
-                pool += moves
+                lists.append(moves)
+            # the incumbents' neighbourhoods interleaved, the leader's first at each turn: every structure gets
+            # looked at each round instead of the leader's (often large) neighbourhood eating the rounds
+            pool = [m for turn in itertools.zip_longest(*lists) for m in turn if m is not None]
             if not run_round(objective, list({schedule_key(p): p for p in pool}.values()), limit):
                 break
     best, cheapest = best_of("best"), best_of("cheapest")
