@@ -162,7 +162,27 @@ def quality_tables(args, zoo: Zoo, evaluation: Evaluation) -> list[str]:
                                                 for v in (a, b)))["fid"]) if len(seeds) > 1 else "— (one seed)")
             out.append(f"| {a} − {b} | " + "; ".join(f"seed {s}: {r}" for s, r in zip(seeds, per_seed))
                        + f" | {across} |")
+        if {"small", "multistage"} <= set(args.variants):
+            out += equal_cost_rows(args, zoo, evaluation, nfe, cost["multistage"], scores)
     return out
+
+
+def equal_cost_rows(args, zoo: Zoo, evaluation: Evaluation, nfe: int, budget: float, scores: dict) -> list[str]:
+    """multistage at `nfe` against small at the fewest NFEs whose sampling MFLOPs reach multistage's: the routed
+    net spends most NFEs at low noise, in its widest decoder, so equal NFEs are not equal cost."""
+    flops = flops_per_image(zoo.net("small"), zoo.image_shape)
+    for more in range(nfe, 4 * nfe):
+        sampler = single_member_sampler("small", SOLVER, None, SPACING, more, zoo.noise_schedule)
+        mflops = sampler_mflops(flops, [(0.0, 1.0)], sampler, zoo.noise_schedule)
+        if mflops >= budget:
+            break
+    rows = []
+    for s in args.seeds:
+        small = evaluation.score(single_member_sampler(name("small", s), SOLVER, None, SPACING, more, zoo.noise_schedule))
+        rows.append(f"| multistage ({nfe} NFE, {budget:.0f} MFLOPs) − small at equal sampling cost ({more} NFE, "
+                    f"{mflops:.0f} MFLOPs; FID {np.mean(small['fid']):.3f}) | seed {s}: "
+                    f"{fmt(summarise_contender(scores[name('multistage', s)], small)['fid'])} | — |")
+    return rows
 
 
 

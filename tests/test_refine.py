@@ -326,8 +326,15 @@ def test_segment_moves_walk_the_scans_family_and_refill_the_budget():
         assert cost(m) <= budget * (1 + 1e-9) and cost(m) + LATENCY["medium"] > budget   # the last run is full
         assert m.times == single_member_sampler("small", "dpm_solver++", None, "karras", len(m.members_per_nfe),
                                                 NOISE).times
-    custom = time_moves(start, NOISE)[0]                                  # a moved time: no standard grid to refill
-    assert segment_moves(custom, NOISE, cost, budget) == []
+    shifted = time_moves(start, NOISE)[0]                  # a moved time: back to the grid it started from
+    assert shifted.meta["spacing"] == "custom" and shifted.meta["grid"] == "karras"
+    assert {schedule_key(m) for m in segment_moves(shifted, NOISE, cost, budget)} == {schedule_key(m) for m in moved}
+    twice = time_moves(shifted, NOISE)[-1]
+    assert twice.meta["grid"] in ("karras", twice.meta["spacing"])
+    from oms_lightning.schedule import ModelSchedule
+    unknown = ModelSchedule.from_times_and_members(start.times, [list(x.members) for x in start.steps],
+                                                   solver=start.solver, meta={})
+    assert segment_moves(unknown, NOISE, cost, budget) == []        # no known grid: nothing to refill on
     assert segment_moves(sampler_schedule(solver="dpm_solver", order=2, nfe=6), NOISE, cost, budget) == []
 
 

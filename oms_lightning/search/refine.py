@@ -46,14 +46,19 @@ OBJECTIVES = ("best", "cheapest")
 # ----------------------------------------------------------------------------------------------- moves
 def _rebuild(s: ModelSchedule, times: Sequence[float], members: Sequence[Sequence[str]], solver: str | None = None,
              move: str = "", spacing: str | None = None) -> ModelSchedule | None:
+    spacing = spacing if spacing is not None else s.meta.get("spacing") if list(times) == s.times else "custom"
     try:
         return ModelSchedule.from_times_and_members(list(times), [list(m) for m in members],
                                                     solver=solver or s.solver, meta={
-                                                        "spacing": spacing if spacing is not None else
-                                                        s.meta.get("spacing") if list(times) == s.times else "custom",
-                                                        "move": move})
+                                                        "spacing": spacing, "move": move,
+                                                        "grid": spacing if spacing in SPACINGS else grid_of(s)})
     except ScheduleError:
         return None
+
+
+def grid_of(s: ModelSchedule) -> str | None:
+    """The standard spacing a schedule's grid started from (kept in meta through time moves), or None."""
+    return s.meta.get("spacing") if s.meta.get("spacing") in SPACINGS else s.meta.get("grid")
 
 
 def _split_per_step(per_nfe: Sequence[str], orders: Sequence[int]) -> list[list[str]]:
@@ -158,9 +163,10 @@ def solver_moves(s: ModelSchedule) -> list[ModelSchedule]:
 def segment_moves(s: ModelSchedule, noise: VPSchedule, cost: CostFn, budget: float) -> list[ModelSchedule]:
     """The exhaustive scan's family of `s`, near it: one run (not the last) one or two NFEs longer or shorter and
     the last run refilled with as many NFEs as the budget allows, on the schedule's own solver and standard spacing
-    at the new NFE (`segments.segment_schedule`). From `small×9 → medium×2` this reaches `small×7 → medium×3`
-    in one move, which the other moves need two or three for. Fixed-NFE-per-step solvers on standard grids only."""
-    spacing = s.meta.get("spacing")
+    at the new NFE (`segments.segment_schedule`; a grid with moved times goes back to the spacing it started from).
+    From `small×9 → medium×2` this reaches `small×7 → medium×3` in one move, which the other moves need two or
+    three for. Fixed-NFE-per-step solvers on (or from) standard grids only."""
+    spacing = grid_of(s)
     lo, hi = get_solver(s.solver).nfe_per_step
     if spacing not in SPACINGS or lo != hi:
         return []
