@@ -326,7 +326,10 @@ def test_segment_moves_walk_the_scans_family_and_refill_the_budget():
         assert cost(m) <= budget * (1 + 1e-9) and cost(m) + LATENCY["medium"] > budget   # the last run is full
         assert m.times == single_member_sampler("small", "dpm_solver++", None, "karras", len(m.members_per_nfe),
                                                 NOISE).times
+    assert all(m.meta["coarse"] for m in moved)           # raced before the fine moves (one NFE, one time)
+    assert not any(m.meta["coarse"] for m in member_moves(start, MEMBERS) if "nfe" in m.meta["move"])
     shifted = time_moves(start, NOISE)[0]                  # a moved time: back to the grid it started from
+    assert not shifted.meta["coarse"]
     assert shifted.meta["spacing"] == "custom" and shifted.meta["grid"] == "karras"
     assert {schedule_key(m) for m in segment_moves(shifted, NOISE, cost, budget)} == {schedule_key(m) for m in moved}
     twice = time_moves(shifted, NOISE)[-1]

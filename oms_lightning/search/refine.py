@@ -45,12 +45,14 @@ OBJECTIVES = ("best", "cheapest")
 
 # ----------------------------------------------------------------------------------------------- moves
 def _rebuild(s: ModelSchedule, times: Sequence[float], members: Sequence[Sequence[str]], solver: str | None = None,
-             move: str = "", spacing: str | None = None) -> ModelSchedule | None:
+             move: str = "", spacing: str | None = None, coarse: bool = False) -> ModelSchedule | None:
+    """The neighbour as a schedule (None when invalid); meta keeps its move, its grid and whether the move is
+    coarse (a whole run, grid, solver or segment: raced before the fine ones, see `refine`)."""
     spacing = spacing if spacing is not None else s.meta.get("spacing") if list(times) == s.times else "custom"
     try:
         return ModelSchedule.from_times_and_members(list(times), [list(m) for m in members],
                                                     solver=solver or s.solver, meta={
-                                                        "spacing": spacing, "move": move,
+                                                        "spacing": spacing, "move": move, "coarse": coarse,
                                                         "grid": spacing if spacing in SPACINGS else grid_of(s)})
     except ScheduleError:
         return None
@@ -87,7 +89,7 @@ def member_moves(s: ModelSchedule, members: Sequence[str]) -> list[ModelSchedule
                         changed = list(per_nfe)
                         changed[start:j] = [m] * (j - start)
                         out.append(_rebuild(s, s.times, _split_per_step(changed, orders),
-                                            move=f"run {start}-{j - 1} → {m}"))
+                                            move=f"run {start}-{j - 1} → {m}", coarse=True))
             start = j
     return out
 
@@ -127,7 +129,8 @@ def nfe_moves(s: ModelSchedule, noise: VPSchedule) -> list[ModelSchedule]:
             if K >= 1:
                 grid = timesteps(spacing, K, noise, t_end=times[-1]).tolist()
                 picked = [members[min(len(steps) - 1, int((k + 0.5) * len(steps) / K))] for k in range(K)]
-                out.append(_rebuild(s, grid, picked, move=f"{spacing} at {K} steps", spacing=spacing))
+                out.append(_rebuild(s, grid, picked, move=f"{spacing} at {K} steps", spacing=spacing,
+                                        coarse=True))
     return out
 
 
@@ -148,14 +151,15 @@ def time_moves(s: ModelSchedule, noise: VPSchedule, fraction: float = 0.25) -> l
     for spacing in SPACINGS:
         if spacing != s.meta.get("spacing"):
             grid = timesteps(spacing, len(s.steps), noise, t_end=times[-1]).tolist()
-            out.append(_rebuild(s, grid, members, move=f"spacing {spacing}", spacing=spacing))
+            out.append(_rebuild(s, grid, members, move=f"spacing {spacing}", spacing=spacing, coarse=True))
     return out
 
 
 def solver_moves(s: ModelSchedule) -> list[ModelSchedule]:
     """The same steps with every other deterministic solver of the same NFEs per step (DDIM ↔ DPM-Solver++ 2M ↔ 3M)."""
     fixed = get_solver(s.solver).nfe_per_step
-    return [_rebuild(s, s.times, [list(st.members) for st in s.steps], solver=name, move=f"solver {name}")
+    return [_rebuild(s, s.times, [list(st.members) for st in s.steps], solver=name, move=f"solver {name}",
+                     coarse=True)
             for name in ODE_SOLVERS if name != s.solver and get_solver(name).nfe_per_step == fixed
             and fixed[0] == fixed[1]]
 
@@ -183,7 +187,8 @@ def segment_moves(s: ModelSchedule, noise: VPSchedule, cost: CostFn, budget: flo
                     break
                 filled = candidate or filled
             if filled is not None:
-                out.append(filled)
+                out.append(_rebuild(filled, filled.times, [list(st.members) for st in filled.steps], spacing=spacing,
+                                    move=f"run {i} {d:+d}, last refilled", coarse=True))
     return out
 
 
@@ -274,10 +279,11 @@ def refine(starts: Sequence[ModelSchedule], reference: ModelSchedule, segments: 
     """Local search by true FID. `starts` (measured at the full count, the reference among them) seed the archive;
     `segments` (unmeasured segment schedules) enter the first race; then each round races up to `per_round`
     unseen neighbours (`move`) of the `width` best archive entries of distinct member sequences for the current
-    objective — their neighbourhoods interleaved, the leader's first at each turn — until `evaluations` candidates
-    have been raced. The `cheapest` objective (its share of the evaluations) only takes moves that
-    lower an incumbent's cost and ranks by cost among schedules whose FID is at most the reference's at the same
-    sample count."""
+    objective — their neighbourhoods interleaved, the leader's first at each turn, each one's coarse moves (a whole
+    run, grid, solver or segment; `meta["coarse"]`) before its fine ones (one NFE, one time), so the scan's family
+    near every incumbent is looked at before its time variants — until `evaluations` candidates have been raced.
+    The `cheapest` objective (its share of the evaluations) only takes moves that lower an incumbent's cost and
+    ranks by cost among schedules whose FID is at most the reference's at the same sample count."""
     started = time.perf_counter()
     full = int(rungs[-1])
     rng = random.Random(seed)
@@ -361,6 +367,7 @@ def refine(starts: Sequence[ModelSchedule], reference: ModelSchedule, segments: 
                 if objective == "cheapest":
                     moves = [m for m in moves if cost(m) < cost(inc)]
                 rng.shuffle(moves)
+                moves.sort(key=lambda m: not m.meta.get("coarse", False))   # coarse moves first, each kind shuffled
                 lists.append(moves)
             # the incumbents' neighbourhoods interleaved, the leader's first at each turn: every structure gets
             # looked at each round instead of the leader's (often large) neighbourhood eating the rounds
