@@ -185,7 +185,6 @@ def equal_cost_rows(args, zoo: Zoo, evaluation: Evaluation, nfe: int, budget: fl
     return rows
 
 
-
 def cost_table(args, zoo: Zoo, seconds: dict[str, float | None]) -> list[str]:
     rows = ["| member | parameters | forward MFLOPs per image per stage | training average | training s per seed |",
             "|---|---:|---|---:|---|"]

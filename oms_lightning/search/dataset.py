@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 log = job_log("search")
 
 
-
 def in_range(zoo: Zoo, schedules: list[ModelSchedule]) -> list[ModelSchedule]:
     """The schedules whose every NFE runs a member inside its valid time range: a multi-decoder stage alone over
     the whole trajectory is no sampler (its decoder never saw the other stages)."""

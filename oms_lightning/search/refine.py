@@ -334,24 +334,26 @@ def refine(starts: Sequence[ModelSchedule], reference: ModelSchedule, segments: 
                 f"{rounds[-1]['leader_fid']:.2f} at cost {1000 * rounds[-1]['leader_cost']:.0f} ms: {leader.compact()}")
         return True
 
-    def best_of(objective: str) -> ModelSchedule:
+    def ordered(objective: str) -> list[tuple[ModelSchedule, float, float]]:
+        """The archive best first: by FID, or (cheapest) by cost among entries at most the reference's FID, then
+        the rest by FID."""
         ref = archive[schedule_key(reference)][2]
-        entries = list(archive.values())
         if objective == "best":
-            return min(entries, key=lambda e: e[2])[0]
-        return min(entries, key=lambda e: (0, e[1], e[2]) if e[2] <= ref else (1, e[2], e[1]))[0]
+            return sorted(archive.values(), key=lambda e: e[2])
+        return sorted(archive.values(), key=lambda e: (0, e[1], e[2]) if e[2] <= ref else (1, e[2], e[1]))
+
+    def best_of(objective: str) -> ModelSchedule:
+        return ordered(objective)[0][0]
 
     def incumbents(objective: str) -> list[ModelSchedule]:
-        """The `width` best entries with distinct member sequences: the time and solver variants of the leader
-        (its own neighbours) would otherwise crowd out every other structure after a round or two."""
+        """The `width` best entries with distinct member sequences (for the cheapest objective only those at the
+        reference's quality): the time and solver variants of the leader (its own neighbours) would otherwise crowd
+        out every other structure after a round or two."""
         ref = archive[schedule_key(reference)][2]
-        entries = list(archive.values())
-        if objective == "best":
-            ordered = sorted(entries, key=lambda e: e[2])
-        else:
-            ordered = sorted((e for e in entries if e[2] <= ref), key=lambda e: (e[1], e[2]))
         distinct = {}
-        for e in ordered:
+        for e in ordered(objective):
+            if objective == "cheapest" and e[2] > ref:
+                break
             distinct.setdefault(tuple(e[0].members_per_nfe), e[0])
             if len(distinct) == width:
                 break

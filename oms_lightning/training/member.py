@@ -183,7 +183,6 @@ def finish(cfg: DictConfig, module: DiffusionModule, trainer: L.Trainer, wall: f
 log = job_log("search")   # the search trains a zoo's missing members through this code path
 
 
-
 def missing_members(cfg: DictConfig) -> list[str]:
     folder = Path(cfg.paths.checkpoints) / str(cfg.data.name)
     files = sorted({split_member_name(m)[0] for m in cfg.zoo.members})   # `multistage.s0` lives in multistage.ckpt
