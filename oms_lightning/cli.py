@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import shutil
 import sys
 from pathlib import Path
@@ -31,7 +32,6 @@ SILENCED_WARNINGS = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",        # Lightning's own use of a torch API
     r"When using the `ThroughputMonitor`, you need to define a `flops_per_batch`",  # we report images/s, not FLOPs
     r"The number of training batches \(\d+\) is smaller than the logging interval",  # step-based training
-    r".*anonymous setting",                                      # wandb about an argument Lightning passes
     r"You're resuming from a checkpoint that ended before the epoch ended",  # steps, not epochs, are the unit
 )
 SILENCED_LOGS = ("💡 Tip:",)  # Lightning advertising its cloud logger
@@ -40,7 +40,6 @@ SILENCED_LOGS = ("💡 Tip:",)  # Lightning advertising its cloud logger
 def one_line_per_event() -> None:
     """Lightning prints every INFO record through its own console handler *and* propagates it to the root logger
     that Hydra configured (console + the run's .log file), so each event appeared twice: keep Hydra's."""
-    import logging
     import warnings
 
     import lightning  # noqa: F401 - its import installs the handler removed here
@@ -57,6 +56,16 @@ def one_line_per_event() -> None:
 
 def _drop_silenced(record) -> bool:
     return not str(record.getMessage()).lstrip().startswith(SILENCED_LOGS)
+
+
+class ConsoleFormatter(logging.Formatter):
+    """The terminal's log lines (configs/hydra/job_logging/oms.yaml): an INFO record is its message alone, like the
+    jobs' own `[search] …` lines; anything worse says `warning:` / `error:` first. The run folder's .log file keeps
+    Hydra's timestamps and logger names."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
 
 
 def remove_empty_run_folder() -> None:

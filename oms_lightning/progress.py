@@ -9,6 +9,7 @@ plain line every `PLAIN_EVERY` seconds and one at the end, so a log holds events
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 import time
 from typing import Any, Callable, Iterable
@@ -144,6 +145,19 @@ def job_log(job: str) -> Callable[[str], None]:
     def log(msg: str) -> None:
         print(f"[{job}] {msg}", flush=True)
     return log
+
+
+@contextlib.contextmanager
+def lightning_quiet():
+    """Without Lightning's INFO lines (accelerator found, `max_epochs` reached) for a Trainer that is a step of a
+    larger job (the search fits its predictor once per budget): they tell that job's user nothing. Warnings pass."""
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = rank_zero.level
+    rank_zero.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        rank_zero.setLevel(level)
 
 
 STAGE_SECONDS: dict[str, float] = {}   # where a run's time went, by stage (the search's summary.json: stage_seconds)

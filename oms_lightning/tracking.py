@@ -50,5 +50,9 @@ def make_logger(cfg, name: str, group: str | None = None, run_id_file: str | Pat
         elif rank_zero_only.rank == 0:
             atomic_write_text(run_id_file, run_id)
     Path(cfg.save_dir).mkdir(parents=True, exist_ok=True)
-    return WandbLogger(project=cfg.project, entity=cfg.entity, name=name, group=group, tags=list(cfg.tags),
-                       save_dir=cfg.save_dir, id=run_id, resume="allow", mode=mode, config=config)
+    logger = WandbLogger(project=cfg.project, entity=cfg.entity, name=name, group=group, tags=list(cfg.tags),
+                         save_dir=cfg.save_dir, id=run_id, resume="allow", mode=mode, config=config)
+    # Lightning passes `anonymous=None` to wandb.init, which wandb ≥ 0.19 answers with a deprecation warning on
+    # every run; the setting does nothing, so it is dropped.
+    getattr(logger, "_wandb_init", {}).pop("anonymous", None)
+    return logger

@@ -100,6 +100,9 @@ def test_search_py_end_to_end_then_multirun_reuses_the_cache(zoo_root):
     for name in ("schedule.json", "frontier.png", "winner.png"):
         assert (run / name).is_file(), name
     assert "| budget ms |" in r.stdout
+    # the terminal holds messages, not Hydra's timestamps or Lightning's accelerator lines; the run's log keeps both
+    assert "][INFO] - " not in r.stdout and "GPU available" not in r.stdout + r.stderr
+    assert "][oms_lightning." in (run / "search.log").read_text()
 
     store = next((zoo_root / "digits" / "search").glob("records-*.jsonl"))
     lines = store.read_text().count("\n")

@@ -248,6 +248,7 @@ def test_offline_wandb_run_is_resumed_into_the_same_run(tmp_path):
     first = subprocess.run([sys.executable, "train.py", *common], cwd=ROOT, capture_output=True, text=True,
                            env={**os.environ, **env, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
+    assert "anonymous setting" not in first.stdout + first.stderr   # no deprecation warning on every run
     run_id = (tmp_path / "digits" / "tiny" / "wandb_run_id.txt").read_text().strip()
     runs = list(wandb_dir.rglob(f"offline-run-*-{run_id}"))
     assert runs, list(wandb_dir.rglob("*"))[:20]

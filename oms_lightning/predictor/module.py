@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from oms_lightning.diffusion.noise_schedule import VPSchedule
 from oms_lightning.errors import UserError
+from oms_lightning.progress import lightning_quiet
 from oms_lightning.schedule import ModelSchedule
 from oms_lightning.schedule.file import schedule_from_dict
 
@@ -412,8 +413,9 @@ def _train(module: PredictorModule, dm: ScheduleFIDDataModule, trainer_kwargs: M
         checkpoint = ModelCheckpoint(monitor="val/kendall_tau", mode="max", save_top_k=1, filename="predictor-best")
         callbacks.append(checkpoint)
     try:
-        trainer = L.Trainer(callbacks=callbacks, **kwargs)
-        trainer.fit(module, datamodule=dm)
+        with lightning_quiet():
+            trainer = L.Trainer(callbacks=callbacks, **kwargs)
+            trainer.fit(module, datamodule=dm)
         best_path = checkpoint.best_model_path if checkpoint is not None else ""
         if best_path:
             state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
