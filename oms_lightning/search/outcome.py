@@ -59,13 +59,9 @@ def evaluate_budget(cfg: DictConfig, zoo: Zoo, profile, results: list, spaces: l
     budget = results[0].budget
     with stage("baseline choice"):
         baseline, baseline_records, singles = choose_baseline(cfg, zoo, profile, budget, selection, ays)
-    top = candidates(results, cfg.search.rerank.top_k, cfg.search.rerank.top_per_space)
-    expressible = any(encode_exactly(space, baseline) is not None for space in spaces)
-    if expressible and schedule_key(baseline) not in {schedule_key(s) for s in top}:
-        top.append(baseline)
-    plain_top = list(top)
-    if cfg.search.iia == "rerank":  # the corrected versions compete beside the plain ones (IIA may hurt FID)
-        top += with_iia(cfg, zoo, plain_top)
+    plain_top = rerank_candidates(cfg, results, spaces, baseline)
+    # iia=rerank: the corrected versions compete beside the plain ones (IIA may hurt FID)
+    top = plain_top + (with_iia(cfg, zoo, plain_top) if cfg.search.iia == "rerank" else [])
     with stage("re-rank"):
         reranked = selection(top)
     with stage("refinement"):
@@ -106,6 +102,16 @@ def evaluate_budget(cfg: DictConfig, zoo: Zoo, profile, results: list, spaces: l
             "costs_now": {"searched": winner.cost(latency_now), "baseline": baseline.cost(latency_now)},
             "machine_speed_change": machine_speed_change(profile.latency, latency_now),
             "same_steps": same_steps_single_member(winner, zoo, selection)}
+
+
+def rerank_candidates(cfg: DictConfig, results: list, spaces: list, baseline: ModelSchedule) -> list[ModelSchedule]:
+    """The evolution's best per space for the re-rank, and the baseline itself when the spaces can express it: a
+    search never loses to a point it could have chosen."""
+    top = candidates(results, cfg.search.rerank.top_k, cfg.search.rerank.top_per_space)
+    expressible = any(encode_exactly(space, baseline) is not None for space in spaces)
+    if expressible and schedule_key(baseline) not in {schedule_key(s) for s in top}:
+        top.append(baseline)
+    return top
 
 
 def equal_quality_row(cfg: DictConfig, comparison: dict, contenders: dict, cheapest: ModelSchedule,
