@@ -334,3 +334,20 @@ def test_a_budget_in_nfes_runs_from_the_command_line(zoo_root):
     r = run_search(zoo_root, "budget=3xlarge")
     assert r.returncode == 2 and r.stderr.strip().startswith("error:") and "'large' is not a zoo member" in r.stderr
 
+
+
+def test_the_shipped_schedule_keeps_how_it_was_found_not_the_races_order(tmp_path):
+    from types import SimpleNamespace
+
+    from oms_lightning.schedule import ModelSchedule
+    from oms_lightning.schedule.file import load_schedule
+    from oms_lightning.search.report import save_winner
+
+    found = ModelSchedule.from_times_and_members([1.0, 0.5, 0.001], ["tiny", "small"], solver="ddim",
+                                                 meta={"move": "run 0-0 → tiny", "coarse": True, "grid": "karras"})
+    row = {"cost": 30.0, "fid_mean": 2.0, "fid_ci": [1.5, 2.5], "eval_seeds": [100, 101], "n_eval": 32,
+           "verdict": "tie", "budget": 60.0}
+    zoo = SimpleNamespace(data_name="digits", fingerprint=lambda: "f00")
+    meta = load_schedule(save_winner({"winner": found}, row, zoo, tmp_path / "schedule.json")).meta
+    assert "coarse" not in meta and meta["move"] == "run 0-0 → tiny" and meta["grid"] == "karras"
+    assert meta["verdict"] == "tie" and meta["zoo"] == "f00" and found.meta["coarse"] is True   # the original kept

@@ -41,6 +41,7 @@ from oms_lightning.search.segments import Sampler, runs_of, segment_schedule
 FidAt = Callable[[list[ModelSchedule], int], list[float]]
 CostFn = Callable[[ModelSchedule], float]
 OBJECTIVES = ("best", "cheapest")
+RACE_ORDER_META = ("coarse",)   # orders the refinement's races; says nothing to whoever samples the schedule
 
 
 # ----------------------------------------------------------------------------------------------- moves

@@ -5,6 +5,7 @@ kept beside them, labelled as such.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import matplotlib
@@ -17,6 +18,7 @@ from oms_lightning.images import save_grid  # noqa: E402
 from oms_lightning.io import atomic_path  # noqa: E402
 from oms_lightning.sampling import generate  # noqa: E402
 from oms_lightning.schedule.file import load_schedule, save_schedule  # noqa: E402
+from oms_lightning.search.refine import RACE_ORDER_META  # noqa: E402
 from oms_lightning.zoo import cost_model_error  # noqa: E402
 
 
@@ -259,7 +261,10 @@ def frontier_plot(path: Path, outcomes: list[dict], title: str) -> Path:
 
 
 def save_winner(o: dict, row: dict, zoo, path: Path) -> Path:
-    winner = o["winner"].with_meta(cost_ms=row["cost"], fid_mean=row["fid_mean"], fid_ci=row["fid_ci"],
+    """The schedule file a user ships: the schedule, how it was found (`move`, `grid`), what it scored and on what."""
+    searched = o["winner"]
+    searched = dataclasses.replace(searched, meta={k: v for k, v in searched.meta.items() if k not in RACE_ORDER_META})
+    winner = searched.with_meta(cost_ms=row["cost"], fid_mean=row["fid_mean"], fid_ci=row["fid_ci"],
                                    eval_seeds=row["eval_seeds"], n_eval=row["n_eval"], verdict=row["verdict"],
                                    budget_ms=row["budget"], data=zoo.data_name, zoo=zoo.fingerprint())
     return save_schedule(winner, path)
