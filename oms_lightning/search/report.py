@@ -262,11 +262,11 @@ def frontier_plot(path: Path, outcomes: list[dict], title: str) -> Path:
 
 def save_winner(o: dict, row: dict, zoo, path: Path) -> Path:
     """The schedule file a user ships: the schedule, how it was found (`move`, `grid`), what it scored and on what."""
-    searched = o["winner"]
-    searched = dataclasses.replace(searched, meta={k: v for k, v in searched.meta.items() if k not in RACE_ORDER_META})
-    winner = searched.with_meta(cost_ms=row["cost"], fid_mean=row["fid_mean"], fid_ci=row["fid_ci"],
-                                   eval_seeds=row["eval_seeds"], n_eval=row["n_eval"], verdict=row["verdict"],
-                                   budget_ms=row["budget"], data=zoo.data_name, zoo=zoo.fingerprint())
+    kept = {k: v for k, v in o["winner"].meta.items() if k not in RACE_ORDER_META}
+    winner = dataclasses.replace(o["winner"], meta={
+        **kept, "cost_ms": row["cost"], "fid_mean": row["fid_mean"], "fid_ci": row["fid_ci"],
+        "eval_seeds": row["eval_seeds"], "n_eval": row["n_eval"], "verdict": row["verdict"],
+        "budget_ms": row["budget"], "data": zoo.data_name, "zoo": zoo.fingerprint()})
     return save_schedule(winner, path)
 
 
